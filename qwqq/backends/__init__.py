@@ -1,0 +1,192 @@
+"""Inference backends: what a backend is, which ones exist, and which one runs a path.
+
+A backend is a module-level object with
+
+    name: str                          "llama.cpp"
+    formats: tuple[str, ...]           ("gguf",)
+    unavailable_reason() -> str | None None when usable here, else one line saying what to do
+    load(path, options) -> ChatModel
+
+and a ChatModel has
+
+    metadata: dict[str, str]           the model's key/values (GGUF metadata for llama.cpp)
+    render(messages) -> str            the prompt the model's chat template makes, generation prompt added
+    stream_chat(messages, sampling, max_tokens) -> Iterator[str]   text pieces as they come
+    finish_reason: str | None          "stop" or "length" after a stream ran out, else None
+    close()
+
+Backends are found through the entry-point group "qwqq.backends"; the built-ins are
+also listed here directly so a plain source checkout works without installing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
+
+from qwqq.errors import QwqqError, UnsupportedError
+
+if TYPE_CHECKING:
+    from qwqq.chat import Sampling
+
+ENTRY_POINT_GROUP = "qwqq.backends"
+BUILTIN = {"llama.cpp": "qwqq.backends.llamacpp:backend"}
+ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
+
+# What to tell a user who has a file of this format but no backend that loads it.
+FORMAT_HINT = {
+    "gguf": 'install llama.cpp support with: pip install "qwqq[llama]"',
+    "mlx": 'install MLX support with: pip install "qwqq[mlx]"',
+    "gptq": 'install GPTQ support with: pip install "qwqq[gptq]"',
+    "safetensors": "this is an unquantized model: quantize it first with `qwqq quantize PATH`",
+}
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24  # magic, u32 version, u64 tensor count, u64 key/value count
+GGUF_VERSIONS = (2, 3)
+
+
+@dataclass
+class LoadOptions:
+    ctx: int = 4096
+    n_gpu_layers: int = -1  # -1: all layers (harmless on a CPU-only build)
+    threads: int = 0  # 0: all usable cores
+    seed: int | None = None  # None: random
+    debug: bool = False  # let the backend's own logging through
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    metadata: dict[str, str]
+    finish_reason: str | None
+
+    def render(self, messages: list[dict]) -> str: ...
+
+    def stream_chat(self, messages: list[dict], sampling: "Sampling", max_tokens: int) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    formats: tuple[str, ...]
+
+    def unavailable_reason(self) -> str | None: ...
+
+    def load(self, path: Path, options: LoadOptions) -> ChatModel: ...
+
+
+# ---------------------------------------------------------------- registry
+def _load_ref(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def backends() -> dict[str, Backend]:
+    """All backends this install knows, by name: built-ins first, then entry points."""
+    found: dict[str, Backend] = {}
+    for name, ref in BUILTIN.items():
+        found[name] = _load_ref(ref)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            continue
+        try:
+            found[ep.name] = ep.load()
+        except Exception:  # a broken third-party plugin must not break qwqq
+            continue
+    return found
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower()
+    return ALIASES.get(key, key)
+
+
+# ---------------------------------------------------------------- formats
+def check_not_being_written(path: Path) -> None:
+    lock = path.with_name(path.name + ".lock")
+    if lock.exists():
+        raise QwqqError(f"is being written by another qwqq process (lock file {lock.name}); wait for it to finish", path)
+
+
+def _check_gguf_header(path: Path, head: bytes, size: int) -> None:
+    if size < GGUF_HEADER_BYTES:
+        raise QwqqError(f"GGUF file is truncated ({size} bytes)", path)
+    version = int.from_bytes(head[4:8], "little")
+    if version not in GGUF_VERSIONS:
+        raise QwqqError(f"unsupported GGUF version {version} (or a damaged file)", path)
+
+
+def _folder_format(path: Path) -> str | None:
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise QwqqError(f"config.json is not readable JSON ({e})", path) from None
+        if isinstance(config, dict):
+            if "quantization" in config:
+                return "mlx"
+            method = (config.get("quantization_config") or {}).get("quant_method")
+            if isinstance(method, str) and method.lower() == "gptq":
+                return "gptq"
+    if any(path.glob("*.safetensors")):
+        return "safetensors"
+    return None
+
+
+def detect_format(path: str | Path) -> str:
+    """"gguf", "mlx", "gptq" or "safetensors"; a QwqqError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise QwqqError("no such file or folder", path)
+    check_not_being_written(path)
+    if path.is_dir():
+        fmt = _folder_format(path)
+        if fmt is None:
+            raise UnsupportedError("folder holds no model qwqq can run (no .gguf file, safetensors or MLX/GPTQ config)", path)
+        return fmt
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(GGUF_HEADER_BYTES)
+    except OSError as e:
+        raise QwqqError(f"cannot read: {e.strerror or e}", path) from None
+    if head[:4] == GGUF_MAGIC:
+        _check_gguf_header(path, head, size)
+        return "gguf"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix == ".gguf":
+        raise QwqqError("not a GGUF file (bad magic bytes; damaged or not a model)", path)
+    raise UnsupportedError("unknown model format (qwqq runs .gguf files)", path)
+
+
+# ---------------------------------------------------------------- choosing
+def pick_backend(name: str, path: str | Path) -> Backend:
+    """The backend that runs `path`: by format for "auto", else the named one, checked."""
+    fmt = detect_format(path)
+    known = backends()
+    if canonical_name(name) == "auto":
+        candidates = [b for b in known.values() if fmt in b.formats]
+        for b in candidates:
+            if b.unavailable_reason() is None:
+                return b
+        if candidates:
+            raise UnsupportedError(f"{fmt} needs the {candidates[0].name} backend, which is not usable here: {candidates[0].unavailable_reason()}")
+        raise UnsupportedError(f"no backend runs {fmt} models here; {FORMAT_HINT.get(fmt, '')}".rstrip("; "), path)
+    backend = known.get(canonical_name(name))
+    if backend is None:
+        raise UnsupportedError(f"unknown backend {name!r}; choose one of: auto, {', '.join(known)}")
+    if fmt not in backend.formats:
+        others = [b.name for b in known.values() if fmt in b.formats]
+        hint = f"use --backend {others[0]} or auto" if others else FORMAT_HINT.get(fmt, "")
+        raise UnsupportedError(f"the {backend.name} backend cannot load {fmt} models; {hint}", path)
+    reason = backend.unavailable_reason()
+    if reason:
+        raise UnsupportedError(f"the {backend.name} backend is not usable here: {reason}")
+    return backend

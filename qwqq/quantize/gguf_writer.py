@@ -1,0 +1,235 @@
+"""GGUF writer: metadata and tokenizer through the gguf package's GGUFWriter, tensor data streamed.
+
+The header (metadata + every tensor's name, shape, type and offset) is fully known from the plan,
+so it is written first; then each tensor is read from the safetensors source in row chunks,
+quantized by ggml's kernels on several threads, and appended. No tensor is ever whole in memory
+(unless it is smaller than one chunk) and there is no intermediate F16 file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from qwqq import __version__
+from qwqq.archs import Arch, GGUFTensor, cfg, head_dim, rope_params
+from qwqq.errors import SourceError
+from qwqq.quantize import ggml
+from qwqq.quantize.gguf_vocab import Vocab
+from qwqq.quantize.plan import Plan, row_bytes
+from qwqq.source import Checkpoint, RowReader
+
+ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
+CHUNK_FLOATS = 4 * 2**20  # 16 MiB of float32 per chunk: the unit of reading and of progress
+SAMPLING_KEYS = {  # generation_config.json -> general.sampling.*
+    "temperature": ("general.sampling.temp", "f32"),
+    "top_p": ("general.sampling.top_p", "f32"),
+    "top_k": ("general.sampling.top_k", "i32"),
+    "min_p": ("general.sampling.min_p", "f32"),
+    "repetition_penalty": ("general.sampling.penalty_repeat", "f32"),
+}
+
+
+# --------------------------------------------------------------------------- metadata
+def _put(w: gguf.GGUFWriter, key: str, kind: str, value) -> None:
+    {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "str": w.add_string, "bool": w.add_bool}[kind](
+        key, int(value) if kind in ("u32", "i32") else float(value) if kind == "f32" else value)
+
+
+def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab) -> None:
+    c, a = ckpt.config, arch.name
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(ckpt.name)
+    w.add_quantized_by(f"qwqq {__version__}")
+    if ckpt.hub_id:
+        w.add_source_url(f"https://huggingface.co/{ckpt.hub_id}")
+    for k, (key, kind) in SAMPLING_KEYS.items():
+        if isinstance(ckpt.generation_config.get(k), (int, float)) and not isinstance(ckpt.generation_config.get(k), bool):
+            _put(w, key, kind, ckpt.generation_config[k])
+
+    for m in arch.meta:
+        v = cfg(c, *m.fields)
+        if v is None:
+            if m.required:
+                raise SourceError(f"config.json lacks {' or '.join(m.fields)}", ckpt.root / "config.json")
+            continue
+        _put(w, f"{a}.{m.key}", m.kind, v)
+    rp = rope_params(c)
+    _put(w, f"{a}.rope.freq_base", "f32", rp["rope_theta"])
+    if arch.rope_dims_key:
+        _put(w, f"{a}.rope.dimension_count", "u32", head_dim(c))
+        _put(w, f"{a}.vocab_size", "u32", len(vocab.tokens))
+    kind = rp["rope_type"]
+    if kind in ("yarn", "linear") and rp.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN if kind == "yarn" else gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        if kind == "yarn":
+            orig = rp.get("original_max_position_embeddings")
+            if not orig:
+                raise SourceError("yarn rope_scaling lacks original_max_position_embeddings", ckpt.root / "config.json")
+            w.add_rope_scaling_orig_ctx_len(int(orig))
+
+    w.add_file_type(int(plan.mixture.ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
+              "sep": w.add_sep_token_id, "pad": w.add_pad_token_id}
+    for kind_, tid in vocab.special_ids.items():
+        adders[kind_](tid)
+    if vocab.add_bos is not None:
+        w.add_add_bos_token(vocab.add_bos)
+    if vocab.add_eos is not None:
+        w.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+
+
+# --------------------------------------------------------------------------- tensor data
+@dataclass
+class Job:
+    """One planned tensor with where its rows come from."""
+
+    src: GGUFTensor
+    type: T
+    nbytes: int
+
+
+def _permute_rows(rows: np.ndarray, head_dim_: int) -> np.ndarray:
+    """HF rotate-half order -> GGUF interleaved pairs, within each head (llama q/k)."""
+    n, cols = rows.shape
+    return rows.reshape(n // head_dim_, 2, head_dim_ // 2, cols).swapaxes(1, 2).reshape(n, cols)
+
+
+def _chunks(job: Job, cols: int):
+    """(part, r0, r1) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors."""
+    align = job.src.rows // job.src.permute_heads if job.src.permute_heads else 1
+    step = max(align, (CHUNK_FLOATS // max(cols, 1)) // align * align)
+    for part in job.src.parts:
+        for r0 in range(part.row0, part.row1, step):
+            yield part, r0, min(r0 + step, part.row1)
+
+
+class TensorStreamer:
+    """Reads, converts, checks and quantizes tensors chunk by chunk.
+
+    Two stages overlap: one I/O thread reads and converts chunk k+1 (pread, bf16 -> f32, NaN check)
+    while the kernel threads quantize chunk k. Buffers are reused, so memory stays at a few chunks.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.io = ThreadPoolExecutor(1)
+        self.reader = RowReader()
+        self.slots = [self._slot(CHUNK_FLOATS) for _ in range(2)]
+        self.out = np.empty(0, np.uint8)
+
+    @staticmethod
+    def _slot(n_floats: int):
+        return np.empty(n_floats, np.float32), np.empty(n_floats * 2, np.uint8)
+
+    def close(self):
+        self.io.shutdown()
+        if self.pool:
+            self.pool.shutdown()
+        self.reader.close()
+
+    def _read(self, k: int, job: Job, part, r0: int, r1: int) -> np.ndarray:
+        cols = job.src.cols
+        if (r1 - r0) * cols > self.slots[k % 2][0].size:  # one row wider than a chunk
+            self.slots[k % 2] = self._slot((r1 - r0) * cols)
+        f32, raw = self.slots[k % 2]
+        rows = self.reader.read_f32(part.ref, r0, r1, f32, raw)
+        if not np.isfinite(rows).all():
+            raise SourceError(f"tensor {part.ref.name} holds NaN or Inf values: refusing to quantize it", part.ref.file)
+        if job.src.permute_heads:
+            rows = np.ascontiguousarray(_permute_rows(rows, job.src.rows // job.src.permute_heads))
+        return rows
+
+    def stream(self, jobs: list[Job], write: Callable[[Job, memoryview], None], tick: Callable[[Job, int], None]) -> None:
+        items = [(job, part, r0, r1) for job in jobs for part, r0, r1 in _chunks(job, job.src.cols)]
+        if not items:
+            return
+        pending = self.io.submit(self._read, 0, *items[0])
+        for k, (job, part, r0, r1) in enumerate(items):
+            rows = pending.result()
+            if k + 1 < len(items):
+                pending = self.io.submit(self._read, k + 1, *items[k + 1])
+            n, rb = r1 - r0, row_bytes(job.type, job.src.cols)
+            if self.out.size < n * rb:
+                self.out = np.empty(n * rb, np.uint8)
+            dst = self.out[: n * rb]
+            self._quantize(job.type, rows, dst, rb)
+            write(job, memoryview(dst))
+            tick(job, n * job.src.cols)
+
+    def _quantize(self, t: T, rows: np.ndarray, dst: np.ndarray, rb: int) -> None:
+        ggml.init(int(t))
+        n = rows.shape[0]
+        if self.pool is None or n < 2 * self.threads:
+            ggml.quantize_rows(int(t), rows, dst)
+            return
+        per = -(-n // self.threads)
+        futs = [self.pool.submit(ggml.quantize_rows, int(t), rows[i:i + per], dst[i * rb:min(n, i + per) * rb])
+                for i in range(0, n, per)]
+        for f in futs:
+            f.result()
+
+
+def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, sources: dict[str, GGUFTensor],
+               threads: int, progress: Callable[[str, int], None] | None = None) -> int:
+    """Write the whole GGUF to `path` (a temporary name; the caller renames). Returns bytes written."""
+    w = gguf.GGUFWriter(path=None, arch=arch.name)
+    write_metadata(w, ckpt, arch, plan, vocab)
+    jobs = []
+    for tp in plan.tensors:
+        w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
+        jobs.append(Job(sources[tp.name], tp.type, tp.nbytes))
+
+    streamer = TensorStreamer(threads)
+    try:
+        w.write_header_to_file(path=Path(path))
+        f = w.fout[0]
+        with f:
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            _pad(f)
+            written = {}
+
+            def write(job: Job, data: memoryview) -> None:
+                f.write(data)
+                got = written[job.src.name] = written.get(job.src.name, 0) + len(data)
+                if got == job.nbytes:
+                    _pad(f)
+
+            streamer.stream(jobs, write, lambda job, n: progress(job.src.name, n) if progress else None)
+            for job in jobs:
+                if written.get(job.src.name, 0) != job.nbytes:
+                    raise RuntimeError(f"{job.src.name}: wrote {written.get(job.src.name, 0)} bytes, planned {job.nbytes}")
+            f.flush()
+            os.fsync(f.fileno())
+            w.fout = None
+            return f.tell()
+    finally:
+        streamer.close()
+
+
+def _pad(f) -> None:
+    n = f.tell()
+    pad = (-n) % ALIGN
+    if pad:
+        f.write(b"\0" * pad)
