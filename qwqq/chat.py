@@ -238,6 +238,9 @@ class Printer:
     def __call__(self, kind: str, text: str) -> None:
         if kind == "think":
             if self.hide:
+                if self.last != "think" and self.err.is_terminal:
+                    self.err.print("thinking… (hidden)", style="dim italic")
+                self.last = kind
                 return
             if self.last != "think":
                 self.err.print("thinking…", style="dim italic")
@@ -245,7 +248,7 @@ class Printer:
             self.err.file.flush()
         else:
             if self.last == "think" and not self.hide:
-                self.err.print("\n", style="dim", end="")
+                self.err.print()
                 self.err.rule(style="dim")
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -362,7 +365,8 @@ def run_chat(opts: RunOptions) -> None:
         raise QwqqError("--ctx must be positive (0: the model's own context length)")
     backend = pick_backend(opts.backend, opts.model)
     load_options = LoadOptions(ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads, seed=opts.seed, debug=opts.debug)
-    with err.status(f"loading {opts.model.name} with {backend.name}…"):  # shown on a terminal only
+    name = Path(opts.model).name
+    with err.status(f"loading {name} with {backend.name}…"):  # shown on a terminal only
         model = backend.load(Path(opts.model), load_options)
     try:
         sampling = resolve_sampling(
@@ -370,7 +374,7 @@ def run_chat(opts: RunOptions) -> None:
             top_k=opts.top_k, min_p=opts.min_p, seed=opts.seed, greedy=opts.greedy,
         )
         if err.is_terminal or opts.debug:
-            err.print(f"{opts.model.name} ({backend.name}), sampling: {sampling.describe()}", style="dim", markup=False)
+            err.print(f"{name} ({backend.name}), sampling: {sampling.describe()}", style="dim", markup=False)
         session = ChatSession(model, sampling, opts, err)
         if opts.prompt is not None:
             session.ask(opts.prompt, stop_on_interrupt=False)

@@ -1,6 +1,6 @@
 """`qwqq inspect`: what is in a GGUF file, as a dict (for --json) or rich tables.
 
-Tensor shapes are in GGUF "ne" order, as gguf.GGUFReader reports them: the
+Tensor shapes are in GGUF "ne" order (as llama.cpp and gguf.GGUFReader report them): the
 contiguous (fastest-varying) dimension first, i.e. reversed from PyTorch/NumPy
 order. token_embd.weight of a 576-wide, 49152-token model is [576, 49152].
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwqq.errors import QwqqError
+from qwqq.gguf_file import GGUFFile, LazyArray, read_gguf
 
 # Arrays longer than this are summarised as "[array of N type]".
 SHORT_ARRAY = 16
@@ -19,54 +19,21 @@ NEVER_DUMP = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.
 LONG_TEXT = {"tokenizer.chat_template"}
 
 
-def _open(path: Path):
-    import gguf
-
+def _open(path: Path) -> GGUFFile:
     from qwqq.backends import check_not_being_written
 
-    if not path.exists():
-        raise QwqqError("no such file", path)
-    if path.is_dir():
-        raise QwqqError("is a folder, not a .gguf file", path)
-    check_not_being_written(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise QwqqError(f"cannot read: {e.strerror or e}", path) from None
-    if magic != b"GGUF":
-        raise QwqqError("not a GGUF file (bad magic bytes)", path)
-    try:
-        return gguf.GGUFReader(path, "r")
-    except OSError as e:
-        raise QwqqError(f"cannot read: {e.strerror or e}", path) from None
-    except Exception as e:  # ValueError, struct.error, IndexError, ... on damaged or truncated files
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise QwqqError(f"damaged or truncated GGUF file ({detail})", path) from None
+    if path.exists() and not path.is_dir():
+        check_not_being_written(path)
+    return read_gguf(path)
 
 
-def _value(field):
-    """A field's value: scalar, string, short list, or a one-line array summary."""
-    import gguf
-
-    types = field.types
-    if not types:
-        return None
-    if types[0] == gguf.GGUFValueType.ARRAY:
-        sub = types[1].name.lower() if len(types) > 1 else "?"
-        if field.name in NEVER_DUMP or len(field.data) > SHORT_ARRAY or sub == "array":
-            return f"[array of {len(field.data)} {sub}]"
-        return [_scalar(field.parts[i], types[1]) for i in field.data]
-    return _scalar(field.parts[field.data[0]], types[0])
-
-
-def _scalar(part, vtype):
-    import gguf
-
-    if vtype == gguf.GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", "replace")
-    value = part[0].item() if len(part) else None
-    return bool(value) if vtype == gguf.GGUFValueType.BOOL else value
+def _value(key: str, value):
+    """A metadata value for the report: scalars and short lists as they are, long arrays summarised."""
+    if key in NEVER_DUMP and isinstance(value, list):
+        return f"[array of {len(value)}]"
+    if isinstance(value, LazyArray) or (isinstance(value, list) and len(value) > SHORT_ARRAY):
+        return repr(value) if isinstance(value, LazyArray) else f"[array of {len(value)}]"
+    return value
 
 
 def _file_type_name(code) -> str | None:
@@ -81,42 +48,22 @@ def _file_type_name(code) -> str | None:
 
 
 def inspect(path: str | Path) -> dict:
-    import gguf
-
     path = Path(path)
-    reader = _open(path)
-    file_bytes = path.stat().st_size
-    try:
-        metadata = {name: _value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-        tensors = [
-            {
-                "name": t.name,
-                "type": gguf.GGMLQuantizationType(t.tensor_type).name,
-                "shape": [int(d) for d in t.shape],
-                "bytes": int(t.n_bytes),
-                "_n": int(t.n_elements),
-                "_end": int(t.data_offset) + int(t.n_bytes),
-            }
-            for t in reader.tensors
-        ]
-    except Exception as e:  # odd value or tensor types in a damaged file
-        raise QwqqError(f"damaged GGUF file ({e})", path) from None
-    end = max((t.pop("_end") for t in tensors), default=0)
-    if end > file_bytes:
-        raise QwqqError(f"truncated GGUF file: tensor data needs {end} bytes, the file has {file_bytes}", path)
-    n_params = sum(t.pop("_n") for t in tensors)
-    tensor_bytes = sum(t["bytes"] for t in tensors)
+    g = _open(path)
+    metadata = {k: _value(k, v) for k, v in g.metadata.items()}
+    tensors = [{"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes} for t in g.tensors]
+    n_params = sum(t.n_elements for t in g.tensors)
+    tensor_bytes = sum(t.nbytes for t in g.tensors)
     type_counts: dict[str, dict] = {}
     for t in tensors:
         entry = type_counts.setdefault(t["type"], {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += t["bytes"]
-    version = reader.fields.get("GGUF.version")
     return {
         "path": str(path),
-        "file_bytes": file_bytes,
-        "gguf_version": _value(version) if version else None,
-        "architecture": metadata.get("general.architecture"),
+        "file_bytes": g.file_bytes,
+        "gguf_version": g.version,
+        "architecture": g.architecture,
         "name": metadata.get("general.name"),
         "file_type": _file_type_name(metadata.get("general.file_type")),
         "n_params": n_params,

@@ -28,6 +28,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +58,13 @@ def cache_root() -> Path:
     return root
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _lock(dest: Path):
     with open(dest.parent / f".{dest.name}.lock", "w") as f:
@@ -72,7 +83,7 @@ def _build(dest: Path, build, is_dir: bool = True) -> Path:
         if dest.exists():  # built by another process while we waited
             return dest
         for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by an interrupted build
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            _remove(stale)
         if is_dir:
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         else:
@@ -85,7 +96,7 @@ def _build(dest: Path, build, is_dir: bool = True) -> Path:
                 path.chmod(0o755 if path.is_dir() else 0o644)
             os.replace(tmp, dest)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            _remove(tmp)
             raise
     return dest
 
@@ -205,11 +216,14 @@ def qwen_tokenizer_dir() -> Path:
 # ---------------------------------------------------------------- dequantized real checkpoints
 
 
-def dequantized_dir(gguf_path: Path | str, name: str, dtype: str = "bfloat16") -> Path:
+def dequantized_dir(
+    gguf_path: Path | str, name: str, dtype: str = "bfloat16", tokenizer_dir: Path | None = None
+) -> Path:
     """A Hugging Face safetensors checkpoint with the GGUF's weights, dequantized by transformers.
 
     Holds config.json (``architectures`` set, no ``quantization_config``),
-    model.safetensors, generation_config.json and the GGUF's tokenizer.
+    model.safetensors, generation_config.json and a tokenizer: the files of
+    ``tokenizer_dir`` if given, else the GGUF's as transformers extracts it.
     """
     gguf_path = Path(gguf_path)
     torch_dtype = _torch_dtype(dtype)
@@ -233,8 +247,12 @@ def dequantized_dir(gguf_path: Path | str, name: str, dtype: str = "bfloat16") -
         model.save_pretrained(str(tmp))
         if not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(str(tmp))
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tok.save_pretrained(str(tmp), save_jinja_files=False)
+        if tokenizer_dir is not None:
+            for f in Path(tokenizer_dir).iterdir():
+                shutil.copy2(f, tmp / f.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            tok.save_pretrained(str(tmp), save_jinja_files=False)
         config = json.loads((tmp / "config.json").read_text())
         if "quantization_config" in config or not config.get("architectures"):
             raise RuntimeError(f"bad config.json written for {name}: {config}")
@@ -250,9 +268,11 @@ def smollm2_dir(dtype: str = "bfloat16") -> Path:
 def qwen25_coder_dir(dtype: str = "bfloat16") -> Path:
     """Qwen2.5-Coder-1.5B-Instruct as a safetensors checkpoint (Qwen2ForCausalLM, ~3 GB in bf16).
 
-    For benchmarks: too big and slow to build in the test suite.
+    Untied: the GGUF stores its own ``output.weight``.  Tokenizer in the hub
+    layout (``qwen_tokenizer_dir``).  For benchmarks: too big and slow (~2 min,
+    5.5 GB RSS) to build in the test suite.
     """
-    return dequantized_dir(qwen25_coder_gguf(), "Qwen2.5-Coder-1.5B-Instruct", dtype)
+    return dequantized_dir(qwen25_coder_gguf(), "Qwen2.5-Coder-1.5B-Instruct", dtype, qwen_tokenizer_dir())
 
 
 # ---------------------------------------------------------------- tiny random models
@@ -293,9 +313,7 @@ def _tiny_config(arch: str, tied: bool):
             norm_topk_prob=True,
             **common,
         )
-    if arch == "llama":
-        return LlamaConfig(head_dim=64, rms_norm_eps=1e-5, **common)
-    raise ValueError(f"arch must be one of {TINY_ARCHS}, not {arch!r}")
+    return LlamaConfig(head_dim=64, rms_norm_eps=1e-5, **common)
 
 
 def _randomize(model, seed: int, std: float) -> None:
@@ -318,11 +336,17 @@ def _randomize(model, seed: int, std: float) -> None:
 def _shard_size(model, shards: int) -> int:
     """The smallest ``max_shard_size`` for which save_pretrained writes ``shards`` files."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    # The state dict as save_pretrained will split it: tied copies dropped, fused experts split again.
-    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+    # The state dict as save_pretrained splits it: tied copies dropped, fused experts split again
+    # (transformers internals; the count is checked after saving in any case).
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+    except ImportError:
+        pass
     count = lambda size: len(split_torch_state_dict_into_shards(state, max_shard_size=size).filename_to_tensors)
     lo, hi = 1, sum(t.numel() * t.element_size() for t in state.values())
     while lo < hi:
@@ -357,11 +381,13 @@ def tiny_model_dir(
     """
     import torch
 
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, not {arch!r}")
+    if shards < 1:
+        raise ValueError("shards must be >= 1")
     if tied is None:
         tied = arch == "qwen3"
     torch_dtype = _torch_dtype(dtype)
-    if shards < 1:
-        raise ValueError("shards must be >= 1")
     name = f"tiny-{arch}-{dtype}-{shards}shard-{'tied' if tied else 'untied'}-seed{seed}-r{RECIPE}"
 
     def build(tmp: Path) -> None:
@@ -401,7 +427,7 @@ def reference_logits(model_dir: Path | str, token_ids) -> "np.ndarray":
     model.eval()
     with torch.no_grad():
         logits = model(torch.tensor([list(token_ids)], dtype=torch.long)).logits[0]
-    return logits.float().numpy().astype(np.float32)
+    return np.asarray(logits.numpy(), dtype=np.float32)
 
 
 # ---------------------------------------------------------------- command line
@@ -424,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     names = sys.argv[1:] if argv is None else argv
     if not names:
-        print(main.__doc__.strip().splitlines()[0].strip("`"), file=sys.stderr)
-        print("names:", ", ".join([*FIXTURES, "tiny", "tiny:ARCH[:DTYPE[:SHARDS]]"]), file=sys.stderr)
+        print("usage: python -m tests.fixtures NAME...", file=sys.stderr)
+        print("NAME:", ", ".join([*FIXTURES, "tiny", "tiny:ARCH[:DTYPE[:SHARDS]]"]), file=sys.stderr)
         return 2
     for name in names:
         if name == "tiny":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 from pathlib import Path
 
 import gguf
+
+from qwqq.gguf_file import read_gguf
 
 
 def llamacpp_quantize(src: Path, dst: Path, mixture: str, threads: int = 2) -> None:
@@ -23,9 +24,5 @@ def llamacpp_quantize(src: Path, dst: Path, mixture: str, threads: int = 2) -> N
 
 def tensor_table(path: Path, with_hash: bool = True) -> dict[str, tuple[str, tuple[int, ...], int, str]]:
     """name -> (type name, shape in GGUF ne order, bytes, sha256 of the data)."""
-    r = gguf.GGUFReader(path)
-    out = {}
-    for t in r.tensors:
-        digest = hashlib.sha256(bytes(t.data)).hexdigest() if with_hash else ""
-        out[t.name] = (t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_bytes), digest)
-    return out
+    g = read_gguf(path)
+    return {t.name: (t.type.name, t.shape, t.nbytes, g.tensor_sha256(t) if with_hash else "") for t in g.tensors}

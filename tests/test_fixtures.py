@@ -80,3 +80,20 @@ def test_tiny_sharded():
     ids = [151644, 872, 198, 6023]
     single = fixtures.reference_logits(fixtures.tiny_model_dir("qwen3_moe", "float16"), ids)
     np.testing.assert_array_equal(fixtures.reference_logits(path, ids), single)
+
+
+def test_build_is_atomic(tmp_path):
+    dest = tmp_path / "fixture"
+
+    def failing(tmp):
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fixtures._build(dest, failing)
+    assert list(tmp_path.iterdir()) == [tmp_path / ".fixture.lock"]
+
+    calls = []
+    build = lambda tmp: calls.append((tmp / "done").write_text("ok"))
+    assert fixtures._build(dest, build) == dest == fixtures._build(dest, build)
+    assert (dest / "done").read_text() == "ok" and len(calls) == 1

