@@ -83,6 +83,7 @@ def quantize(
     type_: Optional[str] = typer.Option(None, "--type", "-t", help="A GGUF mixture by name: F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_L, Q2_K, IQ4_XS, ..."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file. Default: ./<model>-<TYPE>.gguf"),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same output, keeping the tensors it finished."),
     threads: int = typer.Option(0, "--threads", "-j", help="Quantization threads (0: all cores)."),
     fmt: str = typer.Option("gguf", "--format", help="Output format: gguf."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -94,7 +95,8 @@ def quantize(
         if fmt.lower() != "gguf":
             raise QwqqError(f"unknown --format {fmt!r}: this version writes gguf")
         mixture = resolve_mixture(bits=bits, type_name=type_)
-        result = quantize_to_gguf(source, mixture, out=out, force=force, threads=threads, progress=not quiet)
+        result = quantize_to_gguf(source, mixture, out=out, force=force, resume=resume, threads=threads,
+                                  progress=not quiet)
         Console(highlight=False).print(
             f"wrote [bold]{result.path}[/] ({result.file_bytes / 2**30:.2f} GiB, "
             f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s)"

@@ -23,6 +23,11 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.qwqq-partial")
 
 
+def journal_path(final: Path) -> Path:
+    """Progress record of a resumable partial output."""
+    return final.with_name(f".{final.name}.qwqq-partial.json")
+
+
 def lock_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.lock")
 
@@ -96,14 +101,15 @@ def fsync_dir(path: Path) -> None:
 
 @contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (and SIGHUP) unwind like Ctrl-C, so the cleanup below runs."""
+    """SIGTERM (and SIGHUP) unwind like Ctrl-C, so the cleanup below runs; a file-size limit
+    (ulimit -f) becomes an EFBIG error instead of killing the process."""
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig, h in ((signal.SIGTERM, handler), (signal.SIGHUP, handler), (signal.SIGXFSZ, signal.SIG_IGN)):
         try:
-            old[sig] = signal.signal(sig, handler)
+            old[sig] = signal.signal(sig, h)
         except (ValueError, OSError):  # not the main thread
             pass
     try:
@@ -113,17 +119,23 @@ def _sigterm_as_interrupt():
             signal.signal(sig, h)
 
 
+class Interrupted(OutputError):
+    exit_code = 130
+
+
 @contextmanager
-def atomic_output(final: Path, *, force: bool, planned_bytes: int | None = None, keep_partial: bool = False):
+def atomic_output(final: Path, *, force: bool, planned_bytes: int | None = None, resumable: bool = False):
     """Yield a temporary path; on success it becomes `final` (fsynced, renamed atomically).
 
-    On failure or interruption the temporary is removed, unless keep_partial is set (resume).
+    On an error the temporary is removed. On an interruption (Ctrl-C, SIGTERM) it is removed too,
+    unless `resumable`: then it stays, with its journal, for `--resume`. After SIGKILL it stays
+    anyway; the next run either resumes it or starts over it.
     """
     final = Path(final)
     check_target(final, force, planned_bytes)
     lock = _take_lock(final)
-    tmp = temp_path(final)
-    ok = False
+    tmp, journal = temp_path(final), journal_path(final)
+    ok = interrupted = False
     try:
         with _sigterm_as_interrupt():
             yield tmp
@@ -135,14 +147,22 @@ def atomic_output(final: Path, *, force: bool, planned_bytes: int | None = None,
             os.replace(tmp, final)
             fsync_dir(final.parent)
             ok = True
+    except KeyboardInterrupt:
+        interrupted = True
+        how = "the partial output is kept: run the same command with --resume to continue" if resumable else \
+            "nothing was written"
+        raise Interrupted(f"interrupted; {how}", final) from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OutputError(f"disk full while writing ({e.strerror})", final) from e
+            raise OutputError(f"disk full while writing ({e.strerror}); nothing was left behind", final) from e
         raise
     finally:
-        if not ok and not keep_partial:
+        if not ok and not (interrupted and resumable):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+        if ok:
+            journal.unlink(missing_ok=True)
         lock.unlink(missing_ok=True)

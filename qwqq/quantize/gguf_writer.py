@@ -8,8 +8,12 @@ quantized by ggml's kernels on several threads, and appended. No tensor is ever 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from qwqq.source import Checkpoint, RowReader
 
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 CHUNK_FLOATS = 4 * 2**20  # 16 MiB of float32 per chunk: the unit of reading and of progress
+JOURNAL_EVERY_S = float(os.environ.get("QWQQ_JOURNAL_EVERY_S", "2"))  # how often resumable progress is recorded
 SAMPLING_KEYS = {  # generation_config.json -> general.sampling.*
     "temperature": ("general.sampling.temp", "f32"),
     "top_p": ("general.sampling.top_p", "f32"),
@@ -213,39 +218,105 @@ class TensorStreamer:
             f.result()
 
 
+def header_bytes(w: gguf.GGUFWriter) -> bytes:
+    """Everything before the first tensor's data: header, metadata, tensor infos, padding."""
+    buf = io.BytesIO()
+    w.fout, w.state = [buf], gguf.gguf_writer.WriterState.EMPTY  # write into memory, not a file
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.fout = None
+    data = buf.getvalue()
+    return data + b"\0" * ((-len(data)) % ALIGN)
+
+
+def _padded(n: int) -> int:
+    return n + (-n) % ALIGN
+
+
+def _resume_point(path: Path, journal: Path, header: bytes, jobs: list[Job]) -> int:
+    """How many leading tensors of an interrupted run can be kept (0: start over).
+
+    Only tensors recorded in the journal count: the journal is written after the data it
+    describes is fsynced, so a torn write after a SIGKILL is never trusted.
+    """
+    try:
+        rec = json.loads(journal.read_text())
+        with open(path, "rb") as f:
+            same_header = f.read(len(header)) == header
+    except (OSError, ValueError):
+        return 0
+    if not same_header or rec.get("header_sha256") != hashlib.sha256(header).hexdigest():
+        return 0
+    done = rec.get("done", [])
+    names = [j.src.name for j in jobs]
+    if not isinstance(done, int) or not 0 <= done <= len(jobs):
+        return 0
+    end = len(header) + sum(_padded(j.nbytes) for j in jobs[:done])
+    if path.stat().st_size < end or rec.get("names") != names[:done][-1:]:
+        return 0
+    return done
+
+
+def _record(journal: Path, header: bytes, jobs: list[Job], done: int) -> None:
+    tmp = journal.with_name(journal.name + ".tmp")
+    tmp.write_text(json.dumps({"header_sha256": hashlib.sha256(header).hexdigest(), "done": done,
+                               "names": [jobs[done - 1].src.name] if done else []}))
+    os.replace(tmp, journal)
+
+
 def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, sources: dict[str, GGUFTensor],
-               threads: int, progress: Callable[[str, int], None] | None = None) -> int:
-    """Write the whole GGUF to `path` (a temporary name; the caller renames). Returns bytes written."""
+               threads: int, progress: Callable[[str, int], None] | None = None, *, resume: bool = False,
+               journal: Path | None = None, on_resume: Callable[[int, int], None] | None = None) -> int:
+    """Write the whole GGUF to `path` (a temporary name; the caller renames). Returns bytes written.
+
+    With a journal, progress is recorded (after an fsync of the data) every few seconds, and with
+    `resume` the leading tensors an interrupted run finished are kept instead of redone.
+    """
     w = _Writer(path=None, arch=arch.name)
     write_metadata(w, ckpt, arch, plan, vocab)
     jobs = []
     for tp in plan.tensors:
         w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
         jobs.append(Job(sources[tp.name], tp.type, tp.nbytes))
+    header = header_bytes(w)
 
+    skip = _resume_point(path, journal, header, jobs) if (resume and journal and path.is_file()) else 0
+    keep = len(header) + sum(_padded(j.nbytes) for j in jobs[:skip])
+    if resume and on_resume:
+        on_resume(skip, len(jobs))
     streamer = TensorStreamer(threads)
     try:
-        w.write_header_to_file(path=Path(path))
-        f = w.fout[0]
-        with f:
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            _pad(f)
-            written = {}
+        with open(path, "r+b" if skip else "wb") as f:
+            if skip:
+                f.truncate(keep)
+                f.seek(keep)
+                if progress:
+                    for j in jobs[:skip]:
+                        progress(j.src.name, 4 * j.src.rows * j.src.cols)
+            else:
+                f.write(header)
+            written: dict[str, int] = {}
+            state = {"done": skip, "last": time.monotonic()}
 
             def write(job: Job, data: memoryview) -> None:
                 f.write(data)
                 got = written[job.src.name] = written.get(job.src.name, 0) + len(data)
                 if got == job.nbytes:
                     _pad(f)
+                    state["done"] += 1
+                    if journal is not None and time.monotonic() - state["last"] > JOURNAL_EVERY_S:
+                        f.flush()
+                        os.fsync(f.fileno())
+                        _record(journal, header, jobs, state["done"])
+                        state["last"] = time.monotonic()
 
-            streamer.stream(jobs, write, lambda job, n: progress(job.src.name, n) if progress else None)
-            for job in jobs:
+            streamer.stream(jobs[skip:], write, lambda job, n: progress(job.src.name, 4 * n) if progress else None)
+            for job in jobs[skip:]:
                 if written.get(job.src.name, 0) != job.nbytes:
                     raise RuntimeError(f"{job.src.name}: wrote {written.get(job.src.name, 0)} bytes, planned {job.nbytes}")
             f.flush()
             os.fsync(f.fileno())
-            w.fout = None
             return f.tell()
     finally:
         streamer.close()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from qwqq.archs import Arch, arch_of, cfg, gguf_tensors
 from qwqq.errors import QwqqError, UnsupportedError
-from qwqq.outputs import atomic_output
+from qwqq.outputs import atomic_output, journal_path
+from qwqq.progress import tensor_progress
 from qwqq.quantize.gguf_vocab import build_vocab
 from qwqq.quantize.gguf_writer import write_gguf
 from qwqq.quantize.plan import BITS_TO_MIXTURE, MIXTURES, Mixture, ModelFacts, Plan, make_plan
@@ -76,7 +77,7 @@ def header_estimate(vocab_tokens: int) -> int:
 
 
 def quantize_to_gguf(source: str | Path, mixture: Mixture, *, out: Path | None = None, force: bool = False,
-                     threads: int = 0, progress: bool = True) -> Result:
+                     resume: bool = False, threads: int = 0, progress: bool = True) -> Result:
     t0 = time.perf_counter()
     ckpt = open_checkpoint(source)
     arch, tensors, plan = plan_checkpoint(ckpt, mixture)
@@ -92,38 +93,17 @@ def quantize_to_gguf(source: str | Path, mixture: Mixture, *, out: Path | None =
     planned = plan.tensor_bytes + header_estimate(len(vocab.tokens))
     src_bytes = sum(t.rows * t.cols for t in tensors)
 
-    with atomic_output(out, force=force, planned_bytes=planned) as tmp, _progress(progress, src_bytes) as tick:
-        size = write_gguf(tmp, ckpt, arch, plan, vocab, sources, threads, tick)
+    with atomic_output(out, force=force, planned_bytes=planned, resumable=True) as tmp, \
+            tensor_progress(progress, src_bytes * 4, len(plan.tensors)) as tick:
+        size = write_gguf(tmp, ckpt, arch, plan, vocab, sources, threads, tick, resume=resume, journal=journal_path(out),
+                          on_resume=_say_resume)
     return Result(out, size, plan.n_params, time.perf_counter() - t0, plan)
 
 
-class _NoProgress:
-    def __enter__(self):
-        return None
+def _say_resume(kept: int, total: int) -> None:
+    import sys
 
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress(enabled: bool, total_elements: int):
-    if not enabled:
-        return _NoProgress()
-    from contextlib import contextmanager
-
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    @contextmanager
-    def bar():
-        console = Console(stderr=True)
-        columns = [TextColumn("{task.fields[tensor]:<28}"), BarColumn(), DownloadColumn(binary_units=True),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as p:
-            task = p.add_task("quantize", total=total_elements * 4, tensor="")
-
-            def tick(name: str, n_elements: int) -> None:
-                p.update(task, advance=n_elements * 4, tensor=name)
-
-            yield tick
-
-    return bar()
+    if kept:
+        print(f"resuming: keeping the {kept} of {total} tensors the interrupted run finished", file=sys.stderr)
+    else:
+        print("nothing to resume: starting from the beginning", file=sys.stderr)
