@@ -25,5 +25,8 @@ if [ -z "$wheel" ]; then
   wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -1)
 fi
 "${PIP[@]}" install "$wheel"
-"${PIP[@]}" install -e ".[llama,test]"
+if ! "${PIP[@]}" install -e ".[llama,test]" > .venv/install.log 2>&1; then
+  cat .venv/install.log >&2
+  exit 1
+fi
 echo "qwqq installed in .venv ($(.venv/bin/qwqq --version 2>/dev/null || echo ok))" >&2
