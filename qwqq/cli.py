@@ -89,7 +89,7 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize fp16/bf16 safetensors into a GGUF file in one streaming pass (no intermediate F16 file)."""
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.quantize.pipeline import fallback_notes, quantize_to_gguf, resolve_mixture
 
     def body():
         if fmt.lower() != "gguf":
@@ -97,6 +97,8 @@ def quantize(
         mixture = resolve_mixture(bits=bits, type_name=type_)
         result = quantize_to_gguf(source, mixture, out=out, force=force, resume=resume, threads=threads,
                                   progress=not quiet)
+        for line in fallback_notes(result.plan):
+            err.print(f"[yellow]note:[/] {_escape(line)}")
         Console(highlight=False).print(
             f"wrote [bold]{result.path}[/] ({result.file_bytes / 2**30:.2f} GiB, "
             f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s)"

@@ -50,6 +50,17 @@ def resolve_mixture(bits: int | None = None, type_name: str | None = None) -> Mi
     return MIXTURES[BITS_TO_MIXTURE[bits]]
 
 
+def fallback_notes(plan: Plan) -> list[str]:
+    """One line per (from, to) demotion forced by a row length, as llama.cpp warns."""
+    groups: dict[tuple[str, str, int], int] = {}
+    for t in plan.tensors:
+        if t.fallback_from is not None:
+            key = (t.fallback_from.name, t.type.name, t.shape[-1])
+            groups[key] = groups.get(key, 0) + 1
+    return [f"{n} tensor(s) with rows of {cols} (not a multiple of the {a} block) fell back to {b}, as llama.cpp does"
+            for (a, b, cols), n in sorted(groups.items())]
+
+
 def model_facts(config: dict, arch: Arch) -> ModelFacts:
     n_layer = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
