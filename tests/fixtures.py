@@ -472,3 +472,44 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- llama.cpp's converter (the reference)
+
+LLAMA_CPP_PYTHON = "0.3.36"
+
+
+def llama_cpp_tree() -> Path:
+    """llama.cpp's Python converter (convert_hf_to_gguf.py, conversion/, gguf-py/) from the
+    llama-cpp-python sdist on PyPI: the reference qwqq's GGUF metadata is held against."""
+    import tarfile
+    import tempfile
+
+    def build(tmp: Path) -> None:
+        dl = Path(tempfile.mkdtemp(prefix=".sdist-", dir=cache_root()))
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                            f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], check=True)
+            archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
+            prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+            wanted = tuple(prefix + p for p in ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE"))
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
+                for m in members:
+                    m.name = m.name[len(prefix):]
+                tar.extractall(tmp, members=members, filter="data")
+        finally:
+            shutil.rmtree(dl, ignore_errors=True)
+
+    return _build(cache_root() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON}", build)
+
+
+def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16") -> Path:
+    """Run llama.cpp's own converter (with its own gguf-py) on a checkpoint."""
+    tree = llama_cpp_tree()
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), "--outtype", outtype, "--outfile", str(out),
+                        str(model_dir)], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed:\n{r.stderr[-3000:]}")
+    return out
