@@ -274,8 +274,8 @@ class RunOptions:
     model: Path
     prompt: str | None = None
     backend: str = "auto"
-    ctx: int = 4096
-    n_gpu_layers: int = -1
+    ctx: int | None = None  # None: fitted to the machine (or --profile)
+    n_gpu_layers: int | None = None  # None: fitted; -1: all
     max_tokens: int = 2048
     seed: int | None = None
     temperature: float | None = None
@@ -287,6 +287,9 @@ class RunOptions:
     system: str | None = None
     threads: int = 0
     debug: bool = False
+    profile: str | None = None  # a hardware profile to fit ctx / KV / GPU layers for
+    kv: str | None = None  # f16, q8_0, q4_0; None: fitted
+    flash_attn: bool = True
 
 
 class ChatSession:
@@ -355,16 +358,52 @@ def interactive(session: ChatSession, err: Console) -> None:
             err.print(f"error: {e}", style="red", markup=False)
 
 
+def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
+    """ctx, KV type, GPU layers and flash attention for the load: what the user gave, the rest
+    from `qwqq fit` for this file on the named profile (or on this machine)."""
+    given = {"ctx": opts.ctx, "kv_type": opts.kv, "n_gpu_layers": opts.n_gpu_layers}
+    out = {"ctx": 4096 if opts.ctx is None else opts.ctx, "kv_type": opts.kv or "f16", "flash_attn": opts.flash_attn,
+           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers}
+    if backend != "llama.cpp" or (opts.profile is None and None not in given.values()):
+        return out
+    from qwqq.profiles import fit as fitting
+
+    hw = fitting.machine(profile=opts.profile)
+    req = fitting.Request(ctx=opts.ctx or None, kv=opts.kv or "auto", min_ctx=min(opts.ctx or 2048, 2048),
+                          flash_attn=opts.flash_attn)
+    report = fitting.run_fit(str(opts.model), hw, req)
+    best = next((c for c in report.candidates if c.fits), None)
+    if best is None:
+        err.print(f"warning: this model does not fit {hw.name} with the requested settings; "
+                  "see `qwqq fit` for what would", style="yellow", markup=False)
+        return out
+    if opts.ctx is None:
+        out["ctx"] = best.ctx
+    if opts.kv is None:
+        out["kv_type"] = best.kv
+    if opts.n_gpu_layers is None:
+        out["n_gpu_layers"] = best.ngl_flag if best.gpus and best.mode != "cpu" else (0 if hw.gpus else -1)
+    if err.is_terminal or opts.debug:
+        layers = "no GPU" if not hw.gpus else f"GPU layers {'all' if out['n_gpu_layers'] < 0 else out['n_gpu_layers']}"
+        err.print(f"fitted to {hw.name}: ctx {out['ctx']}, {out['kv_type']} KV cache, {layers}", style="dim", markup=False)
+    return out
+
+
 def run_chat(opts: RunOptions) -> None:
     from qwqq.backends import LoadOptions, pick_backend
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if opts.max_tokens < 1:
         raise QwqqError("--max-tokens must be at least 1")
-    if opts.ctx < 0:
+    if opts.ctx is not None and opts.ctx < 0:
         raise QwqqError("--ctx must be positive (0: the model's own context length)")
+    if opts.kv is not None and opts.kv not in ("f16", "q8_0", "q4_0"):
+        raise QwqqError(f"unknown --kv {opts.kv!r}; choose f16, q8_0 or q4_0")
+    if opts.kv not in (None, "f16") and not opts.flash_attn:
+        raise QwqqError("a quantized KV cache needs flash attention in llama.cpp (drop --no-flash-attn)")
     backend = pick_backend(opts.backend, opts.model)
-    load_options = LoadOptions(ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, threads=opts.threads, seed=opts.seed, debug=opts.debug)
+    settings = fitted_settings(opts, backend.name, err)
+    load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug, **settings)
     name = Path(opts.model).name
     with err.status(f"loading {name} with {backend.name}…"):  # shown on a terminal only
         model = backend.load(Path(opts.model), load_options)

@@ -88,7 +88,7 @@ def test_not_gguf(tmp_path):
 def test_truncated_gguf_says_why(gguf_path, tmp_path):
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(gguf_path.read_bytes()[: 50_000_000])
-    one_line_error(qwqq("run", str(bad), "-p", "hi", *FAST), "cut.gguf", "cannot load", "file bounds")
+    one_line_error(qwqq("run", str(bad), "-p", "hi", *FAST), "cut.gguf", "truncated")
 
 
 def test_file_being_written_is_refused(gguf_path, tmp_path):

@@ -32,6 +32,9 @@ _ERROR_LOG_LEVEL = 4  # GGML_LOG_LEVEL_ERROR in ggml.h (llama-cpp-python's _logg
 _CONTINUE_LOG_LEVEL = 5
 
 
+KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type ids for type_k / type_v
+
+
 def _usable_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -205,6 +208,9 @@ class LlamaCppBackend:
                 n_threads=threads,
                 n_threads_batch=threads,
                 seed=options.seed if options.seed is not None else random.randrange(2**31),
+                flash_attn=options.flash_attn,
+                type_k=KV_GGML_TYPES[options.kv_type],
+                type_v=KV_GGML_TYPES[options.kv_type],
                 verbose=options.debug,
             )
         except ValueError as e:
