@@ -43,7 +43,7 @@ def _file_type_name(code) -> str | None:
         return None
     try:
         return gguf.LlamaFileType(int(code)).name
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):
         return f"UNKNOWN({code})"
 
 

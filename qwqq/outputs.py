@@ -71,6 +71,9 @@ def check_target(final: Path, force: bool, planned_bytes: int | None) -> None:
     if final.is_dir() and not final.is_symlink() and final.suffix == ".gguf":
         raise OutputError("is a folder", final)
     parent = final.parent
+    blocker = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(f"{blocker} is a file, not a folder", final)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -78,7 +78,8 @@ class Checkpoint:
     @property
     def name(self) -> str:
         """A model name for file names and general.name: the hub id's tail or the folder name."""
-        return (self.hub_id or self.root.name).rstrip("/").split("/")[-1]
+        name = (self.hub_id or self.root.name).rstrip("/").split("/")[-1]
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a folder name not in UTF-8
 
 
 # --------------------------------------------------------------------------- safetensors headers
@@ -100,8 +101,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         raise SourceError(f"cannot read: {e.strerror or e}", path) from e
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"corrupt safetensors header ({e})", path) from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, nesting or numbers too deep / long
+        raise SourceError(f"corrupt safetensors header ({_one_line(e)})", path) from e
     if not isinstance(header, dict):
         raise SourceError("corrupt safetensors header (not a JSON object)", path)
     data_start, data_len = 8 + n, size - 8 - n
@@ -121,7 +122,7 @@ def _tensor_ref(path: Path, name: str, info, data_start: int, data_len: int) -> 
     if not isinstance(info, dict):
         raise SourceError(f"tensor {name}: malformed header entry", path)
     dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise SourceError(f"tensor {name}: unknown dtype {dtype!r}", path)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise SourceError(f"tensor {name}: malformed shape {shape!r}", path)
@@ -209,7 +210,10 @@ class RowReader:
 # --------------------------------------------------------------------------- opening a checkpoint
 def resolve(spec: str | Path) -> tuple[Path, str | None]:
     """A local folder as is, or a hub id downloaded (config, tokenizer and safetensors only)."""
-    p = Path(spec).expanduser()
+    try:
+        p = Path(spec).expanduser()
+    except RuntimeError:  # ~user that does not exist
+        p = Path(spec)
     if p.exists():
         if not p.is_dir():
             raise SourceError("expected a Hugging Face model folder (config.json + *.safetensors), got a file", p)
@@ -254,13 +258,18 @@ def _read_json(path: Path, required: bool) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"cannot read: {e}", path) from e
     except json.JSONDecodeError as e:
         raise SourceError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", path) from e
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, nested or numbers too deep / long
+        raise SourceError(f"cannot read: {_one_line(e)}", path) from e
     if not isinstance(data, dict):
         raise SourceError("malformed: expected a JSON object", path)
     return data
+
+
+def _one_line(e: BaseException) -> str:
+    text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _inside(root: Path, name: str, what: Path) -> Path:
@@ -278,24 +287,52 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
     tok_json = root / "tokenizer.json"
     tok_cfg = _read_json(root / "tokenizer_config.json", required=False)
     template = _chat_template(root, tok_cfg)
-    gen = _read_json(root / "generation_config.json", required=False)
+    gen = _check_generation_config(_read_json(root / "generation_config.json", required=False),
+                                   root / "generation_config.json")
     return Checkpoint(root, config, tensors, tok_json if tok_json.is_file() else None, tok_cfg, template, gen, hub_id)
 
 
 def _chat_template(root: Path, tok_cfg: dict) -> str | None:
     jinja = root / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise SourceError(f"cannot read: {_one_line(e)}", jinja) from e
     cj = root / "chat_template.json"
     if cj.is_file():
         t = _read_json(cj, required=False).get("chat_template")
         if isinstance(t, str):
-            return t
+            return _utf8(t, "chat_template", cj)
     t = tok_cfg.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict) and isinstance(d.get("name"), str)}
         t = named.get("default") or next(iter(named.values()), None)
-    return t if isinstance(t, str) else None
+    return _utf8(t, "chat_template", root / "tokenizer_config.json") if isinstance(t, str) else None
+
+
+def _utf8(text: str, what: str, where: Path) -> str:
+    """A JSON string can hold a lone surrogate ("\\ud800"), which no UTF-8 file (GGUF) can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"{what} is not valid UTF-8 text (it holds a lone surrogate)", where) from None
+    return text
+
+
+# generation_config.json values qwqq writes as GGUF general.sampling.* (see gguf_writer.SAMPLING_KEYS):
+# key -> (smallest, largest) a GGUF f32 / i32 holds.
+_F32 = (-3.4e38, 3.4e38)
+SAMPLING_RANGES = {"temperature": _F32, "top_p": _F32, "min_p": _F32, "repetition_penalty": _F32,
+                   "top_k": (-(2**31), 2**31 - 1)}
+
+
+def _check_generation_config(gen: dict, where: Path) -> dict:
+    for key, (lo, hi) in SAMPLING_RANGES.items():
+        v = gen.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not lo <= v <= hi:
+            raise SourceError(f"{key} is {v!r}, out of range", where)
+    return gen
 
 
 def _index_tensors(root: Path) -> dict[str, TensorRef]:
@@ -304,6 +341,8 @@ def _index_tensors(root: Path) -> dict[str, TensorRef]:
         weight_map = _read_json(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise SourceError("malformed index: no weight_map", index)
+        for fname in weight_map.values():
+            _inside(root, fname, index)
         files = {}
         for fname in sorted(set(weight_map.values())):
             path = _inside(root, fname, index)

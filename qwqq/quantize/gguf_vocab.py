@@ -18,6 +18,11 @@ from qwqq.source import Checkpoint
 
 SPECIAL_LOOKING = re.compile(r"^(<\|.*\|>|<｜.*｜>|<pad>|<mask>|<unused\d*>)$")
 SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad")
+MAX_VOCAB = 2**22  # 4M tokens: ten times the largest real vocabularies; bounds a hostile id
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass
@@ -39,12 +44,14 @@ def _pre_tokenizer_name(tj: dict, where) -> str:
     qwen2: Llama-3 style split regex with single digits; llama-bpe: digits in groups of up to three;
     smollm: individual digits then GPT-2 byte-level; gpt-2: byte-level with its own regex only.
     """
-    pre = tj.get("pre_tokenizer") or {}
+    pre = _obj(tj.get("pre_tokenizer"))
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    steps = [_obj(s) for s in steps] if isinstance(steps, list) else []
     kinds = [s.get("type") for s in steps]
     split = next((s for s in steps if s.get("type") == "Split"), None)
     if split is not None:
-        pattern = (split.get("pattern") or {}).get("Regex", "")
+        pattern = _obj(split.get("pattern")).get("Regex", "")
+        pattern = pattern if isinstance(pattern, str) else ""
         if r"\p{N}{1,3}" in pattern:
             return "llama-bpe"
         if r"\p{N}" in pattern and r"\p{L}+" in pattern:
@@ -56,45 +63,90 @@ def _pre_tokenizer_name(tj: dict, where) -> str:
     raise UnsupportedError(f"tokenizer pre-tokenizer {kinds} is not one qwqq knows (qwen2, llama-bpe, smollm, gpt-2)", where)
 
 
-def _merges(model: dict) -> list[str]:
+def _obj(v) -> dict:
+    """A JSON object, or an empty one for anything else (optional parts of tokenizer.json)."""
+    return v if isinstance(v, dict) else {}
+
+
+def _merges(model: dict, where) -> list[str]:
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise SourceError("malformed tokenizer: merges is not a list", where)
     out = []
-    for m in model.get("merges") or []:
+    for m in merges:
         if isinstance(m, str):
             out.append(m)
-        else:  # newer tokenizers: ["a", "b"]; a literal space inside a part becomes 'Ġ' as in the byte-level alphabet
+        elif isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m):
+            # newer tokenizers: ["a", "b"]; a literal space inside a part becomes 'Ġ' as in the byte-level alphabet
             out.append(" ".join(p.replace(" ", "\u0120") for p in m))
+        else:
+            raise SourceError(f"malformed tokenizer: merge {_short(m)} is neither \"a b\" nor [\"a\", \"b\"]", where)
     return out
 
 
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_utf8(texts: list[str], what: str, where) -> None:
+    """GGUF strings are UTF-8: a lone surrogate (legal in JSON, "\\ud800") cannot be written."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        bad = next(t for t in texts if not _encodes(t))
+        raise SourceError(f"malformed tokenizer: {what} {_short(bad)} is not valid UTF-8 text", where) from None
+
+
+def _encodes(t: str) -> bool:
+    try:
+        t.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _token_text(v) -> str | None:
-    if isinstance(v, str):
-        return v
     if isinstance(v, dict):
-        return v.get("content")
-    return None
+        v = v.get("content")
+    return v if isinstance(v, str) else None
 
 
 def build_vocab(ckpt: Checkpoint) -> Vocab:
     if ckpt.tokenizer_json is None:
         raise SourceError("missing tokenizer.json (a GGUF carries its tokenizer)", ckpt.root)
+    where = ckpt.tokenizer_json
     try:
-        tj = json.loads(ckpt.tokenizer_json.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"malformed tokenizer: {e}", ckpt.tokenizer_json) from e
-    model = tj.get("model") or {}
+        tj = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8 or JSON, nested too deep
+        raise SourceError(f"malformed tokenizer: {e}", where) from e
+    if not isinstance(tj, dict):
+        raise SourceError("malformed tokenizer: expected a JSON object", where)
+    model = _obj(tj.get("model"))
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise UnsupportedError(f"tokenizer model {model.get('type')!r} is not byte-level BPE", ckpt.tokenizer_json)
+        raise UnsupportedError(f"tokenizer model {_short(model.get('type'))} is not byte-level BPE", where)
 
     vocab: dict[str, int] = dict(model["vocab"])
+    for t, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise SourceError(f"malformed tokenizer: token {_short(t)} has id {_short(i)}", where)
     added = {}
-    for a in tj.get("added_tokens") or []:
-        if isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str):
+    added_tokens = tj.get("added_tokens") or []
+    for a in added_tokens if isinstance(added_tokens, list) else []:
+        if isinstance(a, dict) and _is_id(a.get("id")) and isinstance(a.get("content"), str):
             added[a["id"]] = a
             vocab[a["content"]] = a["id"]
     by_id = {i: t for t, i in vocab.items()}
-    n_vocab = int(ckpt.config.get("vocab_size") or (max(by_id) + 1))
-    if by_id and max(by_id) >= n_vocab:
-        raise SourceError(f"tokenizer has id {max(by_id)} but config vocab_size is {n_vocab}", ckpt.tokenizer_json)
+    if not by_id:
+        raise SourceError("malformed tokenizer: the vocabulary is empty", where)
+    config_vocab = ckpt.config.get("vocab_size")
+    if config_vocab is not None and not _is_id(config_vocab):
+        raise SourceError(f"vocab_size is {_short(config_vocab)}, expected a positive integer", ckpt.root / "config.json")
+    n_vocab = config_vocab or (max(by_id) + 1)
+    if max(by_id) >= n_vocab:
+        raise SourceError(f"tokenizer has id {max(by_id)} but config vocab_size is {n_vocab}", where)
+    if n_vocab > MAX_VOCAB:
+        raise SourceError(f"tokenizer has id {max(by_id)}: a vocabulary of {n_vocab} tokens is implausible", where)
 
     tokens, types = [], []
     for i in range(n_vocab):
@@ -123,17 +175,21 @@ def build_vocab(ckpt: Checkpoint) -> Vocab:
 
     add_bos = ckpt.tokenizer_config.get("add_bos_token")
     add_eos = ckpt.tokenizer_config.get("add_eos_token")
-    post = tj.get("post_processor") or {}
+    post = _obj(tj.get("post_processor"))
     if post.get("type") == "ByteLevel":
         add_bos, add_eos = False, False
     elif post.get("type") == "TemplateProcessing":
-        single = [s for s in post.get("single") or []]
+        single = post.get("single") or []
+        single = [_obj(s) for s in single] if isinstance(single, list) else []
         add_bos = bool(single) and "SpecialToken" in single[0]
         add_eos = bool(single) and "SpecialToken" in single[-1] and len(single) > 1
 
+    merges = _merges(model, where)
+    _check_utf8(tokens, "token", where)
+    _check_utf8(merges, "merge", where)
     return Vocab(
-        model="gpt2", pre=_pre_tokenizer_name(tj, ckpt.tokenizer_json), tokens=tokens, types=[int(t) for t in types],
-        merges=_merges(model), special_ids=ids,
+        model="gpt2", pre=_pre_tokenizer_name(tj, where), tokens=tokens, types=[int(t) for t in types],
+        merges=merges, special_ids=ids,
         add_bos=add_bos if isinstance(add_bos, bool) else None,
         add_eos=add_eos if isinstance(add_eos, bool) else None,
         chat_template=ckpt.chat_template,
