@@ -225,10 +225,14 @@ def test_detect_format(gguf_path, tmp_path):
         detect_format(other)
 
 
-def test_pick_backend_says_what_to_do(gguf_path, tmp_path):
+def test_pick_backend_says_what_to_do(gguf_path, tmp_path, monkeypatch):
     assert pick_backend("auto", gguf_path).name == "llama.cpp"
     assert pick_backend("llamacpp", gguf_path).name == "llama.cpp"
     mlx = write_config(tmp_path / "mlx", {"quantization": {"bits": 4}})
+    from qwqq.backends import mlx as mlx_backend  # as if mlx-lm were not installed
+
+    monkeypatch.setattr(mlx_backend.MLXBackend, "unavailable_reason",
+                        lambda self: 'mlx-lm not installed; install it with: pip install "qwqq[mlx]"')
     with pytest.raises(QwqqError, match=r'pip install "qwqq\[mlx\]"'):
         pick_backend("auto", mlx)
     with pytest.raises(QwqqError, match="cannot load mlx"):

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from qwqq.chat import Sampling
 
 ENTRY_POINT_GROUP = "qwqq.backends"
-BUILTIN = {"llama.cpp": "qwqq.backends.llamacpp:backend"}
-ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
+BUILTIN = {"llama.cpp": "qwqq.backends.llamacpp:backend", "mlx": "qwqq.backends.mlx:backend"}
+ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp",
+           "mlx-lm": "mlx", "mlx_lm": "mlx", "mlxlm": "mlx"}
 
 # What to tell a user who has a file of this format but no backend that loads it.
 FORMAT_HINT = {
@@ -56,6 +57,8 @@ class LoadOptions:
     threads: int = 0  # 0: all usable cores
     seed: int | None = None  # None: random
     debug: bool = False  # let the backend's own logging through
+    flash_attn: bool = True  # llama.cpp: needed for a quantized KV cache
+    kv_type: str = "f16"  # KV cache element type: f16, q8_0, q4_0
 
 
 @runtime_checkable
