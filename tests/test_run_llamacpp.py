@@ -180,17 +180,18 @@ def test_same_seed_same_text_and_seeds_differ(model):
     assert a != sample(2)
 
 
-def test_template_is_sandboxed():
-    import jinja2
+def test_template_is_sandboxed(tmp_path):
+    from qwqq.chat_template import ChatTemplate
 
-    from qwqq.backends.llamacpp import _make_template
+    def render(source, messages=()):
+        return ChatTemplate(source, "", "", tmp_path).render(list(messages))
 
-    with pytest.raises(jinja2.exceptions.SecurityError):
-        _make_template("{{ ''.__class__.__mro__[1].__subclasses__() }}").render()
-    with pytest.raises(jinja2.exceptions.SecurityError):
-        _make_template("{% set x = [] %}{{ x.append(1) }}").render()
-    t = _make_template("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}")
-    assert t.render(messages=[{"a": "é"}, {"b": 2}]) == '{"a": "é"}'
+    with pytest.raises(QwqqError, match="chat template failed: .*unsafe|access to attribute"):
+        render("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(QwqqError, match="chat template failed"):
+        render("{% set x = [] %}{{ x.append(1) }}")
+    t = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+    assert render(t, [{"a": "é"}, {"b": 2}]) == '{"a": "é"}'
 
 
 # ---------------------------------------------------------------- format detection

@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
 import os
 import random
 import re
 from collections import deque
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 from qwqq.backends import LoadOptions
+from qwqq.chat_template import ChatTemplate, prompt_room
 from qwqq.errors import QwqqError
 
 # Used when a GGUF carries no chat template: ChatML, what every Qwen model speaks.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 INSTALL_HINT = 'install it with: pip install "qwqq[llama]"'
 _ERROR_LOG_LEVEL = 4  # GGML_LOG_LEVEL_ERROR in ggml.h (llama-cpp-python's _logger.py has an older numbering)
 _CONTINUE_LOG_LEVEL = 5
@@ -82,39 +77,15 @@ def _silence_llama_cpp() -> _QuietLog:
     return _quiet
 
 
-# ---------------------------------------------------------------- chat template
-def _make_template(source: str):
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-    return env.from_string(source)
-
-
 # ---------------------------------------------------------------- the model
 class LlamaCppChatModel:
     def __init__(self, llm, path: Path):
-        import jinja2
-
         self.llm, self.path = llm, path
         self.metadata: dict[str, str] = dict(llm.metadata)
         self.finish_reason: str | None = None
-        source = self.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
-        try:
-            self._template = _make_template(source)
-        except jinja2.TemplateError as e:
-            raise QwqqError(f"the model's chat template does not parse: {e}", path) from None
         self._bos_id, self._eos_id = llm.token_bos(), llm.token_eos()
-        self._bos = self._token_text(self._bos_id)
-        self._eos = self._token_text(self._eos_id)
+        self._template = ChatTemplate(self.metadata.get("tokenizer.chat_template"), self._token_text(self._bos_id),
+                                      self._token_text(self._eos_id), path)
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -122,14 +93,7 @@ class LlamaCppChatModel:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
     def render(self, messages: list[dict]) -> str:
-        import jinja2
-
-        try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self._bos, eos_token=self._eos
-            )
-        except jinja2.TemplateError as e:
-            raise QwqqError(f"the model's chat template failed: {e}", self.path) from None
+        return self._template.render(messages)
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
@@ -141,12 +105,7 @@ class LlamaCppChatModel:
     def stream_chat(self, messages: list[dict], sampling, max_tokens: int) -> Iterator[str]:
         self.finish_reason = None
         tokens = self._tokens(self.render(messages))
-        room = self.llm.n_ctx() - len(tokens)
-        if room < 1:
-            raise QwqqError(
-                f"the prompt is {len(tokens)} tokens, the context only {self.llm.n_ctx()}: "
-                "raise --ctx, or /reset the conversation"
-            )
+        room = prompt_room(len(tokens), self.llm.n_ctx())
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
         greedy = sampling.greedy
         stream = self.llm.create_completion(

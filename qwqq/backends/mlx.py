@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qwqq.backends import LoadOptions
+from qwqq.chat_template import ChatTemplate, prompt_room
 from qwqq.errors import QwqqError
 
 INSTALL_HINT = 'install it with: pip install "qwqq[mlx]"'
@@ -64,32 +65,18 @@ def folder_metadata(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- the model
 class MLXChatModel:
     def __init__(self, model, tokenizer, path: Path, ctx: int):
-        import jinja2
-
-        from qwqq.backends.llamacpp import CHATML_TEMPLATE, _make_template
-
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.metadata = folder_metadata(path)
         self.finish_reason: str | None = None
         max_pos = int(float(self.metadata.get("max_position_embeddings", 0) or 0))
         self.n_ctx = ctx if ctx > 0 else (max_pos or 4096)
-        source = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
-        try:
-            self._template = _make_template(source)
-        except jinja2.TemplateError as e:
-            raise QwqqError(f"the model's chat template does not parse: {e}", path) from None
-        self._bos = getattr(tokenizer, "bos_token", None) or ""
-        self._eos = getattr(tokenizer, "eos_token", None) or ""
+        self._template = ChatTemplate(getattr(tokenizer, "chat_template", None),
+                                      getattr(tokenizer, "bos_token", None) or "",
+                                      getattr(tokenizer, "eos_token", None) or "", path)
         self._bos_id = getattr(tokenizer, "bos_token_id", None)
 
     def render(self, messages: list[dict]) -> str:
-        import jinja2
-
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self._bos,
-                                         eos_token=self._eos)
-        except jinja2.TemplateError as e:
-            raise QwqqError(f"the model's chat template failed: {e}", self.path) from None
+        return self._template.render(messages)
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens = list(self.tokenizer.encode(prompt, add_special_tokens=False))
@@ -105,12 +92,7 @@ class MLXChatModel:
 
         self.finish_reason = None
         tokens = self._tokens(self.render(messages))
-        room = self.n_ctx - len(tokens)
-        if room < 1:
-            raise QwqqError(
-                f"the prompt is {len(tokens)} tokens, the context only {self.n_ctx}: "
-                "raise --ctx, or /reset the conversation"
-            )
+        room = prompt_room(len(tokens), self.n_ctx)
         mx.random.seed(sampling.seed if sampling.seed is not None else random.randrange(2**31))
         greedy = sampling.greedy or sampling.temperature <= 0
         sampler = make_sampler(

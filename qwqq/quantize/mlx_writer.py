@@ -427,7 +427,7 @@ def _check_out(out: Path, root: Path) -> None:
 
 def _mlx_available() -> None:
     try:
-        import mlx.core  # noqa: F401
+        import mlx.core  # noqa: F401  (only: is it installed?)
     except ImportError as e:
         raise UnsupportedError(f"writing MLX needs the mlx package ({e}); {INSTALL_HINT}") from None
 

@@ -1,0 +1,61 @@
+"""The model's chat template, rendered in Jinja's immutable sandbox (as transformers and llama.cpp
+do), so a template from a stranger's file cannot reach Python internals. Shared by every backend."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from qwqq.errors import QwqqError
+
+# Used when a model carries no template at all.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ChatTemplate:
+    def __init__(self, source: str | None, bos: str, eos: str, path: Path):
+        import jinja2
+
+        self.bos, self.eos, self.path = bos, eos, path
+        try:
+            self._template = _environment().from_string(source or CHATML_TEMPLATE)
+        except jinja2.TemplateError as e:
+            raise QwqqError(f"the model's chat template does not parse: {e}", path) from None
+
+    def render(self, messages: list[dict]) -> str:
+        import jinja2
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
+                                         eos_token=self.eos)
+        except jinja2.TemplateError as e:  # SecurityError (a sandbox escape attempt) is one of these
+            raise QwqqError(f"the model's chat template failed: {e}", self.path) from None
+
+
+def _environment():
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    return env
+
+
+def prompt_room(n_prompt: int, n_ctx: int) -> int:
+    """Tokens left to generate; a prompt that fills the context is a clear error."""
+    room = n_ctx - n_prompt
+    if room < 1:
+        raise QwqqError(f"the prompt is {n_prompt} tokens, the context only {n_ctx}: "
+                        "raise --ctx, or /reset the conversation")
+    return room
