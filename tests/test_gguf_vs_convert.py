@@ -79,3 +79,14 @@ def test_yarn_rope_scaling_is_carried(tmp_path):
     for k in ("qwen2.rope.scaling.type", "qwen2.rope.scaling.factor", "qwen2.rope.scaling.original_context_length",
               "qwen2.rope.freq_base"):
         assert _same(ours[k], theirs[k]), k
+
+
+@pytest.mark.parametrize("arch,dtype,shards,mixture", [("qwen3_moe", "float16", 3, "F16"), ("qwen2", "float32", 2, "F32")])
+def test_fp16_and_fp32_sharded_sources(arch, dtype, shards, mixture, tmp_path):
+    """Sharded checkpoints (an index json) in fp16 and fp32, written losslessly by both tools."""
+    src = fixtures.tiny_model_dir(arch, dtype, shards)
+    assert (src / "model.safetensors.index.json").is_file()
+    ours = quantize_to_gguf(src, resolve_mixture(type_name=mixture), out=tmp_path / "o.gguf", progress=False,
+                            threads=2).path
+    theirs = fixtures.convert_hf_to_gguf(src, tmp_path / "c.gguf", outtype=mixture.lower())
+    assert tensor_table(ours) == tensor_table(theirs)
