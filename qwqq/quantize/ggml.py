@@ -60,6 +60,9 @@ def lib() -> ctypes.CDLL:
     so.ggml_quantize_init.argtypes = [ctypes.c_int]
     so.ggml_row_size.restype = ctypes.c_size_t
     so.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    for name in ("ggml_bf16_to_fp32_row", "ggml_fp16_to_fp32_row"):
+        getattr(so, name).restype = None
+        getattr(so, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     so.ggml_validate_row_data.restype = ctypes.c_bool
     so.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     return so
@@ -95,6 +98,15 @@ def quantize_rows(ggml_type: int, rows: np.ndarray, out: memoryview | np.ndarray
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         im = imatrix.ctypes.data
     return lib().ggml_quantize_chunk(int(ggml_type), rows.ctypes.data, dst.ctypes.data, 0, nrows, n_per_row, im)
+
+
+def to_f32(dtype: str, raw: np.ndarray, out: np.ndarray) -> None:
+    """bf16 / f16 bytes -> float32 with ggml's own SIMD row converters (one pass, GIL released)."""
+    n = raw.nbytes // 2
+    if out.size < n or not out.flags.c_contiguous:
+        raise ValueError("output too small or not contiguous")
+    fn = {"BF16": lib().ggml_bf16_to_fp32_row, "F16": lib().ggml_fp16_to_fp32_row}[dtype]
+    fn(raw.ctypes.data, out.ctypes.data, n)
 
 
 def validate(ggml_type: int, data: np.ndarray) -> bool:

@@ -152,70 +152,91 @@ def _chunks(job: Job, cols: int):
 
 
 class TensorStreamer:
-    """Reads, converts, checks and quantizes tensors chunk by chunk.
+    """Reads, converts, checks and quantizes tensors chunk by chunk, keeping every core busy.
 
-    Two stages overlap: one I/O thread reads and converts chunk k+1 (pread, bf16 -> f32, NaN check)
-    while the kernel threads quantize chunk k. Buffers are reused, so memory stays at a few chunks.
+    One I/O thread reads chunk k+1 (pread, then bf16/f16 -> f32 with ggml's own converters) while
+    the kernel threads work through chunk k, cut into small row blocks so no thread waits on
+    another; chunk k-1 is written out meanwhile, in order. Each block is checked for NaN/Inf by the
+    thread that quantizes it. Three reusable buffer sets: memory stays at a few chunks.
     """
+
+    SLOTS = 3  # chunk being read, chunk in the kernels, chunk being written
 
     def __init__(self, threads: int):
         self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.pool = ThreadPoolExecutor(self.threads)
         self.io = ThreadPoolExecutor(1)
         self.reader = RowReader()
-        self.slots = [self._slot(CHUNK_FLOATS) for _ in range(2)]
-        self.out = np.empty(0, np.uint8)
+        self.slots = [self._slot(CHUNK_FLOATS) for _ in range(self.SLOTS)]
 
     @staticmethod
-    def _slot(n_floats: int):
-        return np.empty(n_floats, np.float32), np.empty(n_floats * 2, np.uint8)
+    def _slot(n_floats: int) -> dict:
+        return {"f32": np.empty(n_floats, np.float32), "raw": np.empty(n_floats * 2, np.uint8),
+                "out": np.empty(0, np.uint8)}
 
     def close(self):
-        self.io.shutdown()
-        if self.pool:
-            self.pool.shutdown()
+        self.io.shutdown(cancel_futures=True)
+        self.pool.shutdown(cancel_futures=True)
         self.reader.close()
 
     def _read(self, k: int, job: Job, part, r0: int, r1: int) -> np.ndarray:
-        cols = job.src.cols
-        if (r1 - r0) * cols > self.slots[k % 2][0].size:  # one row wider than a chunk
-            self.slots[k % 2] = self._slot((r1 - r0) * cols)
-        f32, raw = self.slots[k % 2]
-        rows = self.reader.read_f32(part.ref, r0, r1, f32, raw)
-        if rows.size and not (np.isfinite(rows.max()) and np.isfinite(rows.min())):  # NaN propagates; no temporary
-            raise SourceError(f"tensor {part.ref.name} holds NaN or Inf values: refusing to quantize it", part.ref.file)
+        cols, ref = job.src.cols, part.ref
+        n = (r1 - r0) * cols
+        if n > self.slots[k % self.SLOTS]["f32"].size:  # one row wider than a chunk
+            self.slots[k % self.SLOTS] = self._slot(n)
+        slot = self.slots[k % self.SLOTS]
+        if ref.dtype in ("BF16", "F16"):
+            raw = self.reader.read_raw(ref, r0, r1, slot["raw"])
+            ggml.to_f32(ref.dtype, raw, slot["f32"])
+            rows = slot["f32"][:n].reshape(r1 - r0, cols)
+        else:
+            rows = self.reader.read_f32(ref, r0, r1, slot["f32"], slot["raw"])
         if job.src.permute_heads:
             rows = np.ascontiguousarray(_permute_rows(rows, job.src.rows // job.src.permute_heads))
         return rows
+
+    @staticmethod
+    def _block(t: T, rows: np.ndarray, dst: np.ndarray, part) -> None:
+        total = np.add.reduce(rows, axis=None, dtype=np.float32) if rows.size else 0.0
+        if not np.isfinite(total) and not np.isfinite(rows).all():  # the sum may overflow; then look closer
+            raise SourceError(f"tensor {part.ref.name} holds NaN or Inf values: refusing to quantize it", part.ref.file)
+        ggml.quantize_rows(int(t), rows, dst)
+
+    def _submit(self, k: int, job: Job, part, rows: np.ndarray) -> tuple[np.ndarray, list]:
+        n, rb = rows.shape[0], row_bytes(job.type, job.src.cols)
+        slot = self.slots[k % self.SLOTS]
+        if slot["out"].size < n * rb:
+            slot["out"] = np.empty(n * rb, np.uint8)
+        out = slot["out"][: n * rb]
+        ggml.init(int(job.type))
+        per = max(1, -(-n // (4 * self.threads)))  # small blocks: the last one finishes soon after the others
+        futs = [self.pool.submit(self._block, job.type, rows[i:i + per], out[i * rb:min(n, i + per) * rb], part)
+                for i in range(0, n, per)]
+        return out, futs
 
     def stream(self, jobs: list[Job], write: Callable[[Job, memoryview], None], tick: Callable[[Job, int], None]) -> None:
         items = [(job, part, r0, r1) for job in jobs for part, r0, r1 in _chunks(job, job.src.cols)]
         if not items:
             return
-        pending = self.io.submit(self._read, 0, *items[0])
+        reading = self.io.submit(self._read, 0, *items[0])
+        in_kernels = None  # (job, out, futures, n_elements) of the previous chunk
         for k, (job, part, r0, r1) in enumerate(items):
-            rows = pending.result()
+            rows = reading.result()
+            current = (job, *self._submit(k, job, part, rows), (r1 - r0) * job.src.cols)
             if k + 1 < len(items):
-                pending = self.io.submit(self._read, k + 1, *items[k + 1])
-            n, rb = r1 - r0, row_bytes(job.type, job.src.cols)
-            if self.out.size < n * rb:
-                self.out = np.empty(n * rb, np.uint8)
-            dst = self.out[: n * rb]
-            self._quantize(job.type, rows, dst, rb)
-            write(job, memoryview(dst))
-            tick(job, n * job.src.cols)
+                reading = self.io.submit(self._read, k + 1, *items[k + 1])
+            if in_kernels is not None:
+                self._finish(in_kernels, write, tick)
+            in_kernels = current
+        self._finish(in_kernels, write, tick)
 
-    def _quantize(self, t: T, rows: np.ndarray, dst: np.ndarray, rb: int) -> None:
-        ggml.init(int(t))
-        n = rows.shape[0]
-        if self.pool is None or n < 2 * self.threads:
-            ggml.quantize_rows(int(t), rows, dst)
-            return
-        per = -(-n // self.threads)
-        futs = [self.pool.submit(ggml.quantize_rows, int(t), rows[i:i + per], dst[i * rb:min(n, i + per) * rb])
-                for i in range(0, n, per)]
+    @staticmethod
+    def _finish(chunk, write, tick) -> None:
+        job, out, futs, n_elements = chunk
         for f in futs:
             f.result()
+        write(job, memoryview(out))
+        tick(job, n_elements)
 
 
 def header_bytes(w: gguf.GGUFWriter) -> bytes:
