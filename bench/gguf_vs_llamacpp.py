@@ -56,7 +56,8 @@ MODELS = {
 }
 TARGET_RATIO = 0.75  # qwqq wall / anchor total wall
 TARGET_RSS = 500_000_000  # bytes (0.5 GB)
-FLAT_FACTOR = 1.25  # "flat": the biggest model's qwqq peak within 1.25x of the smallest's
+FLAT_MB = 100  # "flat": qwqq's peak RSS grows by at most this many MB from the smallest model to the biggest
+NOISY_CORES = 0.25  # others' load above which a step's wall time is flagged
 
 # llama_model_quantize in a child of its own; argv: src dst mixture threads (cwd: the repo root).
 QUANTIZE_CHILD = """\
@@ -64,6 +65,19 @@ import sys
 from pathlib import Path
 from tests.reference import llamacpp_quantize
 llamacpp_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+"""
+
+# Where qwqq's memory goes, without the tensor data: the interpreter with qwqq's modules and ggml loaded
+# ("imports"), then also the checkpoint opened, the plan made and the tokenizer built ("+ plan + vocab").
+QWQQ_IMPORTS_CHILD = """\
+from qwqq.quantize import ggml, pipeline, gguf_vocab, gguf_writer
+ggml.lib()
+"""
+QWQQ_META_CHILD = QWQQ_IMPORTS_CHILD + """\
+import sys
+ckpt = pipeline.open_checkpoint(sys.argv[1])
+plan = pipeline.plan_checkpoint(ckpt, pipeline.resolve_mixture(type_name=sys.argv[2]))
+vocab = gguf_vocab.build_vocab(ckpt)
 """
 
 MB = 1e6
@@ -121,16 +135,21 @@ def warm(paths: list[Path]) -> float:
 # first thing, while this process is small, and stays at about a bare interpreter's size.
 LAUNCHER = """\
 import json, os, subprocess, sys, time
+def busy():  # CPU seconds the whole machine was busy (steal included: it was not ours either)
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
 for line in sys.stdin:
     req = json.loads(line)
     with open(req["log"], "wb") as f:
-        t0 = time.perf_counter()
+        b0, t0 = busy(), time.perf_counter()
         p = subprocess.Popen(req["cmd"], stdout=f, stderr=subprocess.STDOUT, cwd=req["cwd"], env=req["env"])
         _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
+        wall, b1 = time.perf_counter() - t0, busy()
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
-    print(json.dumps({"rc": p.returncode, "wall_s": wall, "maxrss_kib": ru.ru_maxrss,
-                      "cpu_s": ru.ru_utime + ru.ru_stime}), flush=True)
+    cpu = ru.ru_utime + ru.ru_stime
+    print(json.dumps({"rc": p.returncode, "wall_s": wall, "maxrss_kib": ru.ru_maxrss, "cpu_s": cpu,
+                      "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "majflt": ru.ru_majflt, "inblock": ru.ru_inblock,
+                      "others_cores": max(0.0, (b1 - b0 - cpu) / wall)}), flush=True)
 """
 
 
@@ -156,7 +175,9 @@ class Launcher:
         if r["rc"] != 0:
             tail = Path(log).read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{shlex.join(cmd)} exited {r['rc']}; log {log}:\n{tail}")
-        return {"wall_s": r["wall_s"], "peak_rss": r["maxrss_kib"] * 1024, "cpu_s": r["cpu_s"]}
+        return {"wall_s": r["wall_s"], "peak_rss": r["maxrss_kib"] * 1024, "cpu_s": r["cpu_s"], "user_s": r["user_s"],
+                "sys_s": r["sys_s"], "major_faults": r["majflt"], "disk_read": r["inblock"] * 512,
+                "others_cores": r["others_cores"]}
 
 
 def source_files(src: Path) -> list[Path]:
@@ -186,7 +207,8 @@ def run_once(launch: Launcher, name: str, src: Path, llama: Path, mixture: str, 
     steps["qwqq"] = launch.measure([*qwqq_command(), "quantize", str(src), "--type", mixture, "--threads", str(threads),
                              "-q", "-f", "-o", str(ours)], out / f"{name}-qwqq.log")
     for s, m in steps.items():
-        print(f"    {s:<9} {m['wall_s']:7.2f} s  peak RSS {m['peak_rss'] / MB:7.0f} MB", flush=True)
+        print(f"    {s:<9} {m['wall_s']:7.2f} s  CPU {m['cpu_s']:7.1f} s  others {m['others_cores']:4.2f} cores  "
+              f"peak RSS {m['peak_rss'] / MB:7.0f} MB", flush=True)
     return {"warm_s": warm_s, "steps": steps,
             "sizes": {"anchor_bf16": bf16.stat().st_size, "anchor": anchor.stat().st_size, "qwqq": ours.stat().st_size},
             "files": {"anchor_bf16": bf16, "anchor": anchor, "qwqq": ours}}
@@ -249,8 +271,30 @@ def machine() -> dict:
                 mem = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(), "mem_total": mem, "cpu": cpu,
+    damon = []
+    for ctx in sorted(Path("/sys/kernel/mm/damon/admin/kdamonds").glob("*/contexts/*")):
+        try:
+            if (ctx.parents[1] / "state").read_text().strip() != "on":
+                continue
+            aggr_us = int((ctx / "monitoring_attrs/intervals/aggr_us").read_text())
+            for sch in sorted(ctx.glob("schemes/[0-9]*")):
+                age = int((sch / "access_pattern/age/min").read_text()) * aggr_us / 1e6
+                damon.append(f"{(sch / 'action').read_text().strip()} of memory idle >= {age:g} s")
+        except (OSError, ValueError):
+            continue
+    return {"damon": "; ".join(damon), "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(), "mem_total": mem, "cpu": cpu,
             "kernel": platform.release(), "python": platform.python_version()}
+
+
+def qwqq_tree() -> str:
+    """A fingerprint of the qwqq sources measured (the working tree may hold uncommitted changes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted((REPO / "qwqq").rglob("*")):
+        if p.is_file() and p.suffix in (".py", ".json", ".toml", ".txt") and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def versions(llama: Path) -> dict:
@@ -272,6 +316,7 @@ def versions(llama: Path) -> dict:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "qwqq"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         out["qwqq git"] = head + (" (qwqq/ modified)" if dirty else "")
+        out["qwqq tree"] = qwqq_tree()
     except OSError:
         pass
     return out
@@ -284,9 +329,13 @@ def summarize(runs: list[dict]) -> dict:
     for s in ("convert", "quantize", "qwqq"):
         steps[s] = {"wall_s": med([r["steps"][s]["wall_s"] for r in runs]),
                     "cpu_s": med([r["steps"][s]["cpu_s"] for r in runs]),
+                    "others_cores": med([r["steps"][s]["others_cores"] for r in runs]),
+                    "disk_read": med([r["steps"][s]["disk_read"] for r in runs]),
                     "peak_rss": max(r["steps"][s]["peak_rss"] for r in runs)}
     anchor_total = med([r["steps"]["convert"]["wall_s"] + r["steps"]["quantize"]["wall_s"] for r in runs])
+    anchor_cpu = med([r["steps"]["convert"]["cpu_s"] + r["steps"]["quantize"]["cpu_s"] for r in runs])
     return {"steps": steps, "anchor_total_s": anchor_total, "ratio": steps["qwqq"]["wall_s"] / anchor_total,
+            "anchor_cpu_s": anchor_cpu, "cpu_ratio": steps["qwqq"]["cpu_s"] / anchor_cpu,
             "anchor_peak_rss": max(steps["convert"]["peak_rss"], steps["quantize"]["peak_rss"])}
 
 
@@ -317,9 +366,16 @@ def write_doc(res: dict) -> None:
              "spawned by a small launcher process, because on Linux a child's `ru_maxrss` starts from the RSS "
              "high-water mark of the process that spawned it; the floor of this measurement (a bare "
              f"`python -c pass`) was {fmt_mb(res['rss_floor'])}.\n")
+    L.append("**CPU** is the child's user + system time (all its threads). **Others' load** is how many cores, on "
+             "average over the step, the rest of the machine kept busy (from `/proc/stat`, less the child's own CPU "
+             "time, steal included): on a shared machine it says how far a wall time was stretched by other work; "
+             "wall times are clean only where it is near 0.\n")
+    L.append("**Read from disk** is the child's `ru_inblock` (x 512 bytes): what it read past the page cache. "
+             "The warm-up does not hold on every machine: a VM that pages out cold memory (e.g. DAMON `pageout`) "
+             "evicts part of the page cache within seconds.\n")
     L.append(f"With `--repeat N` wall and CPU times are medians over the N runs and peak RSS is the maximum. "
              f"Targets: qwqq wall <= {TARGET_RATIO} x the anchor total; qwqq peak RSS <= {TARGET_RSS / 1e9} GB and flat "
-             f"(within {FLAT_FACTOR}x) as the model grows. MB = 10^6 bytes.\n")
+             f"(grows by at most {FLAT_MB} MB) as the model grows. MB = 10^6 bytes.\n")
     L.append("Last, the tensor data of the two outputs is compared tensor by tensor with "
              "`tests/reference.py: tensor_table` (ggml type, shape, byte count and sha256 of the data).\n")
 
@@ -330,9 +386,14 @@ def write_doc(res: dict) -> None:
     L.append(f"- CPU: {m['cpu']} ({m['nproc']} cores available to the process, `nproc`)")
     L.append(f"- RAM: {m['mem_total'] / 2**30:.1f} GiB")
     L.append(f"- Linux {m['kernel']}, Python {m['python']}")
+    if m.get("damon"):
+        L.append(f"- DAMON is on: {m['damon']} (proactive reclaim: it evicts page cache the steps have not touched lately, "
+                 "see the read-from-disk column)")
     L.append(f"- Load average before / after the run: {res['loadavg_before']} / {res['loadavg_after']} "
-             "(other work may share the machine; wall times are only comparable within one run)")
+             "(other work may share the machine: see the others' load column)")
     vs = ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v)
+    if res.get("qwqq_tree_after") and res["qwqq_tree_after"] != res["versions"].get("qwqq tree"):
+        vs += f" (**the qwqq sources changed during the run**: tree {res['qwqq_tree_after']} at the end)"
     L.append(f"- Versions: {vs}\n")
 
     L.append("## Results\n")
@@ -341,23 +402,33 @@ def write_doc(res: dict) -> None:
         st = s["steps"]
         L.append(f"### {r['display']} ({r['params_note']})\n")
         L.append(f"Source: `{r['source_rel']}` ({fmt_mb(r['source_bytes'])} of safetensors), {len(r['runs'])} run(s).\n")
-        L.append("| step | wall (s) | CPU (s) | peak RSS | output |")
-        L.append("|---|---:|---:|---:|---:|")
+        L.append("| step | wall (s) | CPU (s) | others' load (cores) | read from disk | peak RSS | output |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
         sz = r["runs"][-1]["sizes"]
         L.append(f"| anchor convert (HF -> BF16) | {st['convert']['wall_s']:.2f} | {st['convert']['cpu_s']:.1f} | "
+                 f"{st['convert']['others_cores']:.2f} | {fmt_mb(st['convert']['disk_read'])} | "
                  f"{fmt_mb(st['convert']['peak_rss'])} | {fmt_mb(sz['anchor_bf16'])} |")
         L.append(f"| anchor quantize (BF16 -> {a['mixture']}) | {st['quantize']['wall_s']:.2f} | {st['quantize']['cpu_s']:.1f} | "
+                 f"{st['quantize']['others_cores']:.2f} | {fmt_mb(st['quantize']['disk_read'])} | "
                  f"{fmt_mb(st['quantize']['peak_rss'])} | {fmt_mb(sz['anchor'])} |")
-        L.append(f"| **anchor total** | **{s['anchor_total_s']:.2f}** | | {fmt_mb(s['anchor_peak_rss'])} (max) | |")
+        L.append(f"| **anchor total** | **{s['anchor_total_s']:.2f}** | {s['anchor_cpu_s']:.1f} | | | "
+                 f"{fmt_mb(s['anchor_peak_rss'])} (max) | |")
         L.append(f"| **qwqq quantize** | **{st['qwqq']['wall_s']:.2f}** | {st['qwqq']['cpu_s']:.1f} | "
+                 f"{st['qwqq']['others_cores']:.2f} | {fmt_mb(st['qwqq']['disk_read'])} | "
                  f"**{fmt_mb(st['qwqq']['peak_rss'])}** | {fmt_mb(sz['qwqq'])} |")
         ok_t = "meets" if s["ratio"] <= TARGET_RATIO else "**misses**"
         ok_m = "meets" if st["qwqq"]["peak_rss"] <= TARGET_RSS else "**misses**"
         L.append("")
-        L.append(f"- qwqq / anchor total wall: **{s['ratio']:.2f}** ({ok_t} the <= {TARGET_RATIO} target; "
-                 f"{1 / s['ratio']:.2f}x faster).")
+        L.append(f"- qwqq / anchor total wall: **{s['ratio']:.3f}** ({ok_t} the <= {TARGET_RATIO} target; "
+                 f"{1 / s['ratio']:.2f}x {'faster' if s['ratio'] <= 1 else 'slower'}); CPU time ratio "
+                 f"{s['cpu_ratio']:.3f} (qwqq {st['qwqq']['cpu_s']:.1f} s / anchor {s['anchor_cpu_s']:.1f} s).")
         L.append(f"- qwqq peak RSS {fmt_mb(st['qwqq']['peak_rss'])} ({ok_m} the <= {TARGET_RSS / 1e9} GB target), "
                  f"vs {fmt_mb(s['anchor_peak_rss'])} for the anchor's worst step.")
+        busy = max(v["others_cores"] for v in st.values())
+        if busy > NOISY_CORES:
+            L.append(f"- **Noisy:** other work kept up to {busy:.2f} of the {m['nproc']} cores busy during a step "
+                     "(median over runs), so these wall times are stretched unevenly; the CPU times are the steadier "
+                     "comparison.")
         c = r["compare"]
         ident = "byte-identical" if c["tensors_identical"] == c["tensors_total"] and not c["only_qwqq"] else "NOT identical"
         L.append(f"- Tensor data: **{c['tensors_identical']} / {c['tensors_total']} tensors identical** "
@@ -384,8 +455,26 @@ def write_doc(res: dict) -> None:
                      f"{fmt_mb(st['convert']['peak_rss'])} | {fmt_mb(st['quantize']['peak_rss'])} |")
         f = res["flat"]
         L.append("")
-        L.append(f"The source grows {f['source_growth']:.1f}x; qwqq's peak RSS grows {f['qwqq_growth']:.2f}x "
-                 f"({'flat' if f['flat'] else '**not flat**'} by the {FLAT_FACTOR}x criterion).\n")
+        L.append(f"From {f['small']} to {f['big']} the source grows {f['source_growth']:.1f}x "
+                 f"(+{fmt_mb(f['source_growth_bytes'])}); qwqq's peak RSS grows by {fmt_mb(f['qwqq_growth_bytes'])}: "
+                 f"{'flat' if f['flat'] else '**not flat**'} (criterion: at most +{FLAT_MB} MB).")
+        if "meta_growth_bytes" in f:
+            L.append(f" Of that, {fmt_mb(f['meta_growth_bytes'])} is already there before any tensor is read (see "
+                     "below): it follows the tokenizer's size, not the weights'.")
+        L.append("")
+        L.append("Where qwqq's peak goes (each a separate child, peak RSS): **imports** = the interpreter with qwqq's "
+                 "quantize modules and ggml loaded; **+ plan + vocab** = also the checkpoint opened, the plan made "
+                 "and the tokenizer built (tokens, merges), i.e. everything but the tensor data; **full** = the "
+                 "real run above.\n")
+        L.append("| model | vocab | imports | + plan + vocab | full |")
+        L.append("|---|---:|---:|---:|---:|")
+        for n in names:
+            r = res["models"][n]
+            q = r.get("qwqq_memory") or {}
+            cell = lambda k: fmt_mb(q[k]) if q.get(k) else "n/a"  # noqa: E731
+            L.append(f"| {r['display']} | {r.get('vocab_size') or '?'} | {cell('imports')} | {cell('meta')} | "
+                     f"{fmt_mb(r['summary']['steps']['qwqq']['peak_rss'])} |")
+        L.append("")
 
     L.append("## Notes\n")
     L.append(f"- The anchor needs an intermediate BF16 file as big as the source on disk; qwqq writes only the {a['mixture']} file.")
@@ -450,22 +539,41 @@ def _main(args, names: list[str], argv, launch: Launcher) -> int:
         for r in runs:
             r["files"] = {k: str(v.relative_to(REPO)) for k, v in r["files"].items()}
         summary = summarize(runs)
+        qmem = {}
+        for key, code, extra in (("imports", QWQQ_IMPORTS_CHILD, []), ("meta", QWQQ_META_CHILD, [str(src), args.mixture])):
+            try:
+                qmem[key] = launch.measure([sys.executable, "-c", code, *extra], OUT_DIR / f"{name}-qwqq-{key}.log")["peak_rss"]
+            except RuntimeError as e:  # qwqq internals moved: informative only
+                print(f"  [{name}] qwqq {key} memory probe failed: {str(e).splitlines()[0]}", flush=True)
+        vocab_size = None
+        try:
+            tj = json.loads((src / "tokenizer.json").read_text())
+            vocab_size = len(set(tj["model"]["vocab"].values()) | {t["id"] for t in tj.get("added_tokens", [])})
+        except (OSError, KeyError, ValueError):
+            pass
         res["models"][name] = {
             "display": display, "source_rel": str(src.relative_to(REPO)) if src.is_relative_to(REPO) else str(src),
             "source_bytes": st_bytes, "params_note": f"{st_bytes / 2 / 1e9:.2f} B params in bf16" if st_bytes > 2e9
             else f"{st_bytes / 2 / 1e6:.0f} M params in bf16",
-            "runs": runs, "summary": summary, "compare": comp,
+            "runs": runs, "summary": summary, "compare": comp, "qwqq_memory": qmem, "vocab_size": vocab_size,
         }
         print(f"  [{name}] anchor total {summary['anchor_total_s']:.2f} s, qwqq {summary['steps']['qwqq']['wall_s']:.2f} s, "
-              f"ratio {summary['ratio']:.2f}; qwqq peak {summary['steps']['qwqq']['peak_rss'] / MB:.0f} MB; "
+              f"ratio {summary['ratio']:.3f}; qwqq peak {summary['steps']['qwqq']['peak_rss'] / MB:.0f} MB; "
               f"tensors identical {comp['tensors_identical']}/{comp['tensors_total']}", flush=True)
     res["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    res["qwqq_tree_after"] = qwqq_tree()
+    if res["qwqq_tree_after"] != res["versions"].get("qwqq tree"):
+        print("WARNING: the qwqq sources changed during the run; the runs may have measured different code", flush=True)
     if len(names) >= 2:
         by_size = sorted(res["models"].values(), key=lambda r: r["source_bytes"])
         small, big = by_size[0], by_size[-1]
-        growth = big["summary"]["steps"]["qwqq"]["peak_rss"] / small["summary"]["steps"]["qwqq"]["peak_rss"]
-        res["flat"] = {"source_growth": big["source_bytes"] / small["source_bytes"], "qwqq_growth": growth,
-                       "flat": growth <= FLAT_FACTOR}
+        grow = big["summary"]["steps"]["qwqq"]["peak_rss"] - small["summary"]["steps"]["qwqq"]["peak_rss"]
+        res["flat"] = {"small": small["display"], "big": big["display"],
+                       "source_growth": big["source_bytes"] / small["source_bytes"],
+                       "source_growth_bytes": big["source_bytes"] - small["source_bytes"],
+                       "qwqq_growth_bytes": grow, "flat": grow <= FLAT_MB * MB}
+        if small.get("qwqq_memory") and big.get("qwqq_memory"):
+            res["flat"]["meta_growth_bytes"] = big["qwqq_memory"]["meta"] - small["qwqq_memory"]["meta"]
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(res, indent=2, default=str) + "\n")
     write_doc(res)
