@@ -59,3 +59,10 @@ def prompt_room(n_prompt: int, n_ctx: int) -> int:
         raise QwqqError(f"the prompt is {n_prompt} tokens, the context only {n_ctx}: "
                         "raise --ctx, or /reset the conversation")
     return room
+
+
+def with_bos(tokens: list[int], bos_id: int | None, wanted: bool) -> list[int]:
+    """Prepend BOS when the model wants one and the rendered template did not already put it there."""
+    if wanted and bos_id is not None and bos_id >= 0 and tokens[:1] != [bos_id]:
+        return [bos_id, *tokens]
+    return tokens

@@ -24,6 +24,18 @@ def run_qwqq(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.C
                           text=True, timeout=timeout, input=input)
 
 
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """A user error as qwqq must report it: non-zero exit, nothing on stdout, one stderr line."""
+    assert r.returncode != 0
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return fixtures.smollm2_dir()

@@ -13,6 +13,7 @@ import pytest
 
 from qwqq.errors import QwqqError
 from qwqq.inspect_gguf import inspect
+from tests.conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,17 +66,6 @@ def test_cli_json_and_table(gguf_path):
     assert r.returncode == 0, r.stderr
     for text in ("llama", "Q4_1", "bits/weight", "blk.0.attn_q.weight", "tokenizer.ggml.tokens"):
         assert text in r.stdout
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode != 0
-    assert r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("keep", [10, 30, 4096, 1_000_000, 50_000_000, -1])

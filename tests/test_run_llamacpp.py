@@ -13,6 +13,7 @@ import pytest
 from qwqq.backends import Backend, LoadOptions, backends, detect_format, pick_backend
 from qwqq.chat import ChatSession, RunOptions, Sampling
 from qwqq.errors import QwqqError
+from tests.conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "qwqq[llama]"')
@@ -32,17 +33,6 @@ def qwqq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 FAST = ("--ctx", "512", "--threads", "2")
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode != 0
-    assert r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------- one-shot runs

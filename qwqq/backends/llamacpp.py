@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qwqq.backends import LoadOptions
-from qwqq.chat_template import ChatTemplate, prompt_room
+from qwqq.chat_template import ChatTemplate, prompt_room, with_bos
 from qwqq.errors import QwqqError
 
 # Used when a GGUF carries no chat template: ChatML, what every Qwen model speaks.
@@ -97,10 +97,7 @@ class LlamaCppChatModel:
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        wants_bos = self.llm._model.add_bos_token() and self._bos_id >= 0
-        if wants_bos and tokens[:1] != [self._bos_id]:
-            tokens.insert(0, self._bos_id)
-        return tokens
+        return with_bos(tokens, self._bos_id, bool(self.llm._model.add_bos_token()))
 
     def stream_chat(self, messages: list[dict], sampling, max_tokens: int) -> Iterator[str]:
         self.finish_reason = None

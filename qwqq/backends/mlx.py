@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qwqq.backends import LoadOptions
-from qwqq.chat_template import ChatTemplate, prompt_room
+from qwqq.chat_template import ChatTemplate, prompt_room, with_bos
 from qwqq.errors import QwqqError
 
 INSTALL_HINT = 'install it with: pip install "qwqq[mlx]"'
@@ -80,10 +80,7 @@ class MLXChatModel:
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        wants_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) and self._bos_id is not None
-        if wants_bos and tokens[:1] != [self._bos_id]:
-            tokens.insert(0, self._bos_id)
-        return tokens
+        return with_bos(tokens, self._bos_id, bool(getattr(self.tokenizer, "add_bos_token", False)))
 
     def stream_chat(self, messages: list[dict], sampling, max_tokens: int) -> Iterator[str]:
         import mlx.core as mx

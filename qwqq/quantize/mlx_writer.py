@@ -15,6 +15,8 @@ its offset. Peak memory is a few chunks, whatever the size of the model.
 
 from __future__ import annotations
 
+import importlib
+
 import json
 import math
 import os
@@ -427,7 +429,7 @@ def _check_out(out: Path, root: Path) -> None:
 
 def _mlx_available() -> None:
     try:
-        import mlx.core  # noqa: F401  (only: is it installed?)
+        importlib.import_module("mlx.core")
     except ImportError as e:
         raise UnsupportedError(f"writing MLX needs the mlx package ({e}); {INSTALL_HINT}") from None
 
