@@ -356,13 +356,13 @@ def write_doc(res: dict) -> None:
              "`gguf-py` first on `PYTHONPATH`): safetensors -> BF16 GGUF;\n"
              f"  2. **quantize**: `llama_model_quantize` (what `llama-quantize` runs) through llama-cpp-python, "
              f"BF16 GGUF -> {a['mixture']}, `nthread={a['threads']}`.\n")
-    L.append(f"- **qwqq**: `qwqq quantize SRC --type {a['mixture']} --threads {a['threads']} -q -o OUT`: safetensors -> "
+    L.append(f"- **qwqq**: `qwqq quantize SRC --type {a['mixture']} --threads {a['threads']} -q -f -o OUT`: safetensors -> "
              f"{a['mixture']} in one streaming pass, no intermediate file.\n")
     L.append("Each step is its own child process. **Wall** is measured around the child; **peak RSS** is the child's "
              "`ru_maxrss` from `os.wait4` (it counts file-backed pages the process maps and touches, e.g. the "
-             "converter's mmap of the safetensors file). The source files are read once before the steps so no "
-             "step pays cold disk reads (the anchor's quantize reads the BF16 file its convert just wrote, also from "
-             "the page cache). qwqq `fsync`s its output before exiting; the anchor's steps do not. The children are "
+             "converter's mmap of the safetensors file). The source files are read once before the anchor's "
+             "convert and again before qwqq, so that no step starts cold (the anchor's quantize reads the BF16 file its "
+             "convert just wrote, from the page cache). qwqq `fsync`s its output before exiting; the anchor's steps do not. The children are "
              "spawned by a small launcher process, because on Linux a child's `ru_maxrss` starts from the RSS "
              "high-water mark of the process that spawned it; the floor of this measurement (a bare "
              f"`python -c pass`) was {fmt_mb(res['rss_floor'])}.\n")
@@ -419,6 +419,11 @@ def write_doc(res: dict) -> None:
         ok_t = "meets" if s["ratio"] <= TARGET_RATIO else "**misses**"
         ok_m = "meets" if st["qwqq"]["peak_rss"] <= TARGET_RSS else "**misses**"
         L.append("")
+        if len(r["runs"]) > 1:
+            per = [(x["steps"]["convert"]["wall_s"] + x["steps"]["quantize"]["wall_s"], x["steps"]["qwqq"]["wall_s"])
+                   for x in r["runs"]]
+            L.append("Each run (anchor total / qwqq / ratio): " + "; ".join(f"{t:.1f} s / {q:.1f} s / {q / t:.2f}"
+                                                                       for t, q in per) + ".\n")
         L.append(f"- qwqq / anchor total wall: **{s['ratio']:.3f}** ({ok_t} the <= {TARGET_RATIO} target; "
                  f"{1 / s['ratio']:.2f}x {'faster' if s['ratio'] <= 1 else 'slower'}); CPU time ratio "
                  f"{s['cpu_ratio']:.3f} (qwqq {st['qwqq']['cpu_s']:.1f} s / anchor {s['anchor_cpu_s']:.1f} s).")
@@ -459,8 +464,10 @@ def write_doc(res: dict) -> None:
                  f"(+{fmt_mb(f['source_growth_bytes'])}); qwqq's peak RSS grows by {fmt_mb(f['qwqq_growth_bytes'])}: "
                  f"{'flat' if f['flat'] else '**not flat**'} (criterion: at most +{FLAT_MB} MB).")
         if "meta_growth_bytes" in f:
-            L.append(f" Of that, {fmt_mb(f['meta_growth_bytes'])} is already there before any tensor is read (see "
-                     "below): it follows the tokenizer's size, not the weights'.")
+            L.append(f"What does grow is the part before any tensor is read (+{fmt_mb(f['meta_growth_bytes'])} in the "
+                     "table below): it follows the tokenizer's size (all Qwen2/2.5/3 checkpoints share the 151k-token "
+                     "vocabulary), not the weights'. The tensor stream's buffers are fixed-size, and peaks do not add up: "
+                     "the full run's peak grows less than the metadata part does.")
         L.append("")
         L.append("Where qwqq's peak goes (each a separate child, peak RSS): **imports** = the interpreter with qwqq's "
                  "quantize modules and ggml loaded; **+ plan + vocab** = also the checkpoint opened, the plan made "
@@ -478,10 +485,15 @@ def write_doc(res: dict) -> None:
 
     L.append("## Notes\n")
     L.append(f"- The anchor needs an intermediate BF16 file as big as the source on disk; qwqq writes only the {a['mixture']} file.")
+    warns = sorted({w for r in res["models"].values() for w in r.get("convert_warnings", [])})
+    if warns:
+        L.append("- The converter's warnings: " + "; ".join(f"`{w}`" for w in warns) + ".")
     mc = res["versions"].get("mistral_common")
     L.append(f"- The converter ran {'with `mistral_common` ' + mc if mc else 'without `mistral_common`'} installed: it only needs "
              "it for Mistral-format checkpoints, and imports it in a try/except. It needed nothing beyond the test "
-             "extras already in the venv (torch, transformers, numpy, sentencepiece, safetensors, PyYAML for gguf-py).")
+             "extras already in the venv (torch, transformers, numpy, sentencepiece, safetensors, PyYAML for gguf-py), "
+             f"although its requirements (requirements/requirements-convert_*.txt in the {LLAMA_CPP_PYTHON} sdist) pin transformers 4.57.6 and torch 2.11.0 and this venv has "
+             f"transformers {res['versions'].get('transformers')} and torch {res['versions'].get('torch')}.")
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(L) + "\n")
 
@@ -494,7 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help=f"keep the GGUF outputs in {OUT_DIR.relative_to(REPO)}")
+    ap.add_argument("--render-only", action="store_true",
+                    help=f"measure nothing: rewrite {DOC.relative_to(REPO)} from {RESULTS_JSON.relative_to(REPO)}")
     args = ap.parse_args(argv)
+    if args.render_only:
+        write_doc(json.loads(RESULTS_JSON.read_text()))
+        print(f"wrote {DOC.relative_to(REPO)}")
+        return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
         if n not in MODELS:
@@ -517,7 +535,7 @@ def _main(args, names: list[str], argv, launch: Launcher) -> int:
     llama = fetch_sdist()
     cmd = ".venv/bin/python -m bench.gguf_vs_llamacpp " + shlex.join(sys.argv[1:] if argv is None else argv)
     res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "command": cmd.strip(),
-           "args": vars(args), "machine": machine(), "versions": versions(llama),
+           "args": {k: v for k, v in vars(args).items() if k != "render_only"}, "machine": machine(), "versions": versions(llama),
            "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rss_floor": floor, "models": {}}
     print(f"anchor: {llama}", flush=True)
     for name in names:
@@ -539,6 +557,8 @@ def _main(args, names: list[str], argv, launch: Launcher) -> int:
         for r in runs:
             r["files"] = {k: str(v.relative_to(REPO)) for k, v in r["files"].items()}
         summary = summarize(runs)
+        log = OUT_DIR / f"{name}-convert.log"
+        warns = sorted({ln.strip() for ln in log.read_text(errors="replace").splitlines() if "WARNING" in ln}) if log.exists() else []
         qmem = {}
         for key, code, extra in (("imports", QWQQ_IMPORTS_CHILD, []), ("meta", QWQQ_META_CHILD, [str(src), args.mixture])):
             try:
@@ -556,6 +576,7 @@ def _main(args, names: list[str], argv, launch: Launcher) -> int:
             "source_bytes": st_bytes, "params_note": f"{st_bytes / 2 / 1e9:.2f} B params in bf16" if st_bytes > 2e9
             else f"{st_bytes / 2 / 1e6:.0f} M params in bf16",
             "runs": runs, "summary": summary, "compare": comp, "qwqq_memory": qmem, "vocab_size": vocab_size,
+            "convert_warnings": warns,
         }
         print(f"  [{name}] anchor total {summary['anchor_total_s']:.2f} s, qwqq {summary['steps']['qwqq']['wall_s']:.2f} s, "
               f"ratio {summary['ratio']:.3f}; qwqq peak {summary['steps']['qwqq']['peak_rss'] / MB:.0f} MB; "

@@ -100,6 +100,7 @@ class Candidate:
     cpu_moe_layers: int = 0
     tokens_per_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    format = "gguf"  # a class attribute, not a field: mlx_fit.MLXCandidate says "mlx"
 
     @property
     def n_layers(self) -> int:
@@ -151,7 +152,7 @@ class Candidate:
     def to_json(self) -> dict:
         b = self.build
         return {
-            "model": self.model.name, "source": self.model.source, "format": "gguf", "type": b.type_name,
+            "model": self.model.name, "source": self.model.source, "format": self.format, "type": b.type_name,
             "bits_per_weight": round(b.bits_per_weight, 3), "n_params": b.n_params, "file_bytes": b.file_bytes,
             "file_bytes_exact": b.header_exact, "weights_bytes": b.tensor_bytes, "ctx": self.ctx, "kv_type": self.kv,
             "flash_attn": self.flash_attn, "kv_bytes": self.kv_bytes,
@@ -402,6 +403,10 @@ def fit_model(model: Model, hw: Hardware, req: Request, types: list[str] | None 
         return [best_for_build(model, b, hw, req)]
     type_list = [t.upper() for t in types] if types else list(DEFAULT_TYPES)
     cands = [best_for_build(model, model.build(t), hw, req) for t in type_list]
+    if not types:  # on a Mac, the MLX folders `qwqq quantize --format mlx` writes (after GGUF at equal rank)
+        from qwqq.profiles.mlx_fit import mlx_candidates
+
+        cands += mlx_candidates(model, hw, req)
     if model.approximate:
         for c in cands:
             c.notes.append("approximate shape model (see docs/fit.md)")
@@ -514,7 +519,7 @@ def advise(model: Model, hw: Hardware, req: Request, cands: list[Candidate]) -> 
     """When nothing fits: say so, say what would, and name the best smaller model that does."""
     out = [f"{model.name} does not fit {hw.name} with any of the types tried"
            + (f" at ctx {req.ctx}" if req.ctx else f" at ctx >= {req.min_ctx}") + "."]
-    smallest = min(cands, key=lambda c: c.total_bytes)
+    smallest = min((c for c in cands if c.format == "gguf"), key=lambda c: c.total_bytes)
     cal = calibration()
     b, ctx, kv, fa = smallest.build, smallest.ctx, smallest.kv, smallest.flash_attn
     backend = hw.backend if hw.backend != "cpu" else "cuda"
@@ -567,6 +572,8 @@ def placement_text(c: Candidate) -> str:
 def unsupported_by_run(c: Candidate) -> list[str]:
     """What `qwqq run` (llama.cpp backend options: ctx, n_gpu_layers) cannot set yet."""
     out = []
+    if c.format == "mlx":
+        return out
     if c.flash_attn:
         out.append("flash attention")
     if c.kv != "f16":

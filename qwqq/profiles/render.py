@@ -89,7 +89,9 @@ def _print_best(best: Candidate, console) -> None:
         console.print(f"  {escape(cmd['quantize'])}")
     missing = unsupported_by_run(best)
     console.print(f"  {escape(cmd['run'])}" + (f"  [dim](qwqq run cannot set {', '.join(missing)} yet)[/]" if missing else ""))
-    console.print(f"  {escape(cmd['llama_cpp'])}")
+    for key in ("llama_cpp", "mlx_lm"):
+        if cmd.get(key):
+            console.print(f"  {escape(cmd[key])}")
     for n in best.notes:
         console.print(f"  [dim]{escape(n)}[/]")
 
