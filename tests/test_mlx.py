@@ -231,6 +231,16 @@ def test_qwqq_run_backend_mlx(hub_sources, tmp_path):
     assert "<|im_start|>" not in proc.stdout
 
 
+def test_run_refuses_an_mlx_folder_whose_config_does_not_match_its_tensors(hub_sources, tmp_path):
+    folder = quantize_to_mlx(hub_sources["qwen2"], bits=4, out=tmp_path / "tiny-qwen2-mlx-4bit", progress=False).path
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_size"] //= 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = run_qwqq("run", folder, "--backend", "mlx", "-p", "Hi", "--max-tokens", "2", cwd=tmp_path, timeout=300)
+    line = one_line_error(proc, "cannot load this model")
+    assert str(folder) in line and "shape" in line
+
+
 def test_backend_choice(hub_sources, tmp_path, monkeypatch):
     from qwqq.backends import mlx as mlx_backend
     from qwqq.backends import pick_backend
