@@ -872,3 +872,14 @@ def test_rows_not_divisible_by_256_match_llama_quantize(mixture, wide_model, wid
     assert set(a) == set(b)
     diff = {n: (a[n][0], b[n][0]) for n in a if a[n][0] != b[n][0]}
     assert not diff, f"qwqq vs llama.cpp types: {diff}"
+
+
+@pytest.mark.parametrize("content,phrase", [(b"hello, not a model\n", "not a GGUF file"), (None, "truncated GGUF file")],
+                         ids=["not-gguf", "truncated"])
+def test_fit_refuses_a_bad_gguf(content, phrase, smollm2_gguf, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content if content is not None else smollm2_gguf.read_bytes()[:5_000_000])
+    proc = run_qwqq("fit", bad, "--vram", "8", cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert phrase in lines[0] and str(bad) in lines[0], lines[0]
