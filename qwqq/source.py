@@ -174,10 +174,11 @@ class RowReader:
         return out
 
     def read_f32(self, ref: TensorRef, r0: int, r1: int, out: np.ndarray | None = None,
-                 scratch: np.ndarray | None = None) -> np.ndarray:
+                 scratch: np.ndarray | None = None, widen=None) -> np.ndarray:
         """Rows [r0, r1) of `ref`, viewed as a 2-D [rows, cols] matrix, converted to float32.
 
-        bf16 -> f32 is exact (a 16-bit shift); f16 -> f32 is exact too.
+        bf16 -> f32 is exact (a 16-bit shift); f16 -> f32 is exact too. `widen(dtype, raw, out)`, when
+        given, does the 16-bit conversion instead of numpy (the GGUF path passes ggml's SIMD rows).
         """
         if ref.dtype not in FLOAT_DTYPES:
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
@@ -187,7 +188,9 @@ class RowReader:
             self.read_raw(ref, r0, r1, res.reshape(-1).view(np.uint8))
             return res
         raw = self.read_raw(ref, r0, r1, scratch)
-        if ref.dtype == "BF16":
+        if widen is not None:
+            widen(ref.dtype, raw, res.reshape(-1))
+        elif ref.dtype == "BF16":
             u32 = res.view(np.uint32)
             np.copyto(u32, raw.view("<u2").reshape(nrows, cols), casting="safe")
             np.left_shift(u32, 16, out=u32)

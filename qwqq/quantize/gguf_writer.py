@@ -185,12 +185,7 @@ class TensorStreamer:
         if n > self.slots[k % self.SLOTS]["f32"].size:  # one row wider than a chunk
             self.slots[k % self.SLOTS] = self._slot(n)
         slot = self.slots[k % self.SLOTS]
-        if ref.dtype in ("BF16", "F16"):
-            raw = self.reader.read_raw(ref, r0, r1, slot["raw"])
-            ggml.to_f32(ref.dtype, raw, slot["f32"])
-            rows = slot["f32"][:n].reshape(r1 - r0, cols)
-        else:
-            rows = self.reader.read_f32(ref, r0, r1, slot["f32"], slot["raw"])
+        rows = self.reader.read_f32(ref, r0, r1, slot["f32"], slot["raw"], widen=ggml.to_f32)
         if job.src.permute_heads:
             rows = np.ascontiguousarray(_permute_rows(rows, job.src.rows // job.src.permute_heads))
         return rows
