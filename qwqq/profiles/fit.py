@@ -361,21 +361,16 @@ def best_for_build(model: Model, build: Build, hw: Hardware, req: Request) -> Ca
     ladder = [req.ctx] if req.ctx else [c for c in ctx_ladder(model.dims.ctx_train) if c >= req.min_ctx]
     ladder = ladder or [req.min_ctx]
     groups = kv_groups(req)
-    if hw.gpus:
-        for kvs in groups:
-            for ctx in ladder:
-                for kv in kvs:
-                    c = place(model, build, hw, ctx, kv, req.flash_attn, offload=False)
-                    if c.fits:
-                        return c
+
+    def first_fit(ctxs: list[int], offload: bool) -> Candidate | None:
+        """KV groups in order of preference; within one, the largest context, then the lightest type."""
+        tries = (place(model, build, hw, ctx, kv, req.flash_attn, offload=offload)
+                 for kvs in groups for ctx in ctxs for kv in kvs)
+        return next((c for c in tries if c.fits), None)
+
     slow = [req.ctx] if req.ctx else ([c for c in ladder if c <= OFFLOAD_CTX] or ladder[-1:])
-    for kvs in groups:
-        for ctx in slow:
-            for kv in kvs:
-                c = place(model, build, hw, ctx, kv, req.flash_attn, offload=True)
-                if c.fits:
-                    return c
-    return place(model, build, hw, slow[-1], groups[-1][-1], req.flash_attn, offload=True)
+    return ((first_fit(ladder, offload=False) if hw.gpus else None) or first_fit(slow, offload=True)
+            or place(model, build, hw, slow[-1], groups[-1][-1], req.flash_attn, offload=True))
 
 
 def rank_key(c: Candidate, prefer: str = "quality"):
