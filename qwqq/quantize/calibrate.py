@@ -1,0 +1,392 @@
+"""Block-by-block calibration: what each linear layer sees when the model reads sample text.
+
+The model is never loaded whole. transformers builds its skeleton on the meta device (no memory);
+then, for each decoder block in turn, that block's weights are read from the safetensors source
+(rows by pread, as everywhere in qwqq), the activations of every calibration token are pushed
+through it, the inputs of its linear layers are summarised by observers, and the block is freed.
+
+    peak memory ~ 4 B x (params of one block            the block, in float32
+                         + n_tokens x hidden             the residual stream, updated in place
+                         + batch x seqlen x max(ffn, 3 x hidden))   one batch's intermediates
+                  + what the observers keep (imatrix: 8 B x in_features per linear;
+                    GPTQ: 4 B x in_features^2 per distinct input of the block)
+
+The embedding is read only for the token ids the sample uses. Observers are plain callables
+``observe(names, x)``: ``names`` lists the weights (Hugging Face names) that read the activation
+matrix ``x`` [tokens, in_features] (q/k/v share one input, gate/up another; each expert of a
+Qwen3-MoE block sees only the tokens routed to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from qwqq.archs import arch_of, check_config
+from qwqq.errors import QwqqError, SourceError, UnsupportedError
+from qwqq.source import Checkpoint, RowReader
+
+DEFAULT_TOKENS = 8192  # CPU-friendly; on a GPU, 32k-128k tokens cost little more
+DEFAULT_SEQLEN = 512  # llama-imatrix's default context
+MIN_TOKENS = 64
+Observer = Callable[[list[str], "torch.Tensor"], None]  # noqa: F821
+
+
+# --------------------------------------------------------------------------- sample text and tokens
+def default_text() -> str:
+    """The calibration sample shipped with qwqq: original prose, code, maths and reasoning (CC0)."""
+    return resources.files("qwqq").joinpath("data", "calibration.txt").read_text(encoding="utf-8")
+
+
+def read_text(path: Path | str | None) -> str:
+    if path is None:
+        return default_text()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise QwqqError(f"cannot read the calibration text: {e.strerror}", path) from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QwqqError(f"calibration text is not UTF-8 (byte {e.start})", path) from e
+
+
+def tokenize(ckpt: Checkpoint, text: str, n_tokens: int = DEFAULT_TOKENS, seqlen: int = DEFAULT_SEQLEN,
+             where: Path | None = None) -> np.ndarray:
+    """The sample as int64 [n_seq, seqlen]: consecutive windows of the tokenized text.
+
+    A text shorter than n_tokens gives fewer windows (never repeated text); shorter than one window,
+    one window of all of it.
+    """
+    from tokenizers import Tokenizer
+
+    if n_tokens < MIN_TOKENS or seqlen < 16:
+        raise QwqqError(f"--calib-tokens must be at least {MIN_TOKENS} and --calib-seqlen at least 16")
+    if ckpt.tokenizer_json is None:
+        raise SourceError("calibration needs the tokenizer (tokenizer.json)", ckpt.root)
+    tok = Tokenizer.from_file(str(ckpt.tokenizer_json))
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    if ids.size < MIN_TOKENS:
+        raise QwqqError(f"the calibration text holds {ids.size} tokens; at least {MIN_TOKENS} are needed", where)
+    vocab = int(ckpt.config.get("vocab_size") or 0)
+    if vocab and int(ids.max()) >= vocab:
+        raise SourceError(f"the tokenizer makes token id {int(ids.max())}, beyond the model's vocab_size {vocab}",
+                          ckpt.root)
+    seqlen = min(seqlen, ids.size)
+    n_seq = max(1, min(n_tokens, ids.size) // seqlen)
+    return ids[: n_seq * seqlen].reshape(n_seq, seqlen)
+
+
+def pick_device(name: str | None = None):
+    """CUDA, then Apple's MPS, then the CPU, unless --device names one."""
+    import torch
+
+    if name:
+        try:
+            dev = torch.device(name)
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            raise QwqqError(f"device {name!r} is not usable here: {str(e).splitlines()[0]}") from e
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- the model, one block at a time
+@dataclass
+class BlockModel:
+    """A transformers skeleton on the meta device, whose blocks are materialised one at a time."""
+
+    ckpt: Checkpoint
+    device: object
+    skeleton: object  # the *ForCausalLM on the meta device
+    reader: RowReader = field(default_factory=RowReader)
+
+    @property
+    def config(self):
+        return self.skeleton.config
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.skeleton.model.layers)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def tensor(self, hf_name: str):
+        """One source tensor as float32 on the device."""
+        import torch
+
+        ref = self.ckpt.tensors.get(hf_name)
+        if ref is None:
+            raise SourceError(f"tensor {hf_name} is missing", self.ckpt.root)
+        arr = self.reader.read_f32(ref, 0, ref.rows).reshape(ref.shape)
+        return torch.from_numpy(arr).to(self.device)
+
+    def embed(self, tokens: np.ndarray):
+        """Embedding rows for the sample's tokens only: float32 [n_seq, seqlen, hidden]."""
+        import torch
+
+        ref = self.ckpt.tensors["model.embed_tokens.weight"]
+        uniq, inverse = np.unique(tokens, return_inverse=True)
+        rows = np.empty((uniq.size, ref.cols), np.float32)
+        for k, t in enumerate(uniq):
+            self.reader.read_f32(ref, int(t), int(t) + 1, out=rows[k])
+        x = torch.from_numpy(rows[inverse.reshape(-1)]).reshape(*tokens.shape, ref.cols)
+        return x.to(self.device)
+
+    def block(self, i: int):
+        """Block i with its weights read from the source, in float32 on the device."""
+        import torch
+
+        layer = self.skeleton.model.layers[i]
+        layer.to_empty(device=self.device)
+        prefix = f"model.layers.{i}."
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                param.copy_(self._param(prefix, name, tuple(param.shape)))
+        layer.eval()
+        return layer
+
+    def free(self, i: int) -> None:
+        self.skeleton.model.layers[i].to("meta")
+
+    def _param(self, prefix: str, name: str, shape: tuple[int, ...]):
+        import torch
+
+        if name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") and prefix + name not in self.ckpt.tensors:
+            n_expert = shape[0]
+            if name.endswith("down_proj"):
+                parts = [self.tensor(f"{prefix}mlp.experts.{e}.down_proj.weight") for e in range(n_expert)]
+            else:  # transformers 5 fuses gate and up: rows [gate; up]
+                parts = [torch.cat([self.tensor(f"{prefix}mlp.experts.{e}.gate_proj.weight"),
+                                    self.tensor(f"{prefix}mlp.experts.{e}.up_proj.weight")]) for e in range(n_expert)]
+            t = torch.stack(parts)
+        else:
+            t = self.tensor(prefix + name)
+        if tuple(t.shape) != shape:
+            raise SourceError(f"tensor {prefix + name} is {list(t.shape)}, the config implies {list(shape)}",
+                              self.ckpt.root)
+        return t
+
+    def rotary(self, seqlen: int):
+        """(cos, sin) for positions 0..seqlen-1, as the decoder blocks take them."""
+        import torch
+
+        with torch.device(self.device):
+            rope = type(self.skeleton.model.rotary_emb)(config=self.config)
+        pos = torch.arange(seqlen, device=self.device)[None]
+        return rope(torch.zeros(1, seqlen, 1, device=self.device), pos)
+
+    def final_norm(self):
+        import torch
+
+        norm = self.skeleton.model.norm
+        norm.to_empty(device=self.device)
+        with torch.no_grad():
+            norm.weight.copy_(self.tensor("model.norm.weight"))
+        return norm
+
+
+def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
+    """The skeleton of ckpt's model (no weights), for block-by-block passes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    check_config(ckpt.config, arch, ckpt.root / "config.json")
+    if any(re.search(r"\.mlp\.experts\.(gate_up|down)_proj$", n) for n in ckpt.tensors):
+        raise UnsupportedError("calibration reads per-expert tensors (the hub's layout); this checkpoint fuses them",
+                               ckpt.root)
+    try:
+        config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=False)
+    except (ValueError, OSError, TypeError, KeyError) as e:
+        raise SourceError(f"transformers cannot read config.json: {str(e).splitlines()[0]}", ckpt.root) from e
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    return BlockModel(ckpt, device if device is not None else pick_device(), skeleton)
+
+
+# --------------------------------------------------------------------------- observing linear inputs
+_EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def observing(layer, prefix: str, observe: Observer) -> Iterator[None]:
+    """Calls observe(names, x) with the input of every linear of a block while it runs.
+
+    Linears that read the same tensor (q/k/v, gate/up) are reported once with all their names.
+    A Qwen3-MoE expert set is observed per expert: the tokens routed to expert e, then the input
+    of its down_proj (act(gate x) * up x), recomputed from the block's current weights.
+    """
+    import torch
+
+    handles = []
+    last: dict = {"x": None, "names": None}
+
+    def linear_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            if x is last["x"]:  # same tensor as the previous linear: one observation, more names
+                last["names"].append(name)
+                return
+            flush()
+            last["x"], last["names"] = x, [name]
+        return hook
+
+    def flush():
+        if last["x"] is not None:
+            observe(last["names"], last["x"].reshape(-1, last["x"].shape[-1]))
+            last["x"], last["names"] = None, None
+
+    def experts_hook(module, args):
+        flush()
+        hidden, top_k_index = args[0], args[1]
+        with torch.no_grad():
+            for e in range(module.gate_up_proj.shape[0]):
+                tokens = (top_k_index == e).any(dim=-1).nonzero().squeeze(-1)
+                names = [f"{prefix}mlp.experts.{e}.{p}.weight" for p in _EXPERT_PROJ]
+                x = hidden[tokens]
+                observe(names[:2], x)
+                gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+                observe(names[2:], module.act_fn(gate) * up)
+
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_pre_hook(linear_hook(f"{prefix}{name}.weight")))
+        elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and name.endswith("experts"):
+            handles.append(module.register_forward_pre_hook(experts_hook))
+    try:
+        yield flush
+    finally:
+        for h in handles:
+            h.remove()
+        last["x"], last["names"] = None, None
+
+
+def run_block(layer, x, position_embeddings, batch: int, flush: Callable[[], None] | None = None,
+              update: bool = True) -> None:
+    """x <- layer(x), in place, `batch` sequences at a time (update=False: run for the observers only)."""
+    import torch
+
+    with torch.no_grad():
+        for b0 in range(0, x.shape[0], batch):
+            out = layer(x[b0: b0 + batch], attention_mask=None, position_embeddings=position_embeddings)
+            if flush is not None:
+                flush()
+            if update:
+                x[b0: b0 + batch] = out[0] if isinstance(out, tuple) else out
+
+
+def batch_size(seqlen: int, hidden: int, ffn: int, budget_bytes: int = 1 << 30) -> int:
+    """Sequences per forward call so that one batch's intermediates stay near budget_bytes."""
+    per_seq = 4 * seqlen * (max(ffn, hidden) * 3 + seqlen)
+    return max(1, budget_bytes // max(1, per_seq))
+
+
+def ffn_size(config) -> int:
+    return int(max(getattr(config, "intermediate_size", 0) or 0, getattr(config, "moe_intermediate_size", 0) or 0))
+
+
+def blocks(model: BlockModel, tokens: np.ndarray) -> Iterator[tuple[int, object, object, object]]:
+    """Yield (i, block i, the residual stream x entering it, rotary) for each block; x is updated by the caller."""
+    x = model.embed(tokens)
+    rope = model.rotary(tokens.shape[1])
+    for i in range(model.n_layer):
+        layer = model.block(i)
+        try:
+            yield i, layer, x, rope
+        finally:
+            model.free(i)
+
+
+# --------------------------------------------------------------------------- the importance matrix
+@dataclass
+class SquareSums:
+    """Per weight: sum over tokens of x^2 per input column, and the token count (per expert: its own)."""
+
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, names: list[str], x) -> None:
+        import torch
+
+        if x.shape[0]:
+            s = torch.square(x.double()).sum(dim=0).cpu().numpy()
+        else:
+            s = np.zeros(x.shape[-1], np.float64)
+        for n in names:
+            if n in self.sums:
+                self.sums[n] += s
+            else:
+                self.sums[n] = s.copy()
+            self.counts[n] = self.counts.get(n, 0) + int(x.shape[0])
+
+
+def collect_square_sums(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, tick=None) -> SquareSums:
+    """One pass of the sample through the unquantized model (as llama-imatrix does)."""
+    import torch
+
+    model = open_block_model(ckpt, device)
+    stats = SquareSums()
+    cfg_ = model.config
+    batch = batch_size(tokens.shape[1], cfg_.hidden_size, ffn_size(cfg_))
+    try:
+        for i, layer, x, rope in blocks(model, tokens):
+            with observing(layer, f"model.layers.{i}.", stats) as flush:
+                run_block(layer, x, rope, batch, flush)
+            if tick:
+                tick(i)
+        if "lm_head.weight" in ckpt.tensors:  # the output matrix reads the final norm's output
+            with torch.no_grad():
+                stats(["lm_head.weight"], model.final_norm()(x).reshape(-1, x.shape[-1]))
+    finally:
+        model.close()
+    return stats
+
+
+def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The statistics under GGUF tensor names: name -> (in_sum2 f32 [n_mat, cols], counts f32 [n_mat]).
+
+    Stacked expert tensors get one row per expert, in expert order, as llama-imatrix writes them.
+    """
+    from qwqq.archs import gguf_tensors
+
+    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    out = {}
+    for t in gguf_tensors(ckpt, arch):
+        names = [p.ref.name for p in t.parts]
+        if not all(n in stats.sums for n in names):
+            continue
+        sums = np.stack([stats.sums[n] for n in names]).astype(np.float32)
+        counts = np.asarray([stats.counts[n] for n in names], np.float32)
+        out[t.name] = (sums, counts)
+    return out
+
+
+def threads_for_torch(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+
+
+def compute_imatrix(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, dataset: str = "", tick=None):
+    """llama.cpp's importance matrix for ckpt from the sample `tokens` [n_seq, seqlen]."""
+    from qwqq.quantize.imatrix_file import Imatrix
+
+    stats = collect_square_sums(ckpt, tokens, device=device, tick=tick)
+    return Imatrix(gguf_imatrix_entries(ckpt, stats), datasets=[dataset] if dataset else [],
+                   chunk_count=int(tokens.shape[0]), chunk_size=int(tokens.shape[1]))

@@ -1,0 +1,150 @@
+"""GPTQ: quantize one linear layer's weights so that its outputs on the calibration inputs move least.
+
+Frantar et al. 2022, re-derived: with H = 2/N sum x x^T over the layer's calibration inputs, columns
+are quantized one at a time and each column's rounding error is spread over the columns not yet
+quantized, weighted by the inverse Hessian (taken from its upper Cholesky factor). Columns go in
+blocks of 128 with the error of a whole block applied lazily to the rest.
+
+Grid: per output row and group of `group_size` input columns, `bits`-bit integers q in
+[0, 2^bits - 1], w = scale * (q - zero). Symmetric (default): zero = 2^(bits-1), scale from the
+group's largest magnitude; asymmetric: zero and scale from the group's min and max. Scales are
+rounded to float16 before use, because the checkpoint stores them in float16: the weights the
+solver reports are exactly the weights a loader reconstructs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 128
+DEFAULT_DAMP = 0.01
+
+
+@dataclass
+class GPTQResult:
+    q: torch.Tensor  # int32 [out, in], 0 .. 2^bits - 1, in the original column order
+    scales: torch.Tensor  # float16 [out, n_groups]
+    zeros: torch.Tensor  # int32 [out, n_groups]
+    g_idx: torch.Tensor  # int32 [in]: the group of each input column
+    weight: torch.Tensor  # float32 [out, in]: scales[:, g_idx] * (q - zeros[:, g_idx])
+    damp: float  # the damping that made H positive definite (fraction of the mean diagonal)
+    method: str = "gptq"  # or "rtn" (no calibration data for this weight)
+
+
+def grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale f16-exact as float32, zero as float32) for the columns of w [rows, cols]."""
+    maxq = 2**bits - 1
+    lo = torch.clamp(w.min(dim=1).values, max=0)
+    hi = torch.clamp(w.max(dim=1).values, min=0)
+    if sym:  # the grid spans [-absmax, absmax] (the reference GPTQ leaves an all-positive group's lo at 0,
+        hi = torch.maximum(-lo, hi)  # so q above zero + maxq/2 clips; qwqq does not)
+        lo = -hi
+    flat = (lo == 0) & (hi == 0)
+    lo = torch.where(flat, -torch.ones_like(lo), lo)
+    hi = torch.where(flat, torch.ones_like(hi), hi)
+    scale = ((hi - lo) / maxq).half().float()
+    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)  # a subnormal-flushed group
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def _quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; damping raised until H is positive definite."""
+    mean_diag = torch.mean(torch.diag(h)).item()
+    idx = torch.arange(h.shape[0], device=h.device)
+    while True:
+        hd = h.clone()
+        hd[idx, idx] += damp * mean_diag
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0:
+                return upper, damp
+        if damp >= 1.0:
+            raise ValueError("the Hessian is not positive definite even with damping 1.0")
+        damp = min(1.0, damp * 2 if damp >= 0.01 else 0.01)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, group_size: int = 128,
+                  sym: bool = True, desc_act: bool = False, damp: float = DEFAULT_DAMP) -> GPTQResult:
+    """GPTQ of one weight matrix [out, in] given H [in, in] (any positive scale; 2/N sum x x^T)."""
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    rows, cols = w.shape
+    gs = cols if group_size in (-1, 0) or group_size >= cols else group_size
+    if cols % gs:
+        raise ValueError(f"{cols} input columns do not split into groups of {gs}")
+    maxq = 2**bits - 1
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv, used_damp = _inverse_hessian_factor(h, damp)
+    del h
+
+    q = torch.zeros_like(w)
+    n_groups = cols // gs
+    scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.zeros_like(scales)
+    scale = zero = None
+    for i1 in range(0, cols, BLOCK):
+        i2 = min(i1 + BLOCK, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:  # a new group: its grid from the columns as GPTQ has updated them so far
+                g = col // gs
+                group = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
+                scale, zero = grid(group, bits, sym)
+                scales[:, g], zeros[:, g] = scale, zero
+            x = w1[:, i]
+            qi = _quant(x, scale, zero, maxq)
+            q[:, col] = qi
+            e = (x - scale * (qi - zero)) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    g_idx = torch.arange(cols, device=w.device, dtype=torch.int32) // gs
+    if perm is not None:  # back to the original column order; each column keeps the group it was quantized in
+        inv = torch.argsort(perm)
+        q, g_idx = q[:, inv], g_idx[inv]
+    return _result(q, scales, zeros, g_idx, used_damp, "gptq")
+
+
+def rtn_quantize(weight: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True) -> GPTQResult:
+    """Plain round-to-nearest on the same grid (the baseline, and the fallback for unseen experts)."""
+    w = weight.detach().to(torch.float32)
+    rows, cols = w.shape
+    gs = cols if group_size in (-1, 0) or group_size >= cols else group_size
+    if cols % gs:
+        raise ValueError(f"{cols} input columns do not split into groups of {gs}")
+    maxq = 2**bits - 1
+    wg = w.reshape(rows * (cols // gs), gs)
+    scale, zero = grid(wg, bits, sym)
+    q = _quant(wg, scale[:, None], zero[:, None], maxq).reshape(rows, cols)
+    g_idx = torch.arange(cols, device=w.device, dtype=torch.int32) // gs
+    return _result(q, scale.reshape(rows, -1), zero.reshape(rows, -1), g_idx, 0.0, "rtn")
+
+
+def _result(q, scales, zeros, g_idx, damp: float, method: str) -> GPTQResult:
+    gi = g_idx.long()
+    weight = scales[:, gi] * (q - zeros[:, gi])
+    return GPTQResult(q.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx.to(torch.int32), weight,
+                      damp, method)

@@ -1,0 +1,149 @@
+"""GPTQ over a whole model, one decoder block at a time.
+
+For block i: (1) run the calibration activations through it with the original weights while
+observers sum x x^T for every distinct linear input (q/k/v share one, gate/up another, each expert
+its own routed tokens); (2) quantize each linear with GPTQ against its Hessian and put the
+quantized weights back into the block; (3) run the activations through the quantized block, so that
+block i+1 is calibrated on what it will really see. Memory is one block, its Hessians and the
+activations (see qwqq.quantize.calibrate).
+
+Experts that saw fewer than `min_expert_tokens` tokens fall back to round-to-nearest (a Hessian
+from a handful of tokens fits noise), and are reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qwqq.archs import EXPERT
+from qwqq.quantize.calibrate import BlockModel, batch_size, blocks, ffn_size, observing, run_block
+from qwqq.quantize.gptq import DEFAULT_DAMP, GPTQResult, gptq_quantize, rtn_quantize
+
+MIN_EXPERT_TOKENS = 128
+
+
+@dataclass
+class GPTQOptions:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp: float = DEFAULT_DAMP
+    min_expert_tokens: int = MIN_EXPERT_TOKENS
+
+
+@dataclass
+class Hessians:
+    """Sum of x x^T per distinct linear input, and how many tokens went into it."""
+
+    sums: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
+    counts: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def __call__(self, names: list[str], x: torch.Tensor) -> None:
+        key = tuple(names)
+        x = x.to(torch.float32)
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            self.counts[key] = 0
+        if x.shape[0]:
+            self.sums[key].addmm_(x.T, x)
+        self.counts[key] += int(x.shape[0])
+
+    def hessian(self, key: tuple[str, ...]) -> torch.Tensor:
+        return self.sums[key] * (2.0 / max(1, self.counts[key]))
+
+
+@dataclass
+class BlockReport:
+    layer: int
+    rtn_experts: list[str] = field(default_factory=list)  # weights that fell back to round-to-nearest
+    damps: list[float] = field(default_factory=list)
+
+
+def weight_view(layer, prefix: str, hf_name: str) -> torch.Tensor:
+    """The block's live float32 weight for an HF weight name (a view: writing to it changes the block)."""
+    m = EXPERT.match(hf_name)
+    if m:
+        e, proj = int(m.group(2)), m.group(3)
+        experts = layer.get_submodule("mlp.experts")
+        if proj == "down":
+            return experts.down_proj.data[e]
+        ff = experts.gate_up_proj.shape[1] // 2
+        rows = slice(0, ff) if proj == "gate" else slice(ff, 2 * ff)
+        return experts.gate_up_proj.data[e, rows]
+    path = hf_name[len(prefix):].removesuffix(".weight")
+    return layer.get_submodule(path).weight.data
+
+
+def quantized_names(layer, prefix: str) -> list[str]:
+    """Every weight GPTQ quantizes in a block: its linears and each expert's three projections."""
+    names = []
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            names.append(f"{prefix}{name}.weight")
+        elif name.endswith("experts") and hasattr(module, "gate_up_proj"):
+            for e in range(module.gate_up_proj.shape[0]):
+                names += [f"{prefix}{name}.{e}.{p}_proj.weight" for p in ("gate", "up", "down")]
+    return names
+
+
+def quantize_block(layer, prefix: str, hess: Hessians, opts: GPTQOptions, report: BlockReport
+                   ) -> dict[str, GPTQResult]:
+    """GPTQ (or RTN, for starved experts) of every weight in the block; the block's weights are replaced."""
+    by_name = {n: key for key in hess.sums for n in key}
+    results = {}
+    for name in quantized_names(layer, prefix):
+        w = weight_view(layer, prefix, name)
+        key = by_name.get(name)
+        seen = hess.counts.get(key, 0) if key else 0
+        starved = EXPERT.match(name) is not None and seen < opts.min_expert_tokens
+        if key is None or seen == 0 or starved:
+            res = rtn_quantize(w, bits=opts.bits, group_size=opts.group_size, sym=opts.sym)
+            report.rtn_experts.append(f"{name} ({seen} tokens)")
+        else:
+            res = gptq_quantize(w, hess.hessian(key), bits=opts.bits, group_size=opts.group_size, sym=opts.sym,
+                                desc_act=opts.desc_act, damp=opts.damp)
+            report.damps.append(res.damp)
+        w.copy_(res.weight.to(w.dtype))
+        results[name] = res
+    return results
+
+
+def unquantized_params(layer, prefix: str) -> dict[str, torch.Tensor]:
+    """The block's other parameters (norms, biases, the MoE router), under their HF names."""
+    out = {}
+    for name, p in layer.named_parameters():
+        if name.startswith("mlp.experts."):
+            continue
+        module = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+        if isinstance(module, torch.nn.Linear) and name.endswith(".weight"):
+            continue
+        out[prefix + name] = p.data
+    return out
+
+
+def gptq_model(model: BlockModel, tokens: np.ndarray, opts: GPTQOptions,
+               emit: Callable[[int, dict[str, GPTQResult], dict[str, torch.Tensor]], None],
+               tick: Callable[[int], None] | None = None) -> list[BlockReport]:
+    """GPTQ every block; emit(i, quantized, unquantized) is called once per block, in order."""
+    cfg = model.config
+    batch = batch_size(tokens.shape[1], cfg.hidden_size, ffn_size(cfg))
+    reports = []
+    for i, layer, x, rope in blocks(model, tokens):
+        prefix = f"model.layers.{i}."
+        hess = Hessians()
+        with observing(layer, prefix, hess) as flush:
+            run_block(layer, x, rope, batch, flush, update=False)
+        report = BlockReport(i)
+        results = quantize_block(layer, prefix, hess, opts, report)
+        del hess
+        emit(i, results, unquantized_params(layer, prefix))
+        run_block(layer, x, rope, batch)  # what block i+1 will really see
+        reports.append(report)
+        if tick:
+            tick(i)
+    return reports

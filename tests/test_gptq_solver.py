@@ -1,0 +1,107 @@
+"""The GPTQ solver: exact identities, the error it must beat, damping, act-order, starved experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwqq.quantize.gptq import gptq_quantize, grid, rtn_quantize
+
+
+def _problem(out=256, inn=512, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g) * 0.05
+    mix = torch.randn(inn, inn, generator=g) * 0.05 + torch.eye(inn)
+    x = torch.randn(n, inn, generator=g) @ mix  # correlated inputs, as real activations are
+    x[:, :5] *= 10  # a few outlier channels
+    return w, x, 2 * x.T @ x / n
+
+
+def _out_err(x, w, wq):
+    return ((x @ (w - wq).T) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_result_is_self_consistent(bits, sym):
+    w, _, h = _problem(64, 256, 512)
+    r = gptq_quantize(w, h, bits=bits, group_size=64, sym=sym)
+    assert r.q.dtype == torch.int32 and int(r.q.min()) >= 0 and int(r.q.max()) <= 2**bits - 1
+    assert r.scales.dtype == torch.float16 and r.scales.shape == (64, 4) and r.zeros.shape == (64, 4)
+    gi = r.g_idx.long()
+    assert torch.equal(r.weight, r.scales.float()[:, gi] * (r.q - r.zeros[:, gi]))  # what a loader rebuilds
+    if sym:
+        assert torch.all(r.zeros == 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_identity_hessian_is_round_to_nearest(group_size):
+    """With uncorrelated, equal-energy inputs there is no error to feed back: GPTQ is plain rounding."""
+    w, _, _ = _problem(64, 256)
+    r = gptq_quantize(w, torch.eye(256), bits=4, group_size=group_size)
+    n = rtn_quantize(w, bits=4, group_size=group_size)
+    assert torch.equal(r.q, n.q) and torch.equal(r.scales, n.scales) and torch.equal(r.zeros, n.zeros)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_output_error_well_below_round_to_nearest(desc_act, bits):
+    w, x, h = _problem()
+    r = gptq_quantize(w, h, bits=bits, group_size=128, desc_act=desc_act)
+    n = rtn_quantize(w, bits=bits, group_size=128)
+    assert _out_err(x, w, r.weight) < 0.6 * _out_err(x, w, n.weight)
+
+
+def test_act_order_groups_follow_the_hessian():
+    w, x, h = _problem(64, 256, 1024)
+    r = gptq_quantize(w, h, bits=4, group_size=64, desc_act=True)
+    order = torch.argsort(torch.diag(h), descending=True)
+    assert torch.equal(r.g_idx[order], torch.arange(256, dtype=torch.int32) // 64)  # the loudest columns: group 0
+    assert sorted(torch.bincount(r.g_idx).tolist()) == [64] * 4
+
+
+def test_damping_rises_until_the_hessian_factors():
+    w, _, _ = _problem(32, 128)
+    x = torch.randn(16, 128)  # 16 tokens for 128 columns: H is singular
+    h = 2 * x.T @ x / 16
+    r = gptq_quantize(w, h, bits=4, group_size=128, damp=0.0)
+    assert r.damp > 0
+    assert torch.isfinite(r.weight).all()
+
+
+def test_dead_columns_are_zeroed():
+    w, x, h = _problem(32, 128, 512)
+    h[:, 7] = 0
+    h[7, :] = 0
+    r = gptq_quantize(w, h, bits=4, group_size=128)
+    assert torch.all(r.weight[:, 7] == 0)
+
+
+def test_grid_symmetric_and_asymmetric():
+    w = torch.tensor([[-1.0, 0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.4, 0.6, 0.8]])
+    scale, zero = grid(w, 4, sym=True)
+    assert torch.allclose(scale, torch.tensor([2 / 15, 2 / 15, 1.6 / 15]).half().float())
+    assert torch.all(zero == 8)
+    scale, zero = grid(w, 4, sym=False)
+    assert zero[2] == 0 and zero[0] == round(1 / (1.5 / 15))
+
+
+def test_gptq_model_on_moe_reports_starved_experts():
+    from qwqq.quantize.calibrate import open_block_model
+    from qwqq.quantize.gptq_blocks import GPTQOptions, gptq_model
+    from qwqq.source import open_checkpoint
+    from tests.fixtures import tiny_model_dir
+
+    ckpt = open_checkpoint(tiny_model_dir("qwen3_moe"))
+    tokens = np.random.default_rng(0).integers(0, 150000, size=(2, 64))
+    got = {}
+    model = open_block_model(ckpt, torch.device("cpu"))
+    reports = gptq_model(model, tokens, GPTQOptions(min_expert_tokens=40),
+                         lambda i, q, u: got.update({k: v.method for k, v in q.items()}))
+    n_weights = 2 * (4 + 8 * 3)
+    assert len(got) == n_weights
+    rtn = [r for rep in reports for r in rep.rtn_experts]
+    assert rtn and all(".experts." in r for r in rtn)
+    assert sum(m == "rtn" for m in got.values()) == len(rtn)
+    assert all(m == "gptq" for k, m in got.items() if ".self_attn." in k)
