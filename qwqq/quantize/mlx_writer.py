@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import importlib
 
-import json
 import math
-import os
 import re
 import shutil
 import time
@@ -32,20 +30,17 @@ from typing import Callable, Iterator
 import numpy as np
 
 from qwqq.archs import EXPERT, FUSED_EXPERT, SKIPPED, Arch, Part, arch_of, cfg, gguf_tensors
-from qwqq.errors import OutputError, QwqqError, SourceError, UnsupportedError
+from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.outputs import atomic_output, fsync_dir
+from qwqq.quantize.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards, pwrite_all,
+                                     side_files, write_json)
 from qwqq.progress import tensor_progress
-from qwqq.quantize.plan import MLX_BITS, MLX_FLOAT_BYTES, MLX_GROUP_SIZES, MLX_RECIPES, MLXPlan, make_mlx_plan
+from qwqq.quantize.plan import MLX_BITS, MLX_GROUP_SIZES, MLX_RECIPES, MLXPlan, make_mlx_plan
 from qwqq.source import Checkpoint, RowReader, TensorRef, open_checkpoint
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB = 5, counted in GiB
 CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk: the unit of reading, quantizing and progress
 INSTALL_HINT = 'install it with: pip install "qwqq[mlx]"'
-# Files copied beside the weights when the source has them (mlx-lm's loader reads the tokenizer with
-# transformers, which takes any of these).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
-COPIED_FILES = TOKENIZER_FILES + ("generation_config.json",)
 CONVERSION_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # mlx_lm.convert's choices
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -187,75 +182,11 @@ def mlx_config(ckpt: Checkpoint, arch: Arch, plan: MLXPlan) -> dict:
 
 
 # --------------------------------------------------------------------------- layout
-@dataclass
-class Slot:
-    """One stored array: its shard and absolute byte offset there."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    shard: int
-    offset: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return prod(self.shape) * (4 if self.dtype == "U32" else MLX_FLOAT_BYTES[self.dtype])
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // max(1, prod(self.shape[:-1]) if len(self.shape) > 1 else 1)
-
-
-@dataclass
-class Layout:
-    files: list[str]
-    headers: list[bytes]
-    sizes: list[int]
-    slots: dict[str, Slot]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.sizes)
-
-
-def shard_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
 def layout(plan: MLXPlan, max_shard_bytes: int | None = None) -> Layout:
     """Shards filled in plan order, a new one when the next array would pass the limit (mlx-lm's
-    make_shards rule); each file is an 8-byte header length, the JSON header (padded with spaces to a
-    multiple of 8), then the arrays back to back."""
+    make_shards rule); see hf_folder.layout_shards."""
     max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-    groups: list[list[Slot]] = []
-    size = 0
-    for name, dtype, shape in plan.arrays():
-        slot = Slot(name, dtype, shape, 0)
-        if not groups or size + slot.nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        slot.shard = len(groups) - 1
-        groups[-1].append(slot)
-        size += slot.nbytes
-    files = [shard_name(i, len(groups)) for i in range(len(groups))]
-    headers, sizes, slots = [], [], {}
-    for group in groups:
-        header: dict = {"__metadata__": {"format": "mlx"}}
-        pos = 0
-        for s in group:
-            header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
-            pos += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        blob = len(raw).to_bytes(8, "little") + raw
-        start = len(blob)
-        for s in group:  # absolute offsets in the file
-            s.offset = start
-            start += s.nbytes
-            slots[s.name] = s
-        headers.append(blob)
-        sizes.append(len(blob) + pos)
-    return Layout(files, headers, sizes, slots)
+    return layout_shards(plan.arrays(), max_shard_bytes, "mlx")
 
 
 def index_json(plan: MLXPlan, lay: Layout) -> dict:
@@ -298,35 +229,6 @@ def _to_bytes(arr) -> memoryview:
     return memoryview(np.asarray(arr)).cast("B")
 
 
-def _pwrite(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-class _Files:
-    def __init__(self, folder: Path, lay: Layout):
-        self.fds: list[int] = []
-        try:
-            for name, header, size in zip(lay.files, lay.headers, lay.sizes):
-                fd = os.open(folder / name, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-                self.fds.append(fd)
-                _pwrite(fd, memoryview(header), 0)
-                os.ftruncate(fd, size)
-        except BaseException:
-            self.close()
-            raise
-
-    def sync(self) -> None:
-        for fd in self.fds:
-            os.fsync(fd)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-
 def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay: Layout,
                       progress: Callable[[str, int], None] | None = None) -> None:
     """Quantize and write every array into the shards laid out in `folder`."""
@@ -336,7 +238,7 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
     if len(sources) != len(plan.tensors) or any(src.name != tp.name for src, tp in jobs):
         raise RuntimeError("the plan and the sources disagree")
     written = {name: 0 for name in lay.slots}
-    files = _Files(folder, lay)
+    files = ShardFiles(folder, lay)
 
     def read(job_chunk):
         (src, _tp), (_o, part, r0, r1) = job_chunk
@@ -362,7 +264,7 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
                     pieces = [memoryview(raw)]
                 for (name, _dt, _shape), data in zip(arrays, pieces):
                     slot = lay.slots[name]
-                    _pwrite(files.fds[slot.shard], data, slot.offset + out_row * slot.row_bytes)
+                    pwrite_all(files.fds[slot.shard], data, slot.offset + out_row * slot.row_bytes)
                     written[name] += len(data)
                 del raw, pieces
                 if progress:
@@ -417,16 +319,6 @@ def default_output(ckpt: Checkpoint, bits: int, group_size: int, recipe: str | N
     return Path.cwd() / f"{ckpt.name}-mlx-{tag}"
 
 
-def _check_out(out: Path, root: Path) -> None:
-    if out.suffix.lower() in (".gguf", ".safetensors"):
-        raise QwqqError(f"an MLX output is a folder, not a {out.suffix} file", out)
-    if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a folder (an MLX output is a folder)", out)
-    o, r = out.resolve(), root.resolve()
-    if o == r or o in r.parents:
-        raise OutputError("would overwrite the source model", out)
-
-
 def _mlx_available() -> None:
     try:
         importlib.import_module("mlx.core")
@@ -444,9 +336,9 @@ def quantize_to_mlx(source: str | Path, *, bits: int | None = None, group_size: 
     config = mlx_config(ckpt, arch, plan)
     lay = layout(plan)
     out = Path(out) if out is not None else default_output(ckpt, bits, group_size, recipe)
-    _check_out(out, ckpt.root)
+    check_folder_output(out, ckpt.root, "MLX")
     _mlx_available()
-    copies = [ckpt.root / f for f in COPIED_FILES if (ckpt.root / f).is_file()]
+    copies = side_files(ckpt.root)
     planned = lay.total_bytes + sum(p.stat().st_size for p in copies) + 2**20
     src_bytes = sum(s.rows * s.cols * s.parts[0].ref.itemsize for s in sources)
 
@@ -456,27 +348,9 @@ def quantize_to_mlx(source: str | Path, *, bits: int | None = None, group_size: 
         tmp.mkdir()
         with tensor_progress(progress, src_bytes, len(plan.tensors), label="quantize mlx") as tick:
             write_mlx_weights(tmp, sources, plan, lay, tick)
-        _write_json(tmp / "model.safetensors.index.json", index_json(plan, lay))
-        _write_json(tmp / "config.json", config)
-        for p in copies:
-            shutil.copyfile(p, tmp / p.name)
-            _fsync_file(tmp / p.name)
+        write_json(tmp / "model.safetensors.index.json", index_json(plan, lay))
+        write_json(tmp / "config.json", config)
+        copy_side_files(copies, tmp)
         fsync_dir(tmp)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return MLXResult(out, size, plan.n_params, time.perf_counter() - t0, plan)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=4)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

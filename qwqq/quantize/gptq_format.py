@@ -1,0 +1,571 @@
+"""GPTQ checkpoints: the packed layout, and a streaming writer for the folder that transformers
+(through GPTQModel), vLLM, SGLang and llama.cpp's convert_hf_to_gguf.py load.
+
+Per quantized Linear (in_features `in`, out_features `out`, G = ceil(in / group_size) groups, one
+when group_size is -1), four tensors beside the module name::
+
+    qweight  int32 [in * bits / 32, out]   codes q[out, in], packed along `in`
+    qzeros   int32 [G, out * bits / 32]    zero points, packed along `out`; format v1 ("gptq") stores zero - 1
+    scales   fp16  [G, out]
+    g_idx    int32 [in]                    the group of each input column (act-order permutes it)
+
+    w[o, i] = scales[g_idx[i], o] * (q[o, i] - zero[g_idx[i], o])
+
+Packing, for every width: the codes of one packed row are a little-endian bit stream, code k at bit
+k * bits, cut into 32-bit words. For 2, 4 and 8 bits a word holds 32 / bits whole codes (code j of a
+word at bit j * bits); for 3 bits, 32 codes fill 3 words and codes 10 and 21 straddle word
+boundaries (GPTQModel's `pack_block`/`dequantize_weight` and auto-gptq's pack spell the same stream
+out word by word: 10 codes + 2 bits | 1 bit + 10 codes + 1 bit | 2 bits + 10 codes).
+
+Format v1 and zero points: v1 writes zero - 1. Readers undo it two ways: per code (llama.cpp, vLLM's
+exllama kernels: unpack, then + 1) or per packed word (GPTQModel: add 0x11111111 for 4 bits, carries
+included). Both agree exactly when every zero point is in 1 .. 2^bits - 1, so `pack` refuses a zero
+point of 0 in v1 (symmetric quantization always has 2^(bits-1); an asymmetric solver must clamp its
+zero points to >= 1). Format "gptq_v2" stores zeros as they are (GPTQModel and transformers read it;
+vLLM does not).
+
+The writer lays out every safetensors shard from the plan first (names, dtypes and shapes follow from
+the source checkpoint, bits and group size), then takes tensors one at a time in any order: packed
+linears from the solver, and the unquantized tensors (embeddings, norms, biases, the MoE router,
+lm_head), which it streams from the source in fp16 as GPTQ checkpoints carry them. Memory: one tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from qwqq import __version__
+from qwqq.archs import FUSED_EXPERT, LAYER, SKIPPED, Part, arch_of, check_config
+from qwqq.errors import OutputError, QwqqError, SourceError
+from qwqq.outputs import atomic_output, fsync_dir
+from qwqq.progress import tensor_progress
+from qwqq.quantize.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards,
+                                     pwrite_all, side_files, write_json)
+from qwqq.source import FLOAT_DTYPES, Checkpoint, RowReader, TensorRef, open_checkpoint
+
+GPTQ_BITS = (2, 3, 4, 8)
+FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 (zero - 1 stored; what everyone loads), v2
+MAX_SHARD_BYTES = 4 * 10**9  # GPTQModel's DEFAULT_MAX_SHARD_SIZE "4GB"
+CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk when copying unquantized tensors
+QUANT_CONFIG_FILE = "quantize_config.json"  # GPTQModel's own copy of quantization_config
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+# Source weights that become GPTQ linears (Qwen2, Qwen3, Llama, Qwen3-MoE per-expert; Qwen2-MoE's
+# shared expert). The MoE router `mlp.gate`, shared_expert_gate, embeddings and lm_head stay fp16.
+LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
+                    r"|mlp\.experts\.\d+\.(?:gate|up|down)_proj|mlp\.shared_expert\.(?:gate|up|down)_proj)\.weight$")
+
+
+# =========================================================================== packing
+def _unit(bits: int) -> tuple[int, int]:
+    """(codes, words): the smallest whole number of codes that fills whole 32-bit words."""
+    if bits not in GPTQ_BITS:
+        raise ValueError(f"GPTQ bits must be one of {GPTQ_BITS}, not {bits}")
+    g = math.gcd(32, bits)
+    return 32 // g, bits // g
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack along the last axis: [..., n] codes in 0 .. 2^bits - 1 -> int32 [..., n * bits / 32]."""
+    codes = _numpy(codes)
+    n_codes, n_words = _unit(bits)
+    n = codes.shape[-1]
+    if n % n_codes:
+        raise ValueError(f"{bits}-bit packing needs a multiple of {n_codes} values per row, got {n}")
+    lead = codes.shape[:-1]
+    if bits == 3:
+        v = codes.reshape(*lead, n // 32, 32).astype(np.uint64)
+        lo = np.zeros(v.shape[:-1], np.uint64)  # codes 0..20 and bit 0 of code 21: stream bits 0..63
+        for k in range(21):
+            lo |= v[..., k] << np.uint64(3 * k)
+        v21 = v[..., 21]
+        lo |= (v21 & np.uint64(1)) << np.uint64(63)
+        hi = v21 >> np.uint64(1)  # stream bits 64..95
+        for k in range(22, 32):
+            hi |= v[..., k] << np.uint64(3 * k - 64)
+        words = np.stack([lo & np.uint64(0xFFFFFFFF), lo >> np.uint64(32), hi], axis=-1).astype(np.uint32)
+    else:
+        per = 32 // bits
+        v = codes.reshape(*lead, n // per, per).astype(np.uint32)
+        words = v[..., 0].copy()
+        for j in range(1, per):
+            words |= v[..., j] << np.uint32(j * bits)
+    return words.reshape(*lead, n * bits // 32).view(np.int32)
+
+
+def unpack_rows(words: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of pack_rows: int32 [..., w] -> uint8 codes [..., w * 32 / bits]."""
+    words = _numpy(words)
+    n_codes, n_words = _unit(bits)
+    w = words.shape[-1]
+    if w % n_words:
+        raise ValueError(f"{bits}-bit unpacking needs a multiple of {n_words} words per row, got {w}")
+    lead = words.shape[:-1]
+    u = words.astype(np.int32, copy=False).view(np.uint32)
+    mask = (1 << bits) - 1
+    if bits == 3:
+        u = u.reshape(*lead, w // 3, 3).astype(np.uint64)
+        lo = u[..., 0] | (u[..., 1] << np.uint64(32))
+        hi = u[..., 2]
+        out = np.empty((*lead, w // 3, 32), np.uint8)
+        for k in range(21):
+            out[..., k] = (lo >> np.uint64(3 * k)) & np.uint64(7)
+        out[..., 21] = (lo >> np.uint64(63)) | ((hi & np.uint64(3)) << np.uint64(1))
+        for k in range(22, 32):
+            out[..., k] = (hi >> np.uint64(3 * k - 64)) & np.uint64(7)
+    else:
+        per = 32 // bits
+        out = np.empty((*lead, w, per), np.uint8)
+        for j in range(per):
+            out[..., j] = (u >> np.uint32(j * bits)) & np.uint32(mask)
+    return out.reshape(*lead, w * 32 // bits)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    if group_size == -1:
+        return 1
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive or -1, not {group_size}")
+    return -(-in_features // group_size)
+
+
+def default_g_idx(in_features: int, group_size: int) -> np.ndarray:
+    """g_idx without act-order: column i is in group i // group_size (all in group 0 per channel)."""
+    if group_size == -1:
+        return np.zeros(in_features, np.int32)
+    return (np.arange(in_features, dtype=np.int32) // group_size).astype(np.int32)
+
+
+def packed_shapes(out_features: int, in_features: int, bits: int, group_size: int) -> dict[str, tuple[str, tuple]]:
+    """{suffix: (safetensors dtype, shape)} of one quantized linear."""
+    n_codes, _ = _unit(bits)
+    for what, n in (("in_features", in_features), ("out_features", out_features)):
+        if n % n_codes:
+            raise ValueError(f"{bits}-bit GPTQ needs {what} to be a multiple of {n_codes}, got {n}")
+    g = n_groups(in_features, group_size)
+    return {
+        "qweight": ("I32", (in_features * bits // 32, out_features)),
+        "qzeros": ("I32", (g, out_features * bits // 32)),
+        "scales": ("F16", (g, out_features)),
+        "g_idx": ("I32", (in_features,)),
+    }
+
+
+def linear_bytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
+    sizes = {"I32": 4, "F16": 2}
+    return sum(math.prod(s) * sizes[d] for d, s in packed_shapes(out_features, in_features, bits, group_size).values())
+
+
+def _check_codes(x: np.ndarray, maxq: int, lo: int, what: str) -> None:
+    if x.size and (int(x.min()) < lo or int(x.max()) > maxq):
+        raise ValueError(f"{what} must lie in {lo} .. {maxq}, found {int(x.min())} .. {int(x.max())}")
+
+
+def pack(q, scales, zeros, g_idx, bits: int, checkpoint_format: str = "gptq") -> dict:
+    """Pack one linear: q [out, in] codes, scales [out, G], zeros [out, G] codes, g_idx [in] (None:
+    column i // (in / G)).  Returns {qweight, qzeros, scales, g_idx}: torch tensors when q is one,
+    else numpy arrays."""
+    as_torch = hasattr(q, "detach")
+    q, scales, zeros = _numpy(q), _numpy(scales), _numpy(zeros)
+    if checkpoint_format not in FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {FORMATS}, not {checkpoint_format!r}")
+    maxq = (1 << bits) - 1
+    _unit(bits)
+    if q.ndim != 2:
+        raise ValueError(f"q must be 2-D [out, in], is {q.shape}")
+    out_f, in_f = q.shape
+    if scales.ndim != 2 or scales.shape[0] != out_f or zeros.shape != scales.shape:
+        raise ValueError(f"scales {scales.shape} and zeros {zeros.shape} must both be [out={out_f}, groups]")
+    g = scales.shape[1]
+    if g_idx is None:
+        if in_f % g:
+            raise ValueError(f"give g_idx: {in_f} columns do not split evenly into {g} groups")
+        g_idx = np.arange(in_f, dtype=np.int32) // (in_f // g)
+    g_idx = _numpy(g_idx)
+    if g_idx.shape != (in_f,):
+        raise ValueError(f"g_idx must be [{in_f}], is {g_idx.shape}")
+    _check_codes(g_idx, g - 1, 0, "g_idx")
+    _check_codes(q, maxq, 0, "q")
+    v1 = checkpoint_format == "gptq"
+    if v1 and zeros.size and int(zeros.min()) == 0:
+        raise ValueError("GPTQ format v1 ('gptq') stores zero - 1 and cannot hold a zero point of 0 "
+                         "(readers disagree on it): clamp zero points to >= 1, or write 'gptq_v2'")
+    _check_codes(zeros, maxq, 1 if v1 else 0, "zero points")
+    scales16 = np.ascontiguousarray(scales.T, dtype=np.float16)
+    if not np.isfinite(scales16).all():
+        raise ValueError("scales overflow float16")
+    stored = zeros.T.astype(np.int64) - (1 if v1 else 0)  # [G, out]
+    packed = {
+        "qweight": np.ascontiguousarray(pack_rows(q, bits).T),  # packed along `in`, stored [in * bits / 32, out]
+        "qzeros": pack_rows(stored, bits),
+        "scales": scales16,
+        "g_idx": np.ascontiguousarray(g_idx, dtype=np.int32),
+    }
+    if as_torch:
+        import torch
+
+        return {k: torch.from_numpy(v) for k, v in packed.items()}
+    return packed
+
+
+def unpack(packed: Mapping, bits: int, checkpoint_format: str = "gptq") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of pack: (q [out, in] uint8, scales [out, G] float32 (the stored fp16 values),
+    zeros [out, G] int16, g_idx [in] int32)."""
+    qweight, qzeros = _numpy(packed["qweight"]), _numpy(packed["qzeros"])
+    scales, g_idx = _numpy(packed["scales"]), _numpy(packed["g_idx"])
+    q = np.ascontiguousarray(unpack_rows(qweight.T, bits))
+    zeros = unpack_rows(qzeros, bits).astype(np.int16) + (1 if checkpoint_format == "gptq" else 0)
+    out_f = scales.shape[1]
+    return q, np.ascontiguousarray(scales.T.astype(np.float32)), np.ascontiguousarray(zeros[:, :out_f].T), \
+        g_idx.astype(np.int32)
+
+
+def dequantize(packed: Mapping, bits: int, checkpoint_format: str = "gptq") -> np.ndarray:
+    """float32 weight [out, in] = scale[g_idx] * (q - zero[g_idx]), computed as the readers do (fp16
+    scale widened to float32, times the integer difference)."""
+    q, scales, zeros, g_idx = unpack(packed, bits, checkpoint_format)
+    g = g_idx.astype(np.int64)
+    return scales[:, g] * (q.astype(np.float32) - zeros[:, g].astype(np.float32))
+
+
+# =========================================================================== what a checkpoint holds
+@dataclass(frozen=True)
+class GPTQLinear:
+    """One quantized linear and where its weight rows come from in the source."""
+
+    name: str  # module name, e.g. model.layers.0.mlp.experts.3.down_proj
+    out_features: int
+    in_features: int
+    parts: tuple[Part, ...]  # source rows, concatenated (a fused-experts tensor: this expert's slice)
+
+
+def is_gptq_linear(name: str) -> bool:
+    """Whether a source tensor (Hugging Face name) is quantized in a GPTQ checkpoint."""
+    return bool(LINEAR.match(name) or FUSED_EXPERT.match(name))
+
+
+def _fused(ref: TensorRef, layer: int, which: str) -> list[GPTQLinear]:
+    """transformers 5 fused experts -> the per-expert modules GPTQ checkpoints hold."""
+    if len(ref.shape) != 3:
+        raise SourceError(f"fused expert tensor {ref.name} should be 3-D, is {ref.shape}", ref.file)
+    e, rows, cols = ref.shape
+    base = f"model.layers.{layer}.mlp.experts"
+    if which == "down_proj":
+        return [GPTQLinear(f"{base}.{i}.down_proj", rows, cols, (Part(ref, i * rows, (i + 1) * rows),))
+                for i in range(e)]
+    ff = rows // 2
+    return [GPTQLinear(f"{base}.{i}.{proj}_proj", ff, cols, (Part(ref, i * rows + k * ff, i * rows + (k + 1) * ff),))
+            for i in range(e) for k, proj in enumerate(("gate", "up"))]
+
+
+def _order(name: str) -> tuple:
+    m = LAYER.match(name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if name.startswith("model.embed_tokens.") else 2 if name.startswith("model.") else 3, 0, name)
+
+
+def gptq_linears(ckpt: Checkpoint) -> list[GPTQLinear]:
+    """Every linear a GPTQ checkpoint of `ckpt` quantizes, in model order (layer by layer)."""
+    out: list[GPTQLinear] = []
+    for name, ref in ckpt.tensors.items():
+        if LINEAR.match(name):
+            if len(ref.shape) != 2:
+                raise SourceError(f"tensor {name} should be 2-D, is {ref.shape}", ref.file)
+            out.append(GPTQLinear(name.removesuffix(".weight"), ref.shape[0], ref.shape[1], (Part(ref, 0, ref.rows),)))
+        elif m := FUSED_EXPERT.match(name):
+            out.extend(_fused(ref, int(m.group(1)), m.group(2)))
+    return sorted(out, key=lambda lin: _order(lin.name))
+
+
+def gptq_linear_names(ckpt: Checkpoint) -> list[str]:
+    """The module names (no .weight) of gptq_linears."""
+    return [lin.name for lin in gptq_linears(ckpt)]
+
+
+def float_tensors(ckpt: Checkpoint) -> list[TensorRef]:
+    """The source tensors a GPTQ checkpoint keeps unquantized (stored in fp16)."""
+    return sorted((ref for name, ref in ckpt.tensors.items() if not is_gptq_linear(name) and not SKIPPED.search(name)),
+                  key=lambda r: _order(r.name))
+
+
+def gptq_bytes(shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int) -> int:
+    """Exact bytes of tensor data (safetensors headers excluded) in the GPTQ checkpoint of a source
+    whose tensors (Hugging Face names) have these shapes: packed linears plus fp16 for the rest."""
+    total = 0
+    for name, shape in shapes.items():
+        if SKIPPED.search(name):
+            continue
+        if LINEAR.match(name):
+            total += linear_bytes(shape[0], shape[1], bits, group_size)
+        elif m := FUSED_EXPERT.match(name):
+            e, rows, cols = shape
+            if m.group(2) == "down_proj":
+                total += e * linear_bytes(rows, cols, bits, group_size)
+            else:
+                total += 2 * e * linear_bytes(rows // 2, cols, bits, group_size)
+        else:
+            total += 2 * math.prod(shape)
+    return total
+
+
+# =========================================================================== the plan
+@dataclass
+class GPTQPlan:
+    bits: int
+    group_size: int
+    linears: list[GPTQLinear]
+    floats: list[TensorRef]
+    arrays: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)  # (name, dtype, shape) stored
+
+    @property
+    def tensor_bytes(self) -> int:
+        sizes = {"I32": 4, "F16": 2}
+        return sum(math.prod(s) * sizes[d] for _, d, s in self.arrays)
+
+
+def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int) -> GPTQPlan:
+    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    check_config(ckpt.config, arch, ckpt.root / "config.json")
+    if bits not in GPTQ_BITS:
+        raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")
+    if group_size != -1 and group_size <= 0:
+        raise QwqqError(f"--group-size must be positive or -1 (per channel), not {group_size}")
+    for ref in ckpt.tensors.values():
+        if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
+            raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
+    linears, floats = gptq_linears(ckpt), float_tensors(ckpt)
+    if not linears:
+        raise SourceError("no linear layers to quantize", ckpt.root)
+    items: list[tuple[tuple, str, str, tuple]] = []
+    for lin in linears:
+        try:
+            shapes = packed_shapes(lin.out_features, lin.in_features, bits, group_size)
+        except ValueError as e:
+            raise QwqqError(f"{lin.name}: {e}", ckpt.root) from None
+        for suffix, (dtype, shape) in shapes.items():
+            items.append((_order(lin.name), f"{lin.name}.{suffix}", dtype, shape))
+    for ref in floats:
+        items.append((_order(ref.name), ref.name, "F16", ref.shape))
+    items.sort(key=lambda t: t[0])
+    return GPTQPlan(bits, group_size, linears, floats, [(n, d, s) for _, n, d, s in items])
+
+
+def gptq_layout(plan: GPTQPlan, max_shard_bytes: int = MAX_SHARD_BYTES) -> Layout:
+    """Shards filled in model order; within a shard, wider dtypes first (every array stays aligned)."""
+    return layout_shards(plan.arrays, max_shard_bytes, "pt", order=lambda s: (-(s.nbytes // max(1, math.prod(s.shape))), s.name))
+
+
+def quantization_config(bits: int, group_size: int, *, sym: bool, desc_act: bool, damp_percent: float,
+                        true_sequential: bool = True, checkpoint_format: str = "gptq", **extra) -> dict:
+    """config.json's quantization_config (and quantize_config.json): the keys transformers' GPTQConfig
+    takes (checkpoint_format is its legacy alias of format), the keys GPTQModel's QuantizeConfig.to_dict
+    writes (method, format, pack_dtype, meta), and those vLLM reads (bits, group_size, desc_act, sym,
+    lm_head, checkpoint_format)."""
+    if not 0 < damp_percent < 1:
+        raise ValueError("damp_percent must be between 0 and 1 (transformers' GPTQConfig refuses others)")
+    cfg = {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "lm_head": False,
+        "quant_method": "gptq",
+        "method": "gptq",
+        "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,
+        "pack_dtype": "int32",
+        "damp_percent": damp_percent,
+        "true_sequential": true_sequential,
+        "static_groups": False,
+        "act_group_aware": False,
+        "meta": {"quantizer": [f"qwqq:{__version__}"], "damp_percent": damp_percent,
+                 "true_sequential": true_sequential, "static_groups": False, "act_group_aware": False},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def gptq_config(ckpt: Checkpoint, qcfg: dict) -> dict:
+    config = dict(ckpt.config)
+    config["quantization_config"] = qcfg
+    config["dtype"] = "float16"
+    if "torch_dtype" in config:
+        config["torch_dtype"] = "float16"
+    return config
+
+
+# =========================================================================== the writer
+class GPTQWriter:
+    """Takes the tensors of a laid-out GPTQ checkpoint one at a time, in any order."""
+
+    def __init__(self, folder: Path, plan: GPTQPlan, lay: Layout, files: ShardFiles, *, desc_act: bool,
+                 checkpoint_format: str, tick: Callable[[str, int], None] | None = None):
+        self.folder, self.plan, self.lay, self.files = folder, plan, lay, files
+        self.desc_act, self.checkpoint_format, self.tick = desc_act, checkpoint_format, tick
+        self.written: set[str] = set()
+        self._linears = {lin.name: lin for lin in plan.linears}
+
+    def _put(self, name: str, arr: np.ndarray) -> None:
+        slot = self.lay.slots.get(name)
+        if slot is None:
+            raise ValueError(f"{name} is not a tensor of this checkpoint")
+        want = {"I32": np.int32, "F16": np.float16}[slot.dtype]
+        if arr.dtype != want:
+            raise ValueError(f"{name}: dtype {arr.dtype}, expected {np.dtype(want)}")
+        if tuple(arr.shape) != slot.shape:
+            raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {slot.shape}")
+        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        pwrite_all(self.files.fds[slot.shard], data, slot.offset)
+
+    def write_linear(self, name: str, packed: Mapping) -> None:
+        """One quantized linear (module name, no .weight) as `pack` returns it."""
+        lin = self._linears.get(name)
+        if lin is None:
+            raise ValueError(f"{name} is not a quantized linear of this checkpoint")
+        arrays = {k: _numpy(packed[k]) for k in PACKED}
+        if not self.desc_act:  # without act-order, vLLM and the exllama/marlin kernels ignore g_idx
+            if not np.array_equal(arrays["g_idx"], default_g_idx(lin.in_features, self.plan.group_size)):
+                raise ValueError(f"{name}: g_idx is permuted but desc_act is False (readers would ignore it)")
+        for k in PACKED:
+            self._put(f"{name}.{k}", arrays[k])
+        self.written.add(name)
+        if self.tick:
+            self.tick(name, sum(p.row1 - p.row0 for p in lin.parts) * lin.in_features * lin.parts[0].ref.itemsize)
+
+    def write_floats(self, reader: RowReader) -> None:
+        """Every unquantized tensor, read from the source in row chunks and stored as fp16."""
+        for ref in self.plan.floats:
+            step = max(1, CHUNK_ELEMENTS // max(1, ref.cols))
+            for r0 in range(0, ref.rows, step):
+                r1 = min(ref.rows, r0 + step)
+                rows = reader.read_f32(ref, r0, r1)
+                half = rows.astype(np.float16)
+                if not np.isfinite(half).all() and np.isfinite(rows).all():
+                    raise QwqqError(f"tensor {ref.name} overflows float16 (|x| > 65504)", ref.file)
+                self._put_rows(ref, half, r0, r1)
+            self.written.add(ref.name)
+            if self.tick:
+                self.tick(ref.name, ref.end - ref.start)
+
+    def _put_rows(self, ref: TensorRef, half: np.ndarray, r0: int, r1: int) -> None:
+        slot = self.lay.slots[ref.name]
+        data = memoryview(np.ascontiguousarray(half)).cast("B")
+        if len(data) != (r1 - r0) * slot.row_bytes:
+            raise ValueError(f"{ref.name}: rows {r0}..{r1} do not match the layout")
+        pwrite_all(self.files.fds[slot.shard], data, slot.offset + r0 * slot.row_bytes)
+
+    def missing(self) -> list[str]:
+        names = [lin.name for lin in self.plan.linears] + [ref.name for ref in self.plan.floats]
+        return [n for n in names if n not in self.written]
+
+
+@dataclass
+class GPTQResult:
+    path: Path
+    size: int  # bytes on disk, all files
+    tensor_bytes: int
+    seconds: float
+    plan: GPTQPlan
+
+
+def default_output(ckpt: Checkpoint, bits: int, group_size: int) -> Path:
+    return Path.cwd() / f"{ckpt.name}-gptq-{bits}bit-g{group_size if group_size != -1 else 'channel'}"
+
+
+@contextmanager
+def gptq_output(source: str | Path | Checkpoint, out: Path | None = None, *, bits: int = 4, group_size: int = 128,
+                sym: bool = True, desc_act: bool = False, damp_percent: float = 0.05, true_sequential: bool = True,
+                checkpoint_format: str = "gptq", force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                progress: bool = False, extra_config: dict | None = None) -> Iterator[GPTQWriter]:
+    """Open a GPTQ output folder for writing; yields the GPTQWriter.
+
+        with gptq_output(src, out, bits=4, group_size=128) as w:
+            w.write_floats(reader)                       # embeddings, norms, biases, router, lm_head
+            for lin in w.plan.linears:
+                w.write_linear(lin.name, pack(q, scales, zeros, g_idx, 4))
+
+    On leaving the block every tensor must have been written; then config.json, quantize_config.json,
+    the index (more than one shard), tokenizer files, chat template and generation_config are added
+    and the folder appears under its final name (qwqq.outputs.atomic_output). On an error nothing is
+    left behind."""
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    if checkpoint_format not in FORMATS:
+        raise QwqqError(f"checkpoint_format must be one of {', '.join(FORMATS)}, not {checkpoint_format!r}")
+    plan = plan_gptq(ckpt, bits, group_size)
+    qcfg = quantization_config(bits, group_size, sym=sym, desc_act=desc_act, damp_percent=damp_percent,
+                               true_sequential=true_sequential, checkpoint_format=checkpoint_format,
+                               **(extra_config or {}))
+    config = gptq_config(ckpt, qcfg)
+    lay = gptq_layout(plan, max_shard_bytes)
+    out = Path(out) if out is not None else default_output(ckpt, bits, group_size)
+    check_folder_output(out, ckpt.root, "GPTQ")
+    copies = side_files(ckpt.root)
+    planned = lay.total_bytes + sum(p.stat().st_size for p in copies) + 2**20
+    src_bytes = sum(r.end - r.start for r in ckpt.tensors.values())
+
+    with atomic_output(out, force=force, planned_bytes=planned) as tmp:
+        if tmp.exists():  # left by a killed run
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        tmp.mkdir()
+        files = ShardFiles(tmp, lay)
+        try:
+            with tensor_progress(progress, src_bytes, len(plan.linears) + len(plan.floats), label="quantize gptq") as tick:
+                writer = GPTQWriter(tmp, plan, lay, files, desc_act=desc_act, checkpoint_format=checkpoint_format,
+                                    tick=tick)
+                yield writer
+            missing = writer.missing()
+            if missing:
+                raise OutputError(f"{len(missing)} tensors were never written (first: {missing[0]})", out)
+            files.sync()
+        finally:
+            files.close()
+        if len(lay.files) > 1:
+            write_json(tmp / "model.safetensors.index.json", {
+                "metadata": {"total_size": lay.tensor_bytes},
+                "weight_map": {name: lay.files[s.shard] for name, s in sorted(lay.slots.items())},
+            })
+        write_json(tmp / "config.json", config)
+        write_json(tmp / QUANT_CONFIG_FILE, qcfg)
+        copy_side_files(copies, tmp)
+        fsync_dir(tmp)
+
+
+def read_weight(reader: RowReader, lin: GPTQLinear) -> np.ndarray:
+    """The source weight of one linear, float32 [out, in]."""
+    return np.concatenate([reader.read_f32(p.ref, p.row0, p.row1) for p in lin.parts], axis=0) \
+        if len(lin.parts) > 1 else reader.read_f32(lin.parts[0].ref, lin.parts[0].row0, lin.parts[0].row1)
+
+
+def write_gptq(source: str | Path, out: Path | None, quantize: Callable[[GPTQLinear, np.ndarray], Mapping], *,
+               bits: int = 4, group_size: int = 128, **options) -> GPTQResult:
+    """A whole GPTQ checkpoint from a per-linear function (weight float32 [out, in] -> pack()'s dict):
+    the simplest driver (round-to-nearest, tests); a calibrated solver drives gptq_output itself."""
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(source)
+    with gptq_output(ckpt, out, bits=bits, group_size=group_size, **options) as w, RowReader() as reader:
+        w.write_floats(reader)
+        for lin in w.plan.linears:
+            w.write_linear(lin.name, quantize(lin, read_weight(reader, lin)))
+        folder_plan = w.plan
+        final = out if out is not None else default_output(ckpt, bits, group_size)
+    final = Path(final)
+    size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+    return GPTQResult(final, size, folder_plan.tensor_bytes, time.perf_counter() - t0, folder_plan)
