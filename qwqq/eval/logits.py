@@ -1,0 +1,106 @@
+"""Next-token logits of a model over fixed windows of tokens, for every format qwqq writes or reads.
+
+A provider is ``open_logits(path, ctx) -> LogitsModel`` with ``.n_vocab``, ``.logits(windows, first)``
+yielding, for each window of ``windows`` [n, ctx], float32 [ctx - 1 - first, n_vocab] (positions
+first .. ctx-2, each predicting the next token), and ``.close()``. One provider per format, in a table:
+
+    gguf         llama.cpp through llama-cpp-python (all logits of a window in one batch)
+    safetensors  the unquantized Hugging Face checkpoint, one decoder block at a time (bounded memory:
+                 qwqq.quantize.calibrate's engine, exact against transformers)
+    mlx          mlx-lm
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from qwqq.errors import QwqqError, UnsupportedError
+
+
+@dataclass
+class LogitsModel:
+    n_vocab: int
+    logits: Callable[[np.ndarray, int], Iterator[np.ndarray]]
+    close: Callable[[], None]
+    tokenize: Callable[[str], np.ndarray] | None = None  # the model's own tokenizer, where it has one
+    describe: str = ""
+
+
+def _gguf(path: Path, ctx: int, threads: int) -> LogitsModel:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UnsupportedError('evaluating GGUF needs llama-cpp-python: pip install "qwqq[llama]"') from None
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512), logits_all=True,
+                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1, verbose=False)
+    except ValueError as e:
+        raise QwqqError(f"llama.cpp cannot load it: {e}", path) from None
+
+    def logits(windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        for window in windows:
+            llm.reset()
+            llm.eval(window.tolist())
+            yield np.array(llm.scores[first: len(window) - 1], dtype=np.float32)  # a copy: the next window reuses it
+
+    def tokenize(text: str) -> np.ndarray:
+        return np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), dtype=np.int64)
+
+    return LogitsModel(llm.n_vocab(), logits, llm.close, tokenize, f"llama.cpp {path.name}")
+
+
+def _safetensors(path: Path, ctx: int, threads: int) -> LogitsModel:
+    from qwqq.quantize.calibrate import ensure_torch, threads_for_torch
+    from qwqq.source import open_checkpoint
+
+    ensure_torch("evaluating an unquantized checkpoint")
+    threads_for_torch(threads)
+    from qwqq.eval.blocks import BlockLogits
+
+    ckpt = open_checkpoint(path)
+    model = BlockLogits(ckpt)
+    return LogitsModel(model.n_vocab, model.logits, model.close, model.tokenize, f"transformers blocks {path.name}",)
+
+
+def _mlx(path: Path, ctx: int, threads: int) -> LogitsModel:
+    try:
+        import mlx.core as mx
+        from mlx_lm import load
+    except ImportError:
+        raise UnsupportedError('evaluating MLX needs mlx-lm: pip install "qwqq[mlx]"') from None
+    model, tok = load(str(path))
+
+    def logits(windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        for window in windows:
+            out = model(mx.array(window[None].astype(np.int32)))
+            yield np.array(out[0, first: len(window) - 1].astype(mx.float32))
+
+    def tokenize(text: str) -> np.ndarray:
+        return np.asarray(tok.encode(text, add_special_tokens=False), dtype=np.int64)
+
+    n_vocab = int(model.args.vocab_size)
+    return LogitsModel(n_vocab, logits, lambda: None, tokenize, f"mlx-lm {path.name}")
+
+
+PROVIDERS: dict[str, Callable[[Path, int, int], LogitsModel]] = {
+    "gguf": _gguf,
+    "safetensors": _safetensors,
+    "mlx": _mlx,
+}
+
+
+def open_logits(path: str | Path, ctx: int, threads: int = 0) -> LogitsModel:
+    from qwqq.backends import detect_format
+
+    path = Path(path)
+    fmt = detect_format(path)
+    provider = PROVIDERS.get(fmt)
+    if provider is None:
+        raise UnsupportedError(f"eval does not read {fmt} models yet", path)
+    return provider(path, ctx, threads)
