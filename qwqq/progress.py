@@ -33,3 +33,20 @@ def tensor_progress(enabled: bool, total_bytes: int, n_tensors: int,
             p.update(task, advance=n_bytes, tensor=name, count=f"{len(seen)}/{n_tensors}")
 
         yield tick
+
+
+@contextmanager
+def step_progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[], None] | None]:
+    """A bar over `total` equal steps (windows, blocks); yields tick() or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as p:
+        task = p.add_task(label, total=total)
+        yield lambda: p.advance(task)

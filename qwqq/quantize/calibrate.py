@@ -377,6 +377,15 @@ def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple
     return out
 
 
+def ensure_torch(what: str) -> None:
+    """One line, not an ImportError, when torch or transformers is missing."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UnsupportedError(f"{what} needs {' and '.join(missing)}: pip install \"qwqq[calib]\"")
+
+
 def threads_for_torch(threads: int) -> None:
     import torch
 
