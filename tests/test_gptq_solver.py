@@ -84,7 +84,7 @@ def test_grid_symmetric_and_asymmetric():
     assert torch.allclose(scale, torch.tensor([2 / 15, 2 / 15, 1.6 / 15]).half().float())
     assert torch.all(zero == 8)
     scale, zero = grid(w, 4, sym=False)
-    assert zero[2] == 0 and zero[0] == round(1 / (1.5 / 15))
+    assert zero[2] == 1 and zero[0] == round(1 / (1.5 / 15))  # v1 stores zero - 1: never 0
 
 
 def test_gptq_model_on_moe_reports_starved_experts():

@@ -7,6 +7,7 @@ first .. ctx-2, each predicting the next token), and ``.close()``. One provider 
     gguf         llama.cpp through llama-cpp-python (all logits of a window in one batch)
     safetensors  the unquantized Hugging Face checkpoint, one decoder block at a time (bounded memory:
                  qwqq.quantize.calibrate's engine, exact against transformers)
+    gptq         the same engine, each linear dequantized from qweight/qzeros/scales/g_idx
     mlx          mlx-lm
 """
 
@@ -91,6 +92,7 @@ def _mlx(path: Path, ctx: int, threads: int) -> LogitsModel:
 PROVIDERS: dict[str, Callable[[Path, int, int], LogitsModel]] = {
     "gguf": _gguf,
     "safetensors": _safetensors,
+    "gptq": _safetensors,  # the same block engine, each GPTQ linear dequantized as the kernels compute it
     "mlx": _mlx,
 }
 

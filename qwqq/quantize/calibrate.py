@@ -130,9 +130,26 @@ class BlockModel:
 
         ref = self.ckpt.tensors.get(hf_name)
         if ref is None:
+            gptq = self.ckpt.config.get("quantization_config") or {}
+            module = hf_name.removesuffix(".weight")
+            if f"{module}.qweight" in self.ckpt.tensors and gptq.get("quant_method") == "gptq":
+                return torch.from_numpy(self._gptq_weight(module, gptq)).to(self.device)
             raise SourceError(f"tensor {hf_name} is missing", self.ckpt.root)
         arr = self.reader.read_f32(ref, 0, ref.rows).reshape(ref.shape)
         return torch.from_numpy(arr).to(self.device)
+
+    def _gptq_weight(self, module: str, qcfg: dict) -> np.ndarray:
+        """A GPTQ linear's weight, dequantized as the kernels do (scale[g] * (q - zero[g]))."""
+        from qwqq.quantize.gptq_format import PACKED, dequantize
+
+        packed = {}
+        for k in PACKED:
+            ref = self.ckpt.tensors[f"{module}.{k}"]
+            dtype = {"I32": np.int32, "F16": np.float16}.get(ref.dtype)
+            if dtype is None:
+                raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a GPTQ {k} dtype", ref.file)
+            packed[k] = self.reader.read_raw(ref, 0, ref.rows).view(dtype).reshape(ref.shape)
+        return dequantize(packed, int(qcfg.get("bits", 4)), qcfg.get("checkpoint_format", "gptq"))
 
     def embed(self, tokens: np.ndarray):
         """Embedding rows for the sample's tokens only: float32 [n_seq, seqlen, hidden]."""
@@ -215,6 +232,8 @@ def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
         raise SourceError(f"transformers cannot read config.json: {str(e).splitlines()[0]}", ckpt.root) from e
     config._attn_implementation = "sdpa"
     config.use_cache = False
+    if hasattr(config, "quantization_config"):  # a GPTQ folder: its linears are dequantized as they are read
+        del config.quantization_config
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     return BlockModel(ckpt, device if device is not None else pick_device(), skeleton)

@@ -48,8 +48,8 @@ def grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Ten
     scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)  # a subnormal-flushed group
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-lo / scale).clamp(0, maxq)
+    else:  # zero >= 1: the v1 checkpoint format stores zero - 1 (an all-positive group loses its lowest code)
+        zero = torch.round(-lo / scale).clamp(1, maxq)
     return scale, zero
 
 

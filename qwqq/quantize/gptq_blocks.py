@@ -147,3 +147,70 @@ def gptq_model(model: BlockModel, tokens: np.ndarray, opts: GPTQOptions,
         if tick:
             tick(i)
     return reports
+
+
+# --------------------------------------------------------------------------- source folder -> GPTQ folder
+@dataclass
+class GPTQRun:
+    path: object
+    file_bytes: int
+    seconds: float
+    reports: list[BlockReport]
+    tokens: int
+
+    @property
+    def rtn_fallbacks(self) -> list[str]:
+        return [r for rep in self.reports for r in rep.rtn_experts]
+
+
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                     damp: float = DEFAULT_DAMP, calib=None, calib_tokens: int | None = None,
+                     calib_seqlen: int | None = None, device: str | None = None, out=None, force: bool = False,
+                     threads: int = 0, progress: bool = True) -> GPTQRun:
+    """A GPTQ checkpoint of `source`, calibrated on the shipped sample (or the text file `calib`)."""
+    import time
+    from pathlib import Path
+
+    from qwqq.errors import QwqqError
+    from qwqq.quantize import calibrate
+    from qwqq.quantize.gptq_format import gptq_output, pack
+    from qwqq.progress import step_progress
+    from qwqq.source import open_checkpoint
+
+    t0 = time.perf_counter()
+    if bits not in GPTQ_BITS:
+        raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")
+    if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
+        raise QwqqError(f"--group-size {group_size}: use -1 (per channel) or a power of two >= 16 (128 is usual)")
+    if not 0 <= damp < 1:
+        raise QwqqError(f"--damp {damp}: a fraction of the Hessian's mean diagonal, 0 <= damp < 1 (0.01 is usual)")
+    calibrate.ensure_torch("GPTQ")
+    calibrate.threads_for_torch(threads)
+    ckpt = open_checkpoint(source)
+    tokens = calibrate.tokenize(ckpt, calibrate.read_text(calib), calib_tokens or calibrate.DEFAULT_TOKENS,
+                                calib_seqlen or calibrate.DEFAULT_SEQLEN, calib)
+    model = calibrate.open_block_model(ckpt, calibrate.pick_device(device))
+    opts = GPTQOptions(bits, group_size, sym, desc_act, damp)
+    try:
+        with gptq_output(ckpt, out, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+                         damp_percent=damp, true_sequential=False, force=force) as writer, \
+                step_progress(progress, model.n_layer, "gptq") as tick:
+            writer.write_floats(model.reader)
+
+            def emit(i, results, _floats):
+                for name, r in results.items():
+                    writer.write_linear(name.removesuffix(".weight"),
+                                        pack(r.q.cpu(), r.scales.cpu(), r.zeros.cpu(), r.g_idx.cpu(), bits))
+
+            reports = gptq_model(model, tokens, opts, emit, (lambda i: tick()) if tick else None)
+            final = Path(out) if out is not None else None
+    finally:
+        model.close()
+    from qwqq.quantize.gptq_format import default_output
+
+    final = final or default_output(ckpt, bits, group_size)
+    size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+    return GPTQRun(final, size, time.perf_counter() - t0, reports, int(tokens.size))
