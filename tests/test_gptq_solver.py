@@ -105,3 +105,12 @@ def test_gptq_model_on_moe_reports_starved_experts():
     assert rtn and all(".experts." in r for r in rtn)
     assert sum(m == "rtn" for m in got.values()) == len(rtn)
     assert all(m == "gptq" for k, m in got.items() if ".self_attn." in k)
+
+
+def test_a_short_last_group():
+    """576 columns (SmolLM2's hidden size) in groups of 128: four full groups and one of 64."""
+    w, x, h = _problem(32, 576, 1024)
+    for r in (gptq_quantize(w, h, bits=4, group_size=128), rtn_quantize(w, bits=4, group_size=128)):
+        assert r.scales.shape == (32, 5)
+        assert torch.bincount(r.g_idx).tolist() == [128, 128, 128, 128, 64]
+    assert torch.equal(gptq_quantize(w, torch.eye(576), bits=4, group_size=128).q, rtn_quantize(w, bits=4, group_size=128).q)

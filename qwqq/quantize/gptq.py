@@ -82,8 +82,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
     rows, cols = w.shape
     gs = cols if group_size in (-1, 0) or group_size >= cols else group_size
-    if cols % gs:
-        raise ValueError(f"{cols} input columns do not split into groups of {gs}")
     maxq = 2**bits - 1
 
     dead = torch.diag(h) == 0
@@ -97,7 +95,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
     del h
 
     q = torch.zeros_like(w)
-    n_groups = cols // gs
+    n_groups = -(-cols // gs)  # the last group may be shorter (576 columns in groups of 128)
     scales = torch.zeros(rows, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.zeros_like(scales)
     scale = zero = None
@@ -133,14 +131,15 @@ def rtn_quantize(weight: torch.Tensor, *, bits: int = 4, group_size: int = 128, 
     w = weight.detach().to(torch.float32)
     rows, cols = w.shape
     gs = cols if group_size in (-1, 0) or group_size >= cols else group_size
-    if cols % gs:
-        raise ValueError(f"{cols} input columns do not split into groups of {gs}")
     maxq = 2**bits - 1
-    wg = w.reshape(rows * (cols // gs), gs)
-    scale, zero = grid(wg, bits, sym)
-    q = _quant(wg, scale[:, None], zero[:, None], maxq).reshape(rows, cols)
+    scales, zeros, qs = [], [], []
+    for c0 in range(0, cols, gs):  # the last group may be shorter
+        scale, zero = grid(w[:, c0: c0 + gs], bits, sym)
+        qs.append(_quant(w[:, c0: c0 + gs], scale[:, None], zero[:, None], maxq))
+        scales.append(scale)
+        zeros.append(zero)
     g_idx = torch.arange(cols, device=w.device, dtype=torch.int32) // gs
-    return _result(q, scale.reshape(rows, -1), zero.reshape(rows, -1), g_idx, 0.0, "rtn")
+    return _result(torch.cat(qs, 1), torch.stack(scales, 1), torch.stack(zeros, 1), g_idx, 0.0, "rtn")
 
 
 def _result(q, scales, zeros, g_idx, damp: float, method: str) -> GPTQResult:
