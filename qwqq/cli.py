@@ -94,22 +94,30 @@ def quantize(
     fmt: str = typer.Option("gguf", "--format", help="Output format: gguf, or mlx (a folder for mlx-lm)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="MLX: 32, 64 (default) or 128 weights per scale and bias."),
     mixed: Optional[str] = typer.Option(None, "--mixed", help="MLX: a mixed recipe, 2_6, 3_4, 3_6 or 4_6 (more bits on v_proj, down_proj and lm_head, as mlx-lm's mixed_*)."),
+    imatrix_file: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: an importance matrix for this model (llama-imatrix's .gguf or .dat), used as llama-quantize --imatrix does; needed for IQ1_*, IQ2_*, IQ3_XXS, Q2_K_S."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize fp16/bf16 safetensors into a GGUF file or an MLX folder in one streaming pass (no intermediate F16 file)."""
-    from qwqq.quantize.pipeline import fallback_notes, quantize_to_gguf, resolve_mixture
+    from qwqq.quantize.pipeline import fallback_notes, imatrix_note, quantize_to_gguf, resolve_mixture
 
     def body():
         if fmt.lower() == "mlx":
+            if imatrix_file is not None:
+                raise QwqqError("--imatrix is for GGUF outputs (llama.cpp's importance matrix); MLX does not use one")
             return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet)
         if fmt.lower() != "gguf":
             raise QwqqError(f"unknown --format {fmt!r}: choose gguf or mlx")
         if group_size is not None or mixed is not None:
             raise QwqqError("--group-size and --mixed are for --format mlx; a GGUF mixture is chosen with --type")
-        mixture = resolve_mixture(bits=bits, type_name=type_)
+        imatrix = None
+        if imatrix_file is not None:
+            from qwqq.quantize.imatrix_file import read_imatrix
+
+            imatrix = read_imatrix(imatrix_file)
+        mixture = resolve_mixture(bits=bits, type_name=type_, has_imatrix=imatrix is not None)
         result = quantize_to_gguf(source, mixture, out=out, force=force, resume=resume, threads=threads,
-                                  progress=not quiet)
-        for line in fallback_notes(result.plan):
+                                  progress=not quiet, imatrix=imatrix)
+        for line in filter(None, [*fallback_notes(result.plan), imatrix_note(result)]):
             err.print(f"[yellow]note:[/] {_escape(line)}")
         Console(highlight=False).print(
             f"wrote [bold]{result.path}[/] ({result.file_bytes / 2**30:.2f} GiB, "

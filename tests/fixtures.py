@@ -470,10 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------- llama.cpp's converter (the reference)
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -513,3 +509,72 @@ def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16") -> Pat
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed:\n{r.stderr[-3000:]}")
     return out
+
+
+# ---------------------------------------------------------------- llama.cpp's tools (the imatrix reference)
+
+
+def _llama_cpp_sdist(into: Path) -> Path:
+    """Download the llama-cpp-python sdist (``pip download``, so pip's cache serves repeats) into ``into``."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(into)], check=True)
+    return next(into.glob("llama_cpp_python-*.tar.gz"))
+
+
+LLAMA_CPP_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+
+
+def _build_program(name: str) -> str:
+    """cmake or ninja: from PATH, else beside this Python, else installed from PyPI into this environment."""
+    for attempt in range(2):
+        found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+        if found:
+            return found
+        if attempt == 0:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "cmake", "ninja"], check=True)
+    raise FileNotFoundError(f"{name} is needed to build llama.cpp's tools")
+
+
+def llama_cpp_tools() -> Path:
+    """A folder holding standalone (static, CPU-only, Release) ``llama-quantize``, ``llama-imatrix`` and
+    ``llama-perplexity``, built with cmake + ninja from the vendored llama.cpp of the llama-cpp-python
+    sdist (the same llama.cpp ``llama_cpp_tree`` and the installed ``llama_cpp`` come from).  About five
+    minutes on two cores, once per machine."""
+    import tarfile
+
+    def build(tmp: Path) -> None:
+        work = Path(tempfile.mkdtemp(prefix=".tools-build-", dir=cache_root()))
+        try:
+            archive = _llama_cpp_sdist(work)
+            prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+            with tarfile.open(archive) as tar:
+                members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+                for m in members:
+                    m.name = m.name[len(prefix):]
+                tar.extractall(work / "src", members=members, filter="data")
+            flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
+                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"]
+            cmake = _build_program("cmake")
+            flags.append(f"-DCMAKE_MAKE_PROGRAM={_build_program('ninja')}")
+            subprocess.run([cmake, "-G", "Ninja", "-S", str(work / "src"), "-B", str(work / "build"), *flags],
+                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([cmake, "--build", str(work / "build"), "-j2", "--target", *LLAMA_CPP_TOOLS],
+                           check=True, stdout=subprocess.DEVNULL)
+            for name in LLAMA_CPP_TOOLS:
+                shutil.copy2(work / "build" / "bin" / name, tmp / name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    dest = _build(cache_root() / f"llama.cpp-tools-{LLAMA_CPP_PYTHON}", build)
+    for name in LLAMA_CPP_TOOLS:  # _build leaves every file 0644
+        if not os.access(dest / name, os.X_OK):
+            (dest / name).chmod(0o755)
+    return dest
+
+
+FIXTURES["llama_cpp_tools"] = llama_cpp_tools
+
+
+if __name__ == "__main__":
+    sys.exit(main())

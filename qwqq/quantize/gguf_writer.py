@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import gguf
 import numpy as np
@@ -30,6 +30,9 @@ from qwqq.quantize import ggml
 from qwqq.quantize.gguf_vocab import Vocab
 from qwqq.quantize.plan import Plan, row_bytes
 from qwqq.source import Checkpoint, RowReader
+
+if TYPE_CHECKING:
+    from qwqq.quantize.imatrix_file import Imatrix
 
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 CHUNK_FLOATS = 4 * 2**20  # 16 MiB of float32 per chunk: the unit of reading and of progress
@@ -72,7 +75,8 @@ def _put(w: gguf.GGUFWriter, key: str, kind: str, value) -> None:
         key, int(value) if kind in ("u32", "i32") else float(value) if kind == "f32" else value)
 
 
-def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab) -> None:
+def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab,
+                   imatrix: "Imatrix | None" = None) -> None:
     c, a = ckpt.config, arch.name
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(ckpt.name)
@@ -107,6 +111,14 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan,
 
     w.add_file_type(int(plan.mixture.ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if imatrix is not None:  # the keys llama-quantize adds (tools/quantize/quantize.cpp; strings cut to 127 bytes)
+        if imatrix.path:
+            w.add_string("quantize.imatrix.file", _cut(imatrix.path))
+        if imatrix.datasets:
+            w.add_string("quantize.imatrix.dataset", _cut(imatrix.datasets[0]))
+        w.add_uint32("quantize.imatrix.entries_count", len(imatrix))
+        if imatrix.chunk_count > 0:
+            w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
 
     w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
@@ -126,14 +138,37 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan,
         w.add_chat_template(vocab.chat_template)
 
 
+def _cut(s: str) -> str:
+    """strncpy into llama_model_kv_override's 128-byte val_str: at most 127 bytes."""
+    return s.encode("utf-8")[:127].decode("utf-8", "ignore")
+
+
 # --------------------------------------------------------------------------- tensor data
 @dataclass
 class Job:
-    """One planned tensor with where its rows come from."""
+    """One planned tensor with where its rows come from.
+
+    `imatrix`: the per-column importance llama-quantize would use, float32 [n_mat, cols]; row r of
+    the tensor (counted across experts) takes row r // (rows / n_mat) of it, as llama-quant.cpp's
+    imatrix_for_row does.
+    """
 
     src: GGUFTensor
     type: T
     nbytes: int
+    imatrix: np.ndarray | None = None
+
+    def imatrix_span(self, g0: int, g1: int):
+        """(start, stop, weights) runs of rows [g0, g1) that share one imatrix row (one expert)."""
+        if self.imatrix is None:
+            yield g0, g1, None
+            return
+        per = self.src.rows // self.imatrix.shape[0]
+        while g0 < g1:
+            e = g0 // per
+            stop = min(g1, (e + 1) * per)
+            yield g0, stop, self.imatrix[e]
+            g0 = stop
 
 
 def _permute_rows(rows: np.ndarray, head_dim_: int) -> np.ndarray:
@@ -143,12 +178,15 @@ def _permute_rows(rows: np.ndarray, head_dim_: int) -> np.ndarray:
 
 
 def _chunks(job: Job, cols: int):
-    """(part, r0, r1) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors."""
+    """(part, r0, r1, g0) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors;
+    g0 is the chunk's first row in the GGUF tensor (counted across experts)."""
     align = job.src.rows // job.src.permute_heads if job.src.permute_heads else 1
     step = max(align, (CHUNK_FLOATS // max(cols, 1)) // align * align)
+    base = 0
     for part in job.src.parts:
         for r0 in range(part.row0, part.row1, step):
-            yield part, r0, min(r0 + step, part.row1)
+            yield part, r0, min(r0 + step, part.row1), base + r0 - part.row0
+        base += part.row1 - part.row0
 
 
 class TensorStreamer:
@@ -191,13 +229,13 @@ class TensorStreamer:
         return rows
 
     @staticmethod
-    def _block(t: T, rows: np.ndarray, dst: np.ndarray, part) -> None:
+    def _block(t: T, rows: np.ndarray, dst: np.ndarray, part, imatrix: np.ndarray | None) -> None:
         total = np.add.reduce(rows, axis=None, dtype=np.float32) if rows.size else 0.0
         if not np.isfinite(total) and not np.isfinite(rows).all():  # the sum may overflow; then look closer
             raise SourceError(f"tensor {part.ref.name} holds NaN or Inf values: refusing to quantize it", part.ref.file)
-        ggml.quantize_rows(int(t), rows, dst)
+        ggml.quantize_rows(int(t), rows, dst, imatrix)
 
-    def _submit(self, k: int, job: Job, part, rows: np.ndarray) -> tuple[np.ndarray, list]:
+    def _submit(self, k: int, job: Job, part, rows: np.ndarray, g0: int) -> tuple[np.ndarray, list]:
         n, rb = rows.shape[0], row_bytes(job.type, job.src.cols)
         slot = self.slots[k % self.SLOTS]
         if slot["out"].size < n * rb:
@@ -205,21 +243,24 @@ class TensorStreamer:
         out = slot["out"][: n * rb]
         ggml.init(int(job.type))
         per = max(1, -(-n // (4 * self.threads)))  # small blocks: the last one finishes soon after the others
-        futs = [self.pool.submit(self._block, job.type, rows[i:i + per], out[i * rb:min(n, i + per) * rb], part)
-                for i in range(0, n, per)]
+        futs = []
+        for a, b, weights in job.imatrix_span(g0, g0 + n):  # blocks never straddle two experts
+            for i in range(a - g0, b - g0, per):
+                j = min(b - g0, i + per)
+                futs.append(self.pool.submit(self._block, job.type, rows[i:j], out[i * rb:j * rb], part, weights))
         return out, futs
 
     def stream(self, jobs: list[Job], write: Callable[[Job, memoryview], None], tick: Callable[[Job, int], None]) -> None:
-        items = [(job, part, r0, r1) for job in jobs for part, r0, r1 in _chunks(job, job.src.cols)]
+        items = [(job, part, r0, r1, g0) for job in jobs for part, r0, r1, g0 in _chunks(job, job.src.cols)]
         if not items:
             return
-        reading = self.io.submit(self._read, 0, *items[0])
+        reading = self.io.submit(self._read, 0, *items[0][:4])
         in_kernels = None  # (job, out, futures, n_elements) of the previous chunk
-        for k, (job, part, r0, r1) in enumerate(items):
+        for k, (job, part, r0, r1, g0) in enumerate(items):
             rows = reading.result()
-            current = (job, *self._submit(k, job, part, rows), (r1 - r0) * job.src.cols)
+            current = (job, *self._submit(k, job, part, rows, g0), (r1 - r0) * job.src.cols)
             if k + 1 < len(items):
-                reading = self.io.submit(self._read, k + 1, *items[k + 1])
+                reading = self.io.submit(self._read, k + 1, *items[k + 1][:4])
             if in_kernels is not None:
                 self._finish(in_kernels, write, tick)
             in_kernels = current
@@ -250,7 +291,7 @@ def _padded(n: int) -> int:
     return n + (-n) % ALIGN
 
 
-def _resume_point(path: Path, journal: Path, header: bytes, jobs: list[Job]) -> int:
+def _resume_point(path: Path, journal: Path, header: bytes, jobs: list[Job], imatrix_id: str | None = None) -> int:
     """How many leading tensors of an interrupted run can be kept (0: start over).
 
     Only tensors recorded in the journal count: the journal is written after the data it
@@ -264,6 +305,8 @@ def _resume_point(path: Path, journal: Path, header: bytes, jobs: list[Job]) -> 
         return 0
     if not same_header or rec.get("header_sha256") != hashlib.sha256(header).hexdigest():
         return 0
+    if rec.get("imatrix") != imatrix_id:  # other importance data: other bytes in every tensor
+        return 0
     done = rec.get("done", [])
     names = [j.src.name for j in jobs]
     if not isinstance(done, int) or not 0 <= done <= len(jobs):
@@ -274,30 +317,38 @@ def _resume_point(path: Path, journal: Path, header: bytes, jobs: list[Job]) -> 
     return done
 
 
-def _record(journal: Path, header: bytes, jobs: list[Job], done: int) -> None:
+def _record(journal: Path, header: bytes, jobs: list[Job], done: int, imatrix_id: str | None = None) -> None:
     tmp = journal.with_name(journal.name + ".tmp")
     tmp.write_text(json.dumps({"header_sha256": hashlib.sha256(header).hexdigest(), "done": done,
-                               "names": [jobs[done - 1].src.name] if done else []}))
+                               "names": [jobs[done - 1].src.name] if done else [], "imatrix": imatrix_id}))
     os.replace(tmp, journal)
 
 
 def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, sources: dict[str, GGUFTensor],
                threads: int, progress: Callable[[str, int], None] | None = None, *, resume: bool = False,
-               journal: Path | None = None, on_resume: Callable[[int, int], None] | None = None) -> int:
+               journal: Path | None = None, on_resume: Callable[[int, int], None] | None = None,
+               imatrix: "Imatrix | None" = None, imatrix_rows: dict[str, np.ndarray] | None = None) -> int:
     """Write the whole GGUF to `path` (a temporary name; the caller renames). Returns bytes written.
 
     With a journal, progress is recorded (after an fsync of the data) every few seconds, and with
     `resume` the leading tensors an interrupted run finished are kept instead of redone.
+
+    With an `imatrix`, `imatrix_rows` maps a quantized tensor's name to the float32 [n_mat, cols]
+    weights its rows are quantized with (pipeline.imatrix_rows checks and builds it, as
+    llama-quantize does); the file records the imatrix as llama-quantize does, and a resume
+    only keeps tensors made with the very same importance data.
     """
     w = _Writer(path=None, arch=arch.name)
-    write_metadata(w, ckpt, arch, plan, vocab)
+    write_metadata(w, ckpt, arch, plan, vocab, imatrix)
+    rows = imatrix_rows or {}
+    imatrix_id = imatrix.digest() if imatrix is not None else None
     jobs = []
     for tp in plan.tensors:
         w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
-        jobs.append(Job(sources[tp.name], tp.type, tp.nbytes))
+        jobs.append(Job(sources[tp.name], tp.type, tp.nbytes, rows.get(tp.name) if tp.quantized else None))
     header = header_bytes(w)
 
-    skip = _resume_point(path, journal, header, jobs) if (resume and journal and path.is_file()) else 0
+    skip = _resume_point(path, journal, header, jobs, imatrix_id) if (resume and journal and path.is_file()) else 0
     keep = len(header) + sum(_padded(j.nbytes) for j in jobs[:skip])
     if resume and on_resume:
         on_resume(skip, len(jobs))
@@ -324,7 +375,7 @@ def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Voca
                     if journal is not None and time.monotonic() - state["last"] > JOURNAL_EVERY_S:
                         f.flush()
                         os.fsync(f.fileno())
-                        _record(journal, header, jobs, state["done"])
+                        _record(journal, header, jobs, state["done"], imatrix_id)
                         state["last"] = time.monotonic()
 
             streamer.stream(jobs[skip:], write, lambda job, n: progress(job.src.name, 4 * n) if progress else None)
