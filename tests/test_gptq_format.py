@@ -217,6 +217,9 @@ CASES = {  # arch, bits, group size, sym, act-order
 }
 
 
+FLOAT_DTYPE = {"qwen3-2bit-g32-asym": "bfloat16"}  # GPTQModel 7.7's choice for a bf16 source; else fp16
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache = {}
@@ -227,7 +230,8 @@ def built(tmp_path_factory):
             arch, bits, gs, sym, act = CASES[case]
             out = tmp_path_factory.mktemp("gptq") / case
             res = gf.write_gptq(fixtures.tiny_model_dir(arch), out, rtn_packer(bits, gs, sym, act), bits=bits,
-                                group_size=gs, sym=sym, desc_act=act, max_shard_bytes=max_shard_bytes)
+                                group_size=gs, sym=sym, desc_act=act, max_shard_bytes=max_shard_bytes,
+                                float_dtype=FLOAT_DTYPE.get(case, "float16"))
             cache[key] = res
         return cache[key]
     return build
@@ -251,8 +255,10 @@ def _expected_gguf(ckpt_dir, arch: str, bits: int) -> dict[str, np.ndarray]:
     name_map = gguf.get_tensor_name_map(ARCHS[cfg["architectures"][0]].gguf_arch, cfg["num_hidden_layers"])
     tensors = {}
     for f in sorted(ckpt_dir.glob("*.safetensors")):
-        with safe_open(str(f), "np") as st:
+        with safe_open(str(f), "pt") as st:  # "pt": numpy has no bfloat16
             tensors.update({k: st.get_tensor(k) for k in st.keys()})
+    tensors = {k: (v.float() if v.is_floating_point() and k.endswith((".weight", ".bias")) else v).numpy()
+               for k, v in tensors.items()}
     out: dict[str, np.ndarray] = {}
     experts: dict[str, dict[int, np.ndarray]] = {}
     for name in sorted(tensors):
@@ -297,7 +303,6 @@ def test_dequantized_weights_are_close_to_the_source(case, built):
     """Sanity of the stand-in solver and the plumbing: 4-bit RTN lands within half a step."""
     arch, bits, gs, *_ = CASES[case]
     res = built(case)
-    src = open_checkpoint(fixtures.tiny_model_dir(arch))
     from qwqq.source import RowReader
 
     with RowReader() as reader, safe_open(str(res.path / "model.safetensors"), "np") as st:
@@ -428,3 +433,25 @@ def test_writer_refuses_wrong_shapes_and_silent_act_order(tmp_path):
             w.write_linear(lin.name, gf.pack(q, np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8),
                                              np.arange(lin.in_features) % G, 4))
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- unquantized tensors in bf16
+def test_bfloat16_floats_keep_the_source_bits(built):
+    res = built("qwen3-2bit-g32-asym")
+    src = fixtures.tiny_model_dir("qwen3")
+    assert json.loads((res.path / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(res.path / "model.safetensors"), "pt") as ours, \
+            safe_open(str(next(src.glob("*.safetensors"))), "pt") as theirs:
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.self_attn.q_norm.weight"):
+            a, b = ours.get_tensor(name), theirs.get_tensor(name)
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
+        assert ours.get_tensor("model.layers.0.mlp.up_proj.scales").dtype == torch.float16
+
+
+def test_bfloat16_rounding_matches_torch():
+    x = torch.randn(4096) * torch.logspace(-30, 30, 4096)
+    x[:4] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
+    ours = gf._to_bf16_bits(x.numpy().reshape(1, -1)).view(np.int16)
+    assert np.array_equal(ours.reshape(-1), x.to(torch.bfloat16).view(torch.int16).numpy())
+    nan = gf._to_bf16_bits(np.array([[float("nan")]], np.float32))
+    assert torch.isnan(torch.from_numpy(nan.view(np.int16)).view(torch.bfloat16)).all()

@@ -27,7 +27,9 @@ vLLM does not).
 The writer lays out every safetensors shard from the plan first (names, dtypes and shapes follow from
 the source checkpoint, bits and group size), then takes tensors one at a time in any order: packed
 linears from the solver, and the unquantized tensors (embeddings, norms, biases, the MoE router,
-lm_head), which it streams from the source in fp16 as GPTQ checkpoints carry them. Memory: one tensor.
+lm_head), which it streams from the source in fp16 (the AutoGPTQ-era convention, and Qwen's own GPTQ
+releases) or bf16 (what GPTQModel 7.7 keeps for a bf16 source). Scales are fp16 either way.
+Memory: one tensor.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ MAX_SHARD_BYTES = 4 * 10**9  # GPTQModel's DEFAULT_MAX_SHARD_SIZE "4GB"
 CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk when copying unquantized tensors
 QUANT_CONFIG_FILE = "quantize_config.json"  # GPTQModel's own copy of quantization_config
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
+FLOAT_TYPES = {"float16": "F16", "bfloat16": "BF16"}  # --float-dtype: how unquantized tensors are stored
 
 # Source weights that become GPTQ linears (Qwen2, Qwen3, Llama, Qwen3-MoE per-expert; Qwen2-MoE's
 # shared expert). The MoE router `mlp.gate`, shared_expert_gate, embeddings and lm_head stay fp16.
@@ -276,10 +279,12 @@ def _fused(ref: TensorRef, layer: int, which: str) -> list[GPTQLinear]:
 
 
 def _order(name: str) -> tuple:
+    """Embedding, then layer by layer (numbers compared as numbers: experts.2 before experts.10), then
+    the final norm and lm_head."""
+    natural = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name))
     m = LAYER.match(name)
-    if m:
-        return (1, int(m.group(1)), name)
-    return (0 if name.startswith("model.embed_tokens.") else 2 if name.startswith("model.") else 3, 0, name)
+    group = 1 if m else 0 if name.startswith("model.embed_tokens.") else 2 if name.startswith("model.") else 3
+    return (group, natural)
 
 
 def gptq_linears(ckpt: Checkpoint) -> list[GPTQLinear]:
@@ -308,7 +313,8 @@ def float_tensors(ckpt: Checkpoint) -> list[TensorRef]:
 
 def gptq_bytes(shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int) -> int:
     """Exact bytes of tensor data (safetensors headers excluded) in the GPTQ checkpoint of a source
-    whose tensors (Hugging Face names) have these shapes: packed linears plus fp16 for the rest."""
+    whose tensors (Hugging Face names) have these shapes: packed linears plus 2 bytes (fp16 or bf16)
+    per element for the rest."""
     total = 0
     for name, shape in shapes.items():
         if SKIPPED.search(name):
@@ -334,20 +340,23 @@ class GPTQPlan:
     linears: list[GPTQLinear]
     floats: list[TensorRef]
     arrays: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)  # (name, dtype, shape) stored
+    float_dtype: str = "float16"
 
     @property
     def tensor_bytes(self) -> int:
-        sizes = {"I32": 4, "F16": 2}
+        sizes = {"I32": 4, "F16": 2, "BF16": 2}
         return sum(math.prod(s) * sizes[d] for _, d, s in self.arrays)
 
 
-def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int) -> GPTQPlan:
+def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "float16") -> GPTQPlan:
     arch = arch_of(ckpt.config, ckpt.root / "config.json")
     check_config(ckpt.config, arch, ckpt.root / "config.json")
     if bits not in GPTQ_BITS:
         raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")
     if group_size != -1 and group_size <= 0:
         raise QwqqError(f"--group-size must be positive or -1 (per channel), not {group_size}")
+    if float_dtype not in FLOAT_TYPES:
+        raise QwqqError(f"unknown float dtype {float_dtype!r}; choose one of {', '.join(FLOAT_TYPES)}")
     for ref in ckpt.tensors.values():
         if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
@@ -363,9 +372,9 @@ def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int) -> GPTQPlan:
         for suffix, (dtype, shape) in shapes.items():
             items.append((_order(lin.name), f"{lin.name}.{suffix}", dtype, shape))
     for ref in floats:
-        items.append((_order(ref.name), ref.name, "F16", ref.shape))
+        items.append((_order(ref.name), ref.name, FLOAT_TYPES[float_dtype], ref.shape))
     items.sort(key=lambda t: t[0])
-    return GPTQPlan(bits, group_size, linears, floats, [(n, d, s) for _, n, d, s in items])
+    return GPTQPlan(bits, group_size, linears, floats, [(n, d, s) for _, n, d, s in items], float_dtype)
 
 
 def gptq_layout(plan: GPTQPlan, max_shard_bytes: int = MAX_SHARD_BYTES) -> Layout:
@@ -403,13 +412,24 @@ def quantization_config(bits: int, group_size: int, *, sym: bool, desc_act: bool
     return cfg
 
 
-def gptq_config(ckpt: Checkpoint, qcfg: dict) -> dict:
+def gptq_config(ckpt: Checkpoint, qcfg: dict, float_dtype: str = "float16") -> dict:
     config = dict(ckpt.config)
     config["quantization_config"] = qcfg
-    config["dtype"] = "float16"
+    config["dtype"] = float_dtype
     if "torch_dtype" in config:
-        config["torch_dtype"] = "float16"
+        config["torch_dtype"] = float_dtype
     return config
+
+
+def _to_bf16_bits(rows: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; exact for a bf16 source."""
+    u = rows.view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    out = rounded.astype(np.uint16)
+    nan = np.isnan(rows)
+    if nan.any():
+        out[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)  # stays a NaN
+    return out
 
 
 # =========================================================================== the writer
@@ -427,7 +447,7 @@ class GPTQWriter:
         slot = self.lay.slots.get(name)
         if slot is None:
             raise ValueError(f"{name} is not a tensor of this checkpoint")
-        want = {"I32": np.int32, "F16": np.float16}[slot.dtype]
+        want = {"I32": np.int32, "F16": np.float16, "BF16": np.uint16}[slot.dtype]
         if arr.dtype != want:
             raise ValueError(f"{name}: dtype {arr.dtype}, expected {np.dtype(want)}")
         if tuple(arr.shape) != slot.shape:
@@ -451,15 +471,21 @@ class GPTQWriter:
             self.tick(name, sum(p.row1 - p.row0 for p in lin.parts) * lin.in_features * lin.parts[0].ref.itemsize)
 
     def write_floats(self, reader: RowReader) -> None:
-        """Every unquantized tensor, read from the source in row chunks and stored as fp16."""
+        """Every unquantized tensor, read from the source in row chunks and stored in the plan's
+        float dtype (fp16 by default)."""
+        bf16 = self.plan.float_dtype == "bfloat16"
         for ref in self.plan.floats:
             step = max(1, CHUNK_ELEMENTS // max(1, ref.cols))
             for r0 in range(0, ref.rows, step):
                 r1 = min(ref.rows, r0 + step)
                 rows = reader.read_f32(ref, r0, r1)
-                half = rows.astype(np.float16)
-                if not np.isfinite(half).all() and np.isfinite(rows).all():
-                    raise QwqqError(f"tensor {ref.name} overflows float16 (|x| > 65504)", ref.file)
+                if bf16:
+                    half = _to_bf16_bits(rows)
+                else:
+                    half = rows.astype(np.float16)
+                    if not np.isfinite(half).all() and np.isfinite(rows).all():
+                        raise QwqqError(f"tensor {ref.name} overflows float16 (|x| > 65504); "
+                                        "store unquantized tensors as bfloat16", ref.file)
                 self._put_rows(ref, half, r0, r1)
             self.written.add(ref.name)
             if self.tick:
@@ -493,8 +519,9 @@ def default_output(ckpt: Checkpoint, bits: int, group_size: int) -> Path:
 @contextmanager
 def gptq_output(source: str | Path | Checkpoint, out: Path | None = None, *, bits: int = 4, group_size: int = 128,
                 sym: bool = True, desc_act: bool = False, damp_percent: float = 0.05, true_sequential: bool = True,
-                checkpoint_format: str = "gptq", force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-                progress: bool = False, extra_config: dict | None = None) -> Iterator[GPTQWriter]:
+                checkpoint_format: str = "gptq", float_dtype: str = "float16", force: bool = False,
+                max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = False,
+                extra_config: dict | None = None) -> Iterator[GPTQWriter]:
     """Open a GPTQ output folder for writing; yields the GPTQWriter.
 
         with gptq_output(src, out, bits=4, group_size=128) as w:
@@ -509,11 +536,11 @@ def gptq_output(source: str | Path | Checkpoint, out: Path | None = None, *, bit
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     if checkpoint_format not in FORMATS:
         raise QwqqError(f"checkpoint_format must be one of {', '.join(FORMATS)}, not {checkpoint_format!r}")
-    plan = plan_gptq(ckpt, bits, group_size)
+    plan = plan_gptq(ckpt, bits, group_size, float_dtype)
     qcfg = quantization_config(bits, group_size, sym=sym, desc_act=desc_act, damp_percent=damp_percent,
                                true_sequential=true_sequential, checkpoint_format=checkpoint_format,
                                **(extra_config or {}))
-    config = gptq_config(ckpt, qcfg)
+    config = gptq_config(ckpt, qcfg, float_dtype)
     lay = gptq_layout(plan, max_shard_bytes)
     out = Path(out) if out is not None else default_output(ckpt, bits, group_size)
     check_folder_output(out, ckpt.root, "GPTQ")
