@@ -100,6 +100,20 @@ def test_pack_round_trip(bits, group_size, act_order):
     assert np.array_equal(gf.dequantize(p, bits), reference_dequant(q, scales, zeros, g_idx))
 
 
+def test_short_last_group():
+    """576 columns in groups of 128 (SmolLM2): 5 groups, the last of 64; GPTQModel sizes G the same way."""
+    q = RNG.integers(0, 16, (64, 576), dtype=np.uint8)
+    scales = RNG.uniform(0.01, 0.1, (64, 5)).astype(np.float32)
+    zeros = RNG.integers(1, 16, (64, 5))
+    p = gf.pack(q, scales, zeros, None, 4, group_size=128)
+    assert p["scales"].shape == (5, 64) and p["qzeros"].shape == (5, 8)
+    assert np.array_equal(p["g_idx"], np.arange(576) // 128)
+    assert {k: s for k, (_, s) in gf.packed_shapes(64, 576, 4, 128).items()} == {k: v.shape for k, v in p.items()}
+    assert np.array_equal(gf.dequantize(p, 4), reference_dequant(q, scales, zeros, np.arange(576) // 128))
+    with pytest.raises(ValueError, match="make 5 groups"):
+        gf.pack(q, scales[:, :4], zeros[:, :4], None, 4, group_size=128)
+
+
 def _spec_pack_column(values: list[int], bits: int) -> list[int]:
     """GPTQ's packing written out word by word (auto-gptq / GPTQModel pack loops), as Python ints."""
     words: list[int] = []
@@ -414,6 +428,15 @@ def test_unwritten_tensors_leave_nothing(tmp_path):
             w.write_linear(lin.name, gf.pack(np.zeros((lin.out_features, lin.in_features), np.uint8),
                                              np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8), None, 4))
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_damp_percent_must_suit_transformers(tmp_path):
+    from qwqq.errors import QwqqError
+
+    with pytest.raises(QwqqError, match="damp_percent"):
+        with gf.gptq_output(fixtures.tiny_model_dir("qwen2"), tmp_path / "out", damp_percent=0.0):
+            pass
+    assert not list(tmp_path.iterdir())
 
 
 def test_writer_refuses_wrong_shapes_and_silent_act_order(tmp_path):

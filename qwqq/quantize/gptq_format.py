@@ -181,10 +181,10 @@ def _check_codes(x: np.ndarray, maxq: int, lo: int, what: str) -> None:
         raise ValueError(f"{what} must lie in {lo} .. {maxq}, found {int(x.min())} .. {int(x.max())}")
 
 
-def pack(q, scales, zeros, g_idx, bits: int, checkpoint_format: str = "gptq") -> dict:
+def pack(q, scales, zeros, g_idx, bits: int, checkpoint_format: str = "gptq", group_size: int | None = None) -> dict:
     """Pack one linear: q [out, in] codes, scales [out, G], zeros [out, G] codes, g_idx [in] (None:
-    column i // (in / G)).  Returns {qweight, qzeros, scales, g_idx}: torch tensors when q is one,
-    else numpy arrays."""
+    column i // group_size, a short last group allowed; without group_size, in / G columns a group).
+    Returns {qweight, qzeros, scales, g_idx}: torch tensors when q is one, else numpy arrays."""
     as_torch = hasattr(q, "detach")
     q, scales, zeros = _numpy(q), _numpy(scales), _numpy(zeros)
     if checkpoint_format not in FORMATS:
@@ -197,6 +197,11 @@ def pack(q, scales, zeros, g_idx, bits: int, checkpoint_format: str = "gptq") ->
     if scales.ndim != 2 or scales.shape[0] != out_f or zeros.shape != scales.shape:
         raise ValueError(f"scales {scales.shape} and zeros {zeros.shape} must both be [out={out_f}, groups]")
     g = scales.shape[1]
+    if g_idx is None and group_size is not None:
+        if n_groups(in_f, group_size) != g:
+            raise ValueError(f"{in_f} columns in groups of {group_size} make {n_groups(in_f, group_size)} groups, "
+                             f"scales have {g}")
+        g_idx = default_g_idx(in_f, group_size)
     if g_idx is None:
         if in_f % g:
             raise ValueError(f"give g_idx: {in_f} columns do not split evenly into {g} groups")
@@ -537,6 +542,9 @@ def gptq_output(source: str | Path | Checkpoint, out: Path | None = None, *, bit
     if checkpoint_format not in FORMATS:
         raise QwqqError(f"checkpoint_format must be one of {', '.join(FORMATS)}, not {checkpoint_format!r}")
     plan = plan_gptq(ckpt, bits, group_size, float_dtype)
+    if not 0 < damp_percent < 1:
+        raise QwqqError(f"damp_percent {damp_percent}: a GPTQ config needs 0 < damp_percent < 1 "
+                        "(transformers' GPTQConfig refuses other values when loading)")
     qcfg = quantization_config(bits, group_size, sym=sym, desc_act=desc_act, damp_percent=damp_percent,
                                true_sequential=true_sequential, checkpoint_format=checkpoint_format,
                                **(extra_config or {}))
