@@ -91,30 +91,52 @@ def quantize(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same output, keeping the tensors it finished."),
     threads: int = typer.Option(0, "--threads", "-j", help="Quantization threads (0: all cores)."),
-    fmt: str = typer.Option("gguf", "--format", help="Output format: gguf, or mlx (a folder for mlx-lm)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="MLX: 32, 64 (default) or 128 weights per scale and bias."),
+    fmt: str = typer.Option("gguf", "--format", help="Output format: gguf, mlx (a folder for mlx-lm) or gptq (a folder for transformers / vLLM)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="MLX: 32, 64 (default) or 128 weights per scale and bias. GPTQ: 128 (default), 32, 64, ... or -1 (per channel)."),
     mixed: Optional[str] = typer.Option(None, "--mixed", help="MLX: a mixed recipe, 2_6, 3_4, 3_6 or 4_6 (more bits on v_proj, down_proj and lm_head, as mlx-lm's mixed_*)."),
-    imatrix_file: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: an importance matrix for this model (llama-imatrix's .gguf or .dat), used as llama-quantize --imatrix does; needed for IQ1_*, IQ2_*, IQ3_XXS, Q2_K_S."),
+    imatrix_file: Optional[str] = typer.Option(None, "--imatrix", help="GGUF: an importance matrix (llama-imatrix's .gguf or .dat, or one from `qwqq imatrix`), or 'auto' to compute one from the calibration text first; needed for IQ1_*, IQ2_*, IQ3_*, Q2_K_S, and improves Q2_K..Q4_K_M."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (UTF-8) for GPTQ or --imatrix auto (given with a GGUF type, implies --imatrix auto). Default: the sample that ships with qwqq (prose, code, maths)."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens (more: slower, a little better; 32k+ on a GPU)."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration window."),
+    device: Optional[str] = typer.Option(None, "--device", help="Calibration device: cuda, mps or cpu (default: the first available)."),
+    desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: act-order (columns by decreasing Hessian diagonal)."),
+    asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (default symmetric)."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (raised automatically when needed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Quantize fp16/bf16 safetensors into a GGUF file or an MLX folder in one streaming pass (no intermediate F16 file)."""
+    """Quantize fp16/bf16 safetensors into a GGUF file, an MLX folder or a GPTQ folder, streaming, in bounded memory.
+
+    GGUF and MLX stream row chunks in one pass (no intermediate F16 file). GPTQ and --imatrix auto
+    read the model one decoder block at a time to calibrate it on sample text."""
     from qwqq.quantize.pipeline import fallback_notes, imatrix_note, quantize_to_gguf, resolve_mixture
 
-    def body():
-        if fmt.lower() == "mlx":
-            if imatrix_file is not None:
-                raise QwqqError("--imatrix is for GGUF outputs (llama.cpp's importance matrix); MLX does not use one")
-            return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet)
-        if fmt.lower() != "gguf":
-            raise QwqqError(f"unknown --format {fmt!r}: choose gguf or mlx")
-        if group_size is not None or mixed is not None:
-            raise QwqqError("--group-size and --mixed are for --format mlx; a GGUF mixture is chosen with --type")
-        imatrix = None
-        if imatrix_file is not None:
-            from qwqq.quantize.imatrix_file import read_imatrix
+    calibration = dict(calib=calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen, device=device)
 
-            imatrix = read_imatrix(imatrix_file)
-        mixture = resolve_mixture(bits=bits, type_name=type_, has_imatrix=imatrix is not None)
+    def body():
+        kind = fmt.lower()
+        if kind not in ("gguf", "mlx", "gptq"):
+            raise QwqqError(f"unknown --format {fmt!r}: choose gguf, mlx or gptq")
+        if kind != "gguf" and imatrix_file is not None:
+            raise QwqqError(f"--imatrix is for GGUF outputs (llama.cpp's importance matrix); {kind.upper()} does not use one")
+        if kind != "gptq" and (desc_act or asym or damp != 0.01):
+            raise QwqqError("--desc-act, --asym and --damp are for --format gptq")
+        if kind == "mlx":
+            if calib is not None:
+                raise QwqqError("--calib is for --format gptq and GGUF importance matrices; MLX quantization is not calibrated")
+            return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet)
+        if kind == "gptq":
+            return _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads,
+                                  desc_act, asym, damp, calibration)
+        if group_size is not None or mixed is not None:
+            raise QwqqError("--group-size and --mixed are for --format mlx or gptq; a GGUF mixture is chosen with --type")
+        from qwqq.quantize.calibrate import resolve_imatrix
+
+        if out is not None and not resume and (calib is not None or (imatrix_file or "").lower() == "auto"):
+            from qwqq.outputs import check_target
+
+            check_target(out, force, None)  # before the calibration pass, not after it
+        mixture = resolve_mixture(bits=bits, type_name=type_, has_imatrix=imatrix_file is not None or calib is not None)
+        imatrix = resolve_imatrix(source, imatrix_file, progress=not quiet, threads=threads, **calibration)
         result = quantize_to_gguf(source, mixture, out=out, force=force, resume=resume, threads=threads,
                                   progress=not quiet, imatrix=imatrix)
         for line in filter(None, [*fallback_notes(result.plan), imatrix_note(result)]):
@@ -140,6 +162,83 @@ def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, qu
         f"wrote [bold]{_escape(str(result.path))}[/] ({result.file_bytes / 2**30:.2f} GiB, "
         f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s)"
     )
+
+
+def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads, desc_act, asym, damp,
+                   calibration) -> None:
+    from qwqq.quantize.gptq_blocks import quantize_to_gptq
+
+    if type_ is not None or mixed is not None:
+        raise QwqqError("--type and --mixed are for GGUF and MLX; for --format gptq give --bits and --group-size")
+    if resume:
+        raise QwqqError("--resume is for GGUF outputs; an interrupted GPTQ run leaves nothing, so run it again")
+    result = quantize_to_gptq(source, bits=4 if bits is None else bits, group_size=128 if group_size is None else group_size,
+                              sym=not asym, desc_act=desc_act, damp=damp, out=out, force=force, threads=threads,
+                              progress=not quiet, **calibration)
+    if result.rtn_fallbacks:
+        err.print(f"[yellow]note:[/] {len(result.rtn_fallbacks)} expert weights saw too few calibration tokens and were "
+                  f"rounded to nearest instead (first: {_escape(result.rtn_fallbacks[0])}); more --calib-tokens helps")
+    Console(highlight=False).print(
+        f"wrote [bold]{_escape(str(result.path))}[/] ({result.file_bytes / 2**30:.2f} GiB, "
+        f"calibrated on {result.tokens} tokens, {result.seconds:.1f} s)"
+    )
+
+
+# ---------------------------------------------------------------- imatrix
+@app.command()
+def imatrix(
+    source: str = typer.Argument(..., help="A local Hugging Face folder, or a hub id."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file. Default: ./<model>.imatrix.gguf"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (UTF-8). Default: the sample that ships with qwqq."),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per window (llama-imatrix's -c)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu (default: the first available)."),
+    threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Compute llama.cpp's importance matrix (per-column mean squared activations) one decoder block at a time.
+
+    The file is in llama-imatrix's GGUF format: llama-quantize --imatrix and qwqq quantize --imatrix both take it."""
+    from qwqq.quantize.calibrate import imatrix_to_file
+
+    def body():
+        path, im = imatrix_to_file(source, out, calib=calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
+                                   device=device, threads=threads, force=force, progress=not quiet)
+        Console(highlight=False).print(f"wrote [bold]{_escape(str(path))}[/] ({len(im)} weights, "
+                                       f"{im.chunk_count} windows of {im.chunk_size} tokens)")
+
+    _guard(body)
+
+
+# ---------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="The model to score: a .gguf file, an MLX folder, a GPTQ folder or an unquantized folder."),
+    ref: Path = typer.Option(..., "--ref", help="The reference: the unquantized folder (bf16), or a Q8_0/F16 GGUF standing in for it."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Evaluation text (UTF-8). Default: the text that ships with qwqq (held apart from the calibration sample)."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Window length; the second half of each window is scored (as llama-perplexity)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use at most this many tokens of the text."),
+    threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference instead of using the cached one."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """How much did quantization cost? PPL, KL divergence (mean, median, p99) and same-top-token rate against a reference."""
+    from qwqq.eval.harness import evaluate, read_text
+    from qwqq.eval.render import render
+
+    def body():
+        result = evaluate(model, ref, text=None if text is None else read_text(text), ctx=ctx, max_tokens=max_tokens,
+                          threads=threads, use_cache=not no_cache, progress=not quiet)
+        if as_json:
+            import json
+
+            sys.stdout.write(json.dumps(result.as_dict(), indent=1) + "\n")
+        else:
+            render(result, Console())
+
+    _guard(body)
 
 
 # ---------------------------------------------------------------- inspect

@@ -80,7 +80,7 @@ def tokenize(ckpt: Checkpoint, text: str, n_tokens: int = DEFAULT_TOKENS, seqlen
     if vocab and int(ids.max()) >= vocab:
         raise SourceError(f"the tokenizer makes token id {int(ids.max())}, beyond the model's vocab_size {vocab}",
                           ckpt.root)
-    seqlen = min(seqlen, ids.size)
+    seqlen = min(seqlen, n_tokens, ids.size)
     n_seq = max(1, min(n_tokens, ids.size) // seqlen)
     return ids[: n_seq * seqlen].reshape(n_seq, seqlen)
 
@@ -418,3 +418,49 @@ def compute_imatrix(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, datase
     stats = collect_square_sums(ckpt, tokens, device=device, tick=tick)
     return Imatrix(gguf_imatrix_entries(ckpt, stats), datasets=[dataset] if dataset else [],
                    chunk_count=int(tokens.shape[0]), chunk_size=int(tokens.shape[1]))
+
+
+def sample_tokens(ckpt: Checkpoint, calib, calib_tokens: int | None, calib_seqlen: int | None) -> np.ndarray:
+    return tokenize(ckpt, read_text(calib), calib_tokens or DEFAULT_TOKENS, calib_seqlen or DEFAULT_SEQLEN, calib)
+
+
+def imatrix_from_source(source, *, calib=None, calib_tokens=None, calib_seqlen=None, device=None, threads: int = 0,
+                        progress: bool = True):
+    """Open the checkpoint, tokenize the sample, and compute its importance matrix."""
+    from qwqq.progress import step_progress
+    from qwqq.source import open_checkpoint
+
+    ensure_torch("computing an importance matrix")
+    threads_for_torch(threads)
+    ckpt = open_checkpoint(source)
+    tokens = sample_tokens(ckpt, calib, calib_tokens, calib_seqlen)
+    n_layer = int(ckpt.config.get("num_hidden_layers") or 0)
+    with step_progress(progress, n_layer, "imatrix") as tick:
+        return ckpt, compute_imatrix(ckpt, tokens, device=pick_device(device),
+                                     dataset=Path(calib).name if calib else "qwqq calibration.txt",
+                                     tick=(lambda i: tick()) if tick else None)
+
+
+def resolve_imatrix(source, imatrix: str | None, *, calib=None, **kw):
+    """--imatrix FILE, --imatrix auto, or --calib alone (auto): the Imatrix to quantize with, or None."""
+    if imatrix is None and calib is None:
+        return None
+    if imatrix is not None and imatrix.lower() != "auto":
+        if calib is not None:
+            raise QwqqError("give --imatrix FILE or --calib (which computes one), not both")
+        from qwqq.quantize.imatrix_file import read_imatrix
+
+        return read_imatrix(imatrix)
+    return imatrix_from_source(source, calib=calib, **kw)[1]
+
+
+def imatrix_to_file(source, out=None, *, force: bool = False, **kw):
+    """`qwqq imatrix`: compute and write llama.cpp's imatrix GGUF. Returns (path, Imatrix)."""
+    from qwqq.outputs import check_target
+    from qwqq.quantize.imatrix_file import write_imatrix
+
+    if out is not None:
+        check_target(Path(out), force, None)  # before an hour of calibration, not after
+    ckpt, im = imatrix_from_source(source, **kw)
+    out = Path(out) if out is not None else Path.cwd() / f"{ckpt.name}.imatrix.gguf"
+    return write_imatrix(im, out, force=force), im

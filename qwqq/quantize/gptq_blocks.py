@@ -185,8 +185,8 @@ def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool 
         raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")
     if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
         raise QwqqError(f"--group-size {group_size}: use -1 (per channel) or a power of two >= 16 (128 is usual)")
-    if not 0 <= damp < 1:
-        raise QwqqError(f"--damp {damp}: a fraction of the Hessian's mean diagonal, 0 <= damp < 1 (0.01 is usual)")
+    if not 0 < damp < 1:
+        raise QwqqError(f"--damp {damp}: a fraction of the Hessian's mean diagonal, 0 < damp < 1 (0.01 is usual)")
     calibrate.ensure_torch("GPTQ")
     calibrate.threads_for_torch(threads)
     ckpt = open_checkpoint(source)

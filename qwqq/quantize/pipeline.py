@@ -54,7 +54,7 @@ def resolve_mixture(bits: int | None = None, type_name: str | None = None, *, ha
             raise QwqqError(f"unknown --type {type_name!r}; choose one of {', '.join(offered)}")
         if name not in GGUF_TYPES and not has_imatrix:
             raise UnsupportedError(f"--type {name} needs an importance matrix: give --imatrix FILE "
-                                   "(a llama-imatrix .gguf or .dat for this model)")
+                                   "(a llama-imatrix .gguf or .dat for this model), or --imatrix auto to compute one")
         return MIXTURES[name]
     bits = 4 if bits is None else bits
     if bits not in BITS_TO_MIXTURE:
