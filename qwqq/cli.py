@@ -267,7 +267,7 @@ def inspect(
 def run(
     model: Path = typer.Argument(..., help="A .gguf file or an MLX folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt, answered and exit. Without it: interactive chat."),
-    backend: str = typer.Option("auto", "--backend", help="llama.cpp, mlx, or auto (by format and platform)."),
+    backend: str = typer.Option("auto", "--backend", help="llama.cpp (GGUF), mlx (MLX folders), transformers (GPTQ folders; unquantized safetensors folders only when named), or auto (by format and platform)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Context length in tokens. Default: the longest `qwqq fit` finds for this machine."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all). Default: fitted to the GPU's memory."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Fit ctx, KV cache and GPU layers to a hardware profile (rtx-4090, m4-max-64, ...; see qwqq fit --list-profiles)."),

@@ -4,6 +4,7 @@ A backend is a module-level object with
 
     name: str                          "llama.cpp"
     formats: tuple[str, ...]           ("gguf",)
+    auto_formats: tuple[str, ...]      optional: the formats `--backend auto` picks it for (default: formats)
     unavailable_reason() -> str | None None when usable here, else one line saying what to do
     load(path, options) -> ChatModel
 
@@ -34,16 +35,19 @@ if TYPE_CHECKING:
     from qwqq.chat import Sampling
 
 ENTRY_POINT_GROUP = "qwqq.backends"
-BUILTIN = {"llama.cpp": "qwqq.backends.llamacpp:backend", "mlx": "qwqq.backends.mlx:backend"}
+BUILTIN = {"llama.cpp": "qwqq.backends.llamacpp:backend", "mlx": "qwqq.backends.mlx:backend",
+           "transformers": "qwqq.backends.transformers:backend"}
 ALIASES = {"llamacpp": "llama.cpp", "llama": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp",
-           "mlx-lm": "mlx", "mlx_lm": "mlx", "mlxlm": "mlx"}
+           "mlx-lm": "mlx", "mlx_lm": "mlx", "mlxlm": "mlx",
+           "hf": "transformers", "torch": "transformers", "pytorch": "transformers"}
 
 # What to tell a user who has a file of this format but no backend that loads it.
 FORMAT_HINT = {
     "gguf": 'install llama.cpp support with: pip install "qwqq[llama]"',
     "mlx": 'install MLX support with: pip install "qwqq[mlx]"',
     "gptq": 'install GPTQ support with: pip install "qwqq[gptq]"',
-    "safetensors": "this is an unquantized model: quantize it first with `qwqq quantize PATH`",
+    "safetensors": "this is an unquantized model: quantize it first with `qwqq quantize PATH` "
+                   "(or run it as it is with --backend transformers)",
 }
 GGUF_MAGIC = b"GGUF"
 GGUF_HEADER_BYTES = 24  # magic, u32 version, u64 tensor count, u64 key/value count
@@ -175,7 +179,7 @@ def pick_backend(name: str, path: str | Path) -> Backend:
     fmt = detect_format(path)
     known = backends()
     if canonical_name(name) == "auto":
-        candidates = [b for b in known.values() if fmt in b.formats]
+        candidates = [b for b in known.values() if fmt in getattr(b, "auto_formats", b.formats)]
         for b in candidates:
             if b.unavailable_reason() is None:
                 return b
@@ -187,7 +191,8 @@ def pick_backend(name: str, path: str | Path) -> Backend:
         raise UnsupportedError(f"unknown backend {name!r}; choose one of: auto, {', '.join(known)}")
     if fmt not in backend.formats:
         others = [b.name for b in known.values() if fmt in b.formats]
-        hint = f"use --backend {others[0]} or auto" if others else FORMAT_HINT.get(fmt, "")
+        auto = any(fmt in getattr(b, "auto_formats", b.formats) for b in known.values())
+        hint = f"use --backend {others[0]}{' or auto' if auto else ''}" if others else FORMAT_HINT.get(fmt, "")
         raise UnsupportedError(f"the {backend.name} backend cannot load {fmt} models; {hint}", path)
     reason = backend.unavailable_reason()
     if reason:
