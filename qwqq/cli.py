@@ -102,6 +102,11 @@ def quantize(
     desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: act-order (columns by decreasing Hessian diagonal)."),
     asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (default symmetric)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (raised automatically when needed)."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: a type per tensor, chosen from measured sensitivity, that fills this file size best (19.5GB, 800MB, 20GiB)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: the same, for an average of this many bits per weight."),
+    fit_profile: Optional[str] = typer.Option(None, "--fit", help="GGUF: the same, for what a hardware profile (rtx-4090, m4-max-64, ...) leaves for weights after the KV cache of --ctx."),
+    fit_ctx: int = typer.Option(8192, "--ctx", help="With --fit: the context to leave room for."),
+    fit_kv: str = typer.Option("f16", "--kv", help="With --fit: the KV cache type (f16, q8_0, q4_0)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize fp16/bf16 safetensors into a GGUF file, an MLX folder or a GPTQ folder, streaming, in bounded memory.
@@ -135,10 +140,22 @@ def quantize(
             from qwqq.outputs import check_target
 
             check_target(out, force, None)  # before the calibration pass, not after it
+        budget = target_size is not None or target_bpw is not None or fit_profile is not None
+        if budget and (bits is not None or type_ is not None):
+            raise QwqqError("--target-size, --target-bpw and --fit choose the types themselves: drop --bits / --type")
+        if budget and resume:
+            raise QwqqError("--resume is not offered for budget quantization yet: run it again")
         mixture = resolve_mixture(bits=bits, type_name=type_, has_imatrix=imatrix_file is not None or calib is not None)
         imatrix = resolve_imatrix(source, imatrix_file, progress=not quiet, threads=threads, **calibration)
+        overrides = None
+        if budget:
+            from qwqq.quantize.budget import budget_from_options
+
+            mixture, overrides, note = budget_from_options(source, target_size, target_bpw, fit_profile, fit_ctx,
+                                                           fit_kv, imatrix, progress=not quiet)
+            err.print(f"[dim]budget: {_escape(note)}[/]")
         result = quantize_to_gguf(source, mixture, out=out, force=force, resume=resume, threads=threads,
-                                  progress=not quiet, imatrix=imatrix)
+                                  progress=not quiet, imatrix=imatrix, overrides=overrides)
         for line in filter(None, [*fallback_notes(result.plan), imatrix_note(result)]):
             err.print(f"[yellow]note:[/] {_escape(line)}")
         Console(highlight=False).print(

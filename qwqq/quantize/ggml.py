@@ -111,3 +111,33 @@ def to_f32(dtype: str, raw: np.ndarray, out: np.ndarray) -> None:
 
 def validate(ggml_type: int, data: np.ndarray) -> bool:
     return bool(lib().ggml_validate_row_data(int(ggml_type), data.ctypes.data, data.nbytes))
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+@lru_cache(maxsize=None)
+def _to_float(ggml_type: int):
+    so = lib()
+    so.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    so.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    traits = so.ggml_get_type_traits(int(ggml_type)).contents
+    if not traits.to_float:
+        raise ValueError(f"ggml type {ggml_type} has no dequantizer")
+    return _TO_FLOAT(traits.to_float)
+
+
+def dequantize_rows(ggml_type: int, data: np.ndarray, nrows: int, n_per_row: int) -> np.ndarray:
+    """ggml's own dequantizer (the type's to_float): quantized bytes -> float32 [nrows, n_per_row]."""
+    out = np.empty((nrows, n_per_row), np.float32)
+    src = np.ascontiguousarray(data)
+    if src.nbytes < nrows * row_size(ggml_type, n_per_row):
+        raise ValueError("not enough quantized data for the rows asked")
+    _to_float(ggml_type)(src.ctypes.data, out.ctypes.data, nrows * n_per_row)
+    return out

@@ -82,12 +82,13 @@ def model_facts(config: dict, arch: Arch) -> ModelFacts:
     return ModelFacts(arch.name, n_layer, n_head, n_kv, n_expert, is_70b)
 
 
-def plan_checkpoint(ckpt: Checkpoint, mixture: Mixture | str, *, has_imatrix: bool = False):
+def plan_checkpoint(ckpt: Checkpoint, mixture: Mixture | str, *, has_imatrix: bool = False,
+                    overrides: dict | None = None):
     """The arch, the GGUF tensors with their sources, and the plan for one checkpoint."""
     arch = arch_of(ckpt.config, ckpt.root / "config.json")
     tensors = gguf_tensors(ckpt, arch)
     plan = make_plan([(t.name, t.shape) for t in tensors], model_facts(ckpt.config, arch), mixture,
-                     has_imatrix=has_imatrix)
+                     has_imatrix=has_imatrix, overrides=overrides)
     return arch, tensors, plan
 
 
@@ -134,13 +135,13 @@ def header_estimate(vocab_tokens: int) -> int:
 
 def quantize_to_gguf(source: str | Path, mixture: Mixture, *, out: Path | None = None, force: bool = False,
                      resume: bool = False, threads: int = 0, progress: bool = True,
-                     imatrix: "Imatrix | None" = None) -> Result:
+                     imatrix: "Imatrix | None" = None, overrides: dict | None = None) -> Result:
     """Quantize a checkpoint to one GGUF file. With `imatrix` (an importance matrix, read from a
     llama-imatrix file or computed), the plan and every quantized tensor use it as llama-quantize
     --imatrix does."""
     t0 = time.perf_counter()
     ckpt = open_checkpoint(source)
-    arch, tensors, plan = plan_checkpoint(ckpt, mixture, has_imatrix=imatrix is not None)
+    arch, tensors, plan = plan_checkpoint(ckpt, mixture, has_imatrix=imatrix is not None, overrides=overrides)
     vocab = build_vocab(ckpt)
     rows, missing = imatrix_rows(plan, imatrix) if imatrix is not None else (None, [])
     need = [t for t in plan.tensors if t.needs_imatrix]

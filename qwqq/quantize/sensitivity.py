@@ -1,0 +1,138 @@
+"""How much each tensor suffers at each GGUF type: the measurement pass behind budget quantization.
+
+For every quantizable tensor and every type of a ladder, a sample of its rows is quantized with
+ggml's own kernels (with the importance matrix where there is one, as the real run will) and
+dequantized again, and the relative error of the tensor's output is taken:
+
+    nsr(t, T) = sum_rows sum_c imp[c] (w - w_T)^2  /  sum_rows sum_c imp[c] w^2
+
+imp being the imatrix's mean squared activation of input column c (1 without an imatrix): the
+error energy of x @ w.T over the signal energy, for the calibration inputs. Rows are independent in
+every GGUF type, so a strided sample of rows estimates the whole. The sum of nsr over tensors is the
+allocator's predicted loss (validated against KLD in docs/bench-budget.md). Measured once per
+(checkpoint, imatrix, ladder) and cached on disk as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from qwqq.archs import GGUFTensor
+from qwqq.quantize import ggml
+from qwqq.quantize.plan import FLOAT_TYPES, Plan, block_size, tensor_bytes
+from qwqq.source import Checkpoint, RowReader
+
+LADDER = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # every step a better type at more bytes
+SMALL_ROW_LADDER = (T.Q4_0, T.Q5_0, T.Q8_0)  # rows not a multiple of 256
+SAMPLE_ROWS = 256
+VERSION = 1
+
+
+@dataclass
+class Sensitivity:
+    """Per tensor (GGUF name): {type name: nsr} over the types its rows allow."""
+
+    errors: dict[str, dict[str, float]]
+    imatrix: bool
+
+    def candidates(self, name: str) -> list[tuple[T, float]]:
+        return [(T[k], v) for k, v in self.errors[name].items()]
+
+
+def ladder_for(cols: int) -> tuple[T, ...]:
+    types = tuple(t for t in LADDER if cols % block_size(t) == 0)
+    return types if len(types) > 1 else tuple(t for t in SMALL_ROW_LADDER if cols % block_size(t) == 0)
+
+
+def _sample_rows(src: GGUFTensor, reader: RowReader, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to n rows spread over the tensor (each from its part), and the expert of each row."""
+    rows_total = src.rows
+    pick = np.unique(np.linspace(0, rows_total - 1, min(n, rows_total)).astype(np.int64))
+    per_part = []
+    start = 0
+    out = np.empty((pick.size, src.cols), np.float32)
+    experts = np.zeros(pick.size, np.int64)
+    bounds = []
+    for p in src.parts:
+        bounds.append((start, start + (p.row1 - p.row0), p))
+        start += p.row1 - p.row0
+    rows_per_expert = rows_total // src.shape[0] if len(src.shape) == 3 else rows_total
+    for k, r in enumerate(pick):
+        for a, b, p in bounds:
+            if a <= r < b:
+                reader.read_f32(p.ref, p.row0 + (r - a), p.row0 + (r - a) + 1, out=out[k])
+                break
+        experts[k] = r // rows_per_expert
+    del per_part
+    return out, experts
+
+
+def tensor_errors(rows: np.ndarray, experts: np.ndarray, imp: np.ndarray | None, types) -> dict[str, float]:
+    """nsr for each type on these rows; imp is [n_mat, cols] or None."""
+    weights = np.ones((1, rows.shape[1]), np.float32) if imp is None else imp[experts] if imp.shape[0] > 1 \
+        else np.broadcast_to(imp, rows.shape)
+    signal = float((weights * rows.astype(np.float64) ** 2).sum()) or 1e-30
+    out = {}
+    for t in types:
+        buf = np.empty(rows.shape[0] * ggml.row_size(t, rows.shape[1]), np.uint8)
+        if imp is None or imp.shape[0] == 1:
+            ggml.quantize_rows(t, rows, buf, None if imp is None else imp[0])
+        else:  # each row with its expert's importance
+            rb = ggml.row_size(t, rows.shape[1])
+            for k in range(rows.shape[0]):
+                ggml.quantize_rows(t, rows[k: k + 1], buf[k * rb: (k + 1) * rb], imp[experts[k]])
+        back = ggml.dequantize_rows(t, buf, rows.shape[0], rows.shape[1])
+        out[t.name] = float((weights * (rows - back).astype(np.float64) ** 2).sum()) / signal
+    return out
+
+
+def _cache_file(ckpt: Checkpoint, imatrix, sample_rows: int) -> Path:
+    from qwqq.eval.harness import cache_dir, identity
+
+    h = hashlib.sha256(json.dumps({"v": VERSION, "model": identity(ckpt.root), "rows": sample_rows,
+                                   "ladder": [t.name for t in LADDER],
+                                   "imatrix": imatrix.digest() if imatrix is not None else None},
+                                  sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir().parent / "sensitivity" / f"{h}.json"
+
+
+def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatrix=None, *,
+            sample_rows: int = SAMPLE_ROWS, use_cache: bool = True, tick=None) -> Sensitivity:
+    """nsr for every tensor the plan quantizes, at every type of its ladder (cached)."""
+    from qwqq.quantize.pipeline import imatrix_rows
+
+    cache = _cache_file(ckpt, imatrix, sample_rows)
+    if use_cache and cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            return Sensitivity(data["errors"], data["imatrix"])
+        except (OSError, ValueError, KeyError):
+            pass
+    imps = imatrix_rows(plan, imatrix)[0] if imatrix is not None else {}
+    errors = {}
+    with RowReader() as reader:
+        for tp in plan.tensors:
+            if not tp.quantized or tp.type in FLOAT_TYPES:
+                continue
+            rows, experts = _sample_rows(sources[tp.name], reader, sample_rows)
+            errors[tp.name] = tensor_errors(rows, experts, imps.get(tp.name), ladder_for(tp.shape[-1]))
+            if tick:
+                tick()
+    sens = Sensitivity(errors, imatrix is not None)
+    if use_cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"errors": errors, "imatrix": sens.imatrix}))
+        os.replace(tmp, cache)
+    return sens
+
+
+def candidate_bytes(shape: tuple[int, ...], t: T) -> int:
+    return tensor_bytes(t, shape)
