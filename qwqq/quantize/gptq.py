@@ -58,18 +58,24 @@ def _quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) 
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; damping raised until H is positive definite."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; damping raised until H is positive definite.
+
+    H is damped in place (the caller's copy); at most three in x in matrices live at once."""
     mean_diag = torch.mean(torch.diag(h)).item()
-    idx = torch.arange(h.shape[0], device=h.device)
+    diag = h.diagonal()
     while True:
-        hd = h.clone()
-        hd[idx, idx] += damp * mean_diag
-        chol, info = torch.linalg.cholesky_ex(hd)
+        diag.add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info.item() == 0:
                 return upper, damp
+        else:
+            del chol
+        diag.sub_(damp * mean_diag)
         if damp >= 1.0:
             raise ValueError("the Hessian is not positive definite even with damping 1.0")
         damp = min(1.0, damp * 2 if damp >= 0.01 else 0.01)

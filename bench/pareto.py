@@ -1,0 +1,162 @@
+"""Quality against size: KLD vs file size for the stock GGUF mixtures, IQ types, MLX, GPTQ, and qwqq's
+budget-targeted GGUFs at the sizes of the stock mixtures.
+
+Every point is scored by `qwqq eval`'s harness against the bf16 source on the shipped evaluation
+text (held apart from the calibration sample). All GGUFs (stock and budget) are made with the same
+importance matrix, computed by qwqq from the shipped calibration sample, so the comparison is
+between type choices only. Output: docs/bench-pareto.md (table) and docs/pareto-<model>.png.
+
+    .venv/bin/python -m bench.pareto [--model smollm2|qwen25] [--eval-tokens 4096] [--calib-tokens 4096] [--skip-mlx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+OUT = REPO / ".cache" / "bench" / "pareto"
+DOC = REPO / "docs" / "bench-pareto.md"
+MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"), "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir")}
+STOCK = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+IQ = ["IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS"]
+BUDGET_AT = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M"]
+MLX_BITS = [3, 4, 6, 8]
+
+
+def size_of(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--skip-mlx", action="store_true")
+    args = ap.parse_args(argv)
+    import tests.fixtures as fx
+    from qwqq.eval.harness import evaluate
+    from qwqq.quantize import calibrate
+    from qwqq.quantize.budget import plan_for_budget
+    from qwqq.quantize.imatrix_file import read_imatrix, write_imatrix
+    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.source import open_checkpoint
+
+    name, fixture = MODELS[args.model]
+    src = getattr(fx, fixture)()
+    ckpt = open_checkpoint(src)
+    out = OUT / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    im_path = out / "imatrix.gguf"
+    if not im_path.exists():
+        toks = calibrate.tokenize(ckpt, calibrate.default_text(), args.calib_tokens, 512)
+        write_imatrix(calibrate.compute_imatrix(ckpt, toks, dataset="qwqq calibration.txt"), im_path)
+    im = read_imatrix(im_path)
+    files: list[tuple[str, str, Path]] = []  # (family, label, path)
+    for t in STOCK + IQ:
+        p = out / f"{t}.gguf"
+        if not p.exists():
+            quantize_to_gguf(src, resolve_mixture(type_name=t, has_imatrix=True), out=p, imatrix=im, progress=False)
+        files.append(("GGUF stock" if t in STOCK else "GGUF IQ", t, p))
+    for t in BUDGET_AT:
+        p = out / f"budget-at-{t}.gguf"
+        if not p.exists():
+            bp = plan_for_budget(ckpt, target_bytes=size_of(out / f"{t}.gguf"), imatrix=im)
+            quantize_to_gguf(src, resolve_mixture(type_name="Q4_K_M"), out=p, imatrix=im, overrides=bp.overrides,
+                             progress=False)
+        files.append(("GGUF qwqq budget", f"budget @ {t} size", p))
+    if not args.skip_mlx:
+        from qwqq.quantize.mlx_writer import quantize_to_mlx
+
+        for b in MLX_BITS:
+            p = out / f"mlx-{b}bit"
+            if not p.exists():
+                quantize_to_mlx(src, bits=b, out=p, progress=False)
+            files.append(("MLX", f"mlx {b}-bit g64", p))
+    gptq = out / "gptq-4bit-g128"
+    if not gptq.exists():
+        from qwqq.quantize.gptq_blocks import quantize_to_gptq
+
+        quantize_to_gptq(src, out=gptq, calib_tokens=args.calib_tokens, progress=False)
+    files.append(("GPTQ", "gptq 4-bit g128", gptq))
+
+    rows = []
+    for family, label, p in files:
+        r = evaluate(p, src, ctx=512, max_tokens=args.eval_tokens, progress=False).summary
+        rows.append({"family": family, "label": label, "bytes": size_of(p), "kld_mean": r.kld_mean,
+                     "kld_err": r.kld_err, "kld_p99": r.kld_p99, "same_top": r.same_top, "ppl": r.ppl,
+                     "ref_ppl": r.ref_ppl})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"model": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "eval_tokens": args.eval_tokens, "calib_tokens": args.calib_tokens, "rows": rows}
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    (REPO / "bench" / "results" / f"pareto-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    chart(result, REPO / "docs" / f"pareto-{args.model}.png")
+    write_doc(result, args, argv)
+    return 0
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    marks = {"GGUF stock": "o", "GGUF IQ": "s", "GGUF qwqq budget": "*", "MLX": "^", "GPTQ": "D"}
+    for fam, m in marks.items():
+        pts = [r for r in result["rows"] if r["family"] == fam]
+        if not pts:
+            continue
+        ax.scatter([r["bytes"] / 1e6 for r in pts], [r["kld_mean"] for r in pts], marker=m, s=80 if m == "*" else 40,
+                   label=fam)
+        for r in pts:
+            ax.annotate(r["label"].replace(" size", ""), (r["bytes"] / 1e6, r["kld_mean"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("mean KLD vs bf16 (nats, log scale)")
+    ax.set_title(f"{result['model']}: quality against size ({result['eval_tokens']} eval tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_doc(result: dict, args, argv) -> None:
+    cmd = "`.venv/bin/python -m bench.pareto " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+    lines = [f"## {result['model']}", "",
+             f"Made by {cmd} on {result['date'][:10]}. Chart: docs/pareto-{args.model}.png. Every GGUF (stock, IQ "
+             "and budget) uses the same qwqq importance matrix (shipped calibration sample, "
+             f"{result['calib_tokens']} tokens); KLD against the bf16 source on {result['eval_tokens']} tokens of "
+             "the shipped eval text (windows of 512, second halves scored).", "",
+             "| family | output | size MB | KLD mean ± err | KLD p99 | same top | PPL (bf16) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(result["rows"], key=lambda r: r["bytes"]):
+        lines.append(f"| {r['family']} | {r['label']} | {r['bytes'] / 1e6:.1f} | {r['kld_mean']:.4f} ± {r['kld_err']:.4f} | "
+                     f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r['ppl']:.3f} ({r['ref_ppl']:.3f}) |")
+    stock = {r["label"]: r for r in result["rows"] if r["family"] == "GGUF stock"}
+    lines += ["", "Budget-targeted against the stock mixture of the same size:", "",
+              "| size of | stock KLD | budget KLD | budget / stock |", "|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["family"] == "GGUF qwqq budget":
+            s = stock[r["label"].split("@ ")[1].split()[0]]
+            lines.append(f"| {s['label']} ({s['bytes'] / 1e6:.1f} MB; budget file {r['bytes'] / 1e6:.1f} MB) | "
+                         f"{s['kld_mean']:.4f} | {r['kld_mean']:.4f} | {r['kld_mean'] / s['kld_mean']:.2f} |")
+    section = "\n".join(lines) + "\n"
+    head = "# Quality against size (issue 6's Pareto benchmark)\n\n"
+    old = DOC.read_text() if DOC.exists() else head
+    parts = old.split("\n## ")
+    kept = [p for p in parts[1:] if not p.startswith(result["model"])]
+    DOC.write_text(parts[0].rstrip("\n") + "\n\n" + "".join("## " + p.rstrip("\n") + "\n\n" for p in kept) + section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
