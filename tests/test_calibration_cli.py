@@ -92,6 +92,11 @@ BAD = {
                               ["vocabulary"]),
     "eval truncated gptq": (["eval", "{trunc_gptq}", "--ref", "{src}", "--ctx", "64", "--max-tokens", "128"],
                             ["model.safetensors"]),
+    "eval gptq config disagrees": (["eval", "{bits_gptq}", "--ref", "{src}", "--ctx", "64", "--max-tokens", "128"],
+                                   ["config"]),
+    "eval truncated gguf": (["eval", "{trunc_gguf}", "--ref", "{src}", "--ctx", "64", "--max-tokens", "128"],
+                            ["trunc.gguf"]),
+    "eval not a gguf": (["eval", "{not_gguf}", "--ref", "{src}"], ["not a GGUF"]),
 }
 
 
@@ -113,14 +118,46 @@ def truncated_gptq(tmp_path_factory, qwen2):
     return out
 
 
+@pytest.fixture(scope="module")
+def bits_mismatch_gptq(tmp_path_factory, truncated_gptq, qwen2):
+    """A whole 4-bit GPTQ folder whose config says 8 bits."""
+    import shutil
+
+    import torch
+
+    from qwqq.quantize.gptq import rtn_quantize
+    from qwqq.quantize.gptq_format import pack, write_gptq
+
+    def q(lin, w):
+        r = rtn_quantize(torch.from_numpy(w), bits=4, group_size=128)
+        return pack(r.q, r.scales, r.zeros, r.g_idx, 4)
+
+    out = write_gptq(qwen2, tmp_path_factory.mktemp("bm") / "g", q).path
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 8
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def truncated_gguf(tmp_path_factory):
+    src = smollm2_gguf()
+    out = tmp_path_factory.mktemp("tg") / "trunc.gguf"
+    with open(src, "rb") as f:
+        out.write_bytes(f.read(src.stat().st_size // 3))
+    return out
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_calibration_and_eval_inputs(case, qwen2, tmp_path, truncated_gptq):
+def test_bad_calibration_and_eval_inputs(case, qwen2, tmp_path, truncated_gptq, bits_mismatch_gptq, truncated_gguf):
     args, needles = BAD[case]
     existing = tmp_path / "there.gguf"
     existing.write_bytes(b"x")
     subs = {"src": qwen2, "tmp": tmp_path, "calib": _calib(tmp_path, b"hello " * 200),
             "binary": (tmp_path / "bin.txt"), "short": (tmp_path / "short.txt"), "existing": existing,
-            "smollm2": smollm2_gguf(), "trunc_gptq": truncated_gptq}
+            "smollm2": smollm2_gguf(), "trunc_gptq": truncated_gptq, "bits_gptq": bits_mismatch_gptq,
+            "trunc_gguf": truncated_gguf, "not_gguf": tmp_path / "fake.gguf"}
+    subs["not_gguf"].write_bytes(b"this is not a model\n" * 100)
     subs["binary"].write_bytes(b"\xff\xfe\x00bad" * 50)
     subs["short"].write_text("too short")
     before = set(tmp_path.iterdir())
