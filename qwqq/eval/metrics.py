@@ -37,10 +37,14 @@ class RefPositions:
         return RefPositions(*(getattr(self, f)[sl] for f in self.FIELDS))
 
     def logp(self) -> np.ndarray:
-        """Decoded log-probabilities, renormalised: float64 [n, vocab]."""
-        lp = self.lo[:, None].astype(np.float64) + self.logp_u16.astype(np.float64) * self.step[:, None]
+        """Decoded log-probabilities, renormalised: float32 [n, vocab]."""
+        lp = self.logp_u16.astype(np.float32)
+        lp *= self.step[:, None]
+        lp += self.lo[:, None]
         m = lp.max(axis=1, keepdims=True)
-        return lp - (m + np.log(np.exp(lp - m).sum(axis=1, keepdims=True)))
+        z = np.log(np.exp(lp - m).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+        lp -= m + z
+        return lp
 
     @staticmethod
     def concat(parts: list["RefPositions"]) -> "RefPositions":
@@ -89,7 +93,9 @@ def score(ref: RefPositions, logits: np.ndarray, targets: np.ndarray) -> Positio
     n = len(targets)
     nll = -lq[np.arange(n), targets].astype(np.float64)
     lp = ref.logp()
-    kld = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=1), 0.0)
+    diff = lp - lq
+    np.exp(lp, out=lp)  # lp now holds p
+    kld = np.maximum(np.einsum("ij,ij->i", lp, diff, dtype=np.float64), 0.0)
     same = lq.argmax(axis=1) == ref.top1
     return PositionScores(nll, -ref.target_logp.astype(np.float64), kld, same)
 
