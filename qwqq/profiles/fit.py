@@ -16,7 +16,7 @@ from qwqq.profiles import hardware as hwmod
 from qwqq.profiles.hardware import GiB, Hardware
 from qwqq.profiles.memory import (KV_NEEDS_FLASH_ATTN, KV_TYPES, MiB, Weights, compute_bytes, kv_bytes,
                                   output_buffer_bytes, tokens_per_second)
-from qwqq.profiles.models import Build, Model, catalog, from_config, resolve
+from qwqq.profiles.models import Build, Model, catalog, from_catalog, resolve
 
 DEFAULT_TYPES = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")
 CTX_STEPS = (131072, 98304, 65536, 49152, 32768, 24576, 16384, 12288, 8192, 6144, 4096, 2048)
@@ -424,8 +424,7 @@ def fit_model(model: Model, hw: Hardware, req: Request, types: list[str] | None 
 
 @cache
 def catalog_models() -> tuple[Model, ...]:
-    return tuple(from_config(e.config, e.name, "catalog", e.hub[0] if e.hub else e.name, approximate=e.approximate)
-                 for e in catalog())
+    return tuple(from_catalog(e) for e in catalog())
 
 
 def fit_catalog(hw: Hardware, req: Request, types: list[str] | None = None) -> list[Candidate]:

@@ -33,7 +33,7 @@ HEADER_FIXED = 16 * 1024  # chat template, scalar keys
 
 
 # --------------------------------------------------------------------------- tensor shapes
-def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
+def tensor_shapes(config: dict, output_tensor: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """The GGUF tensors (name, numpy-order shape) a config.json describes, in no particular order.
 
     Qwen2 (q/k/v biases), Qwen3 (q/k norms), Qwen3-MoE (stacked experts, router), Llama
@@ -44,8 +44,8 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     hidden, n_layer = int(c["hidden_size"]), int(c["num_hidden_layers"])
     vocab = int(c["vocab_size"])
     out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (vocab, hidden)), ("output_norm.weight", (hidden,))]
-    if not c.get("tie_word_embeddings", False):
-        out.append(("output.weight", (vocab, hidden)))
+    if output_tensor or not c.get("tie_word_embeddings", False):  # output_tensor: the checkpoint ships
+        out.append(("output.weight", (vocab, hidden)))  # lm_head.weight although config.json says tied
     if arch == DEEPSEEK:
         return out + _deepseek_layers(c, hidden, n_layer)
 
@@ -189,13 +189,15 @@ class CatalogEntry:
     family: str
     config: dict
     approximate: bool = False
+    output_tensor: bool = False  # GGUF: the checkpoint ships lm_head.weight although config.json says tied
 
 
 @cache
 def catalog() -> tuple[CatalogEntry, ...]:
     data = tomllib.loads(resources.files("qwqq.profiles").joinpath("data/catalog.toml").read_text(encoding="utf-8"))
     return tuple(CatalogEntry(m["name"], tuple(m.get("hub", ())), m.get("family", ""), m["config"],
-                              bool(m.get("approximate", False))) for m in data["model"])
+                              bool(m.get("approximate", False)), bool(m.get("output_tensor", False)))
+                 for m in data["model"])
 
 
 def find_catalog(spec: str) -> CatalogEntry | None:
@@ -335,17 +337,22 @@ def resolve(spec: str) -> Model:
         return from_folder(p)
     entry = find_catalog(spec)
     if entry is not None:
-        return from_config(entry.config, entry.name, "catalog", entry.hub[0] if entry.hub else entry.name,
-                           approximate=entry.approximate)
+        return from_catalog(entry)
     if HUB_ID.match(spec):
         return from_config(hub_config(spec), spec.split("/")[-1], "hub", spec)
     names = ", ".join(e.name for e in catalog())
     raise QwqqError(f"unknown model {spec!r}: not a .gguf file, a folder, a hub id (owner/name) or a catalog model ({names})")
 
 
-def from_config(config: dict, name: str, source: str, ref: str, approximate: bool = False) -> Model:
+def from_catalog(e: CatalogEntry) -> Model:
+    return from_config(e.config, e.name, "catalog", e.hub[0] if e.hub else e.name, approximate=e.approximate,
+                       output_tensor=e.output_tensor)
+
+
+def from_config(config: dict, name: str, source: str, ref: str, approximate: bool = False,
+                output_tensor: bool = False) -> Model:
     try:
-        shapes = tensor_shapes(config)
+        shapes = tensor_shapes(config, output_tensor)
         approximate = approximate or _arch_name(config) == DEEPSEEK  # a shape model; qwqq cannot quantize it
         return Model(name, source, ref, dims_from_config(config), config, shapes, facts_from_config(config),
                      approximate=approximate)
