@@ -192,6 +192,10 @@ def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, q
     result = quantize_to_gptq(source, bits=4 if bits is None else bits, group_size=128 if group_size is None else group_size,
                               sym=not asym, desc_act=desc_act, damp=damp, out=out, force=force, threads=threads,
                               progress=not quiet, **calibration)
+    if result.undersampled:
+        err.print(f"[yellow]note:[/] {result.tokens} calibration tokens for inputs {result.widest_input} wide: GPTQ may "
+                  f"fit the sample rather than the model; --calib-tokens {4 * result.widest_input} or more (with a "
+                  f"longer --calib text) is safer")
     if result.rtn_fallbacks:
         err.print(f"[yellow]note:[/] {len(result.rtn_fallbacks)} expert weights saw too few calibration tokens and were "
                   f"rounded to nearest instead (first: {_escape(result.rtn_fallbacks[0])}); more --calib-tokens helps")

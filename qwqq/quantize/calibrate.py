@@ -327,7 +327,7 @@ def run_block(layer, x, position_embeddings, batch: int, flush: Callable[[], Non
                 x[b0: b0 + batch] = out[0] if isinstance(out, tuple) else out
 
 
-def batch_size(seqlen: int, hidden: int, ffn: int, budget_bytes: int = 1 << 30) -> int:
+def batch_size(seqlen: int, hidden: int, ffn: int, budget_bytes: int = 256 << 20) -> int:
     """Sequences per forward call so that one batch's intermediates stay near budget_bytes."""
     per_seq = 4 * seqlen * (max(ffn, hidden) * 3 + seqlen)
     return max(1, budget_bytes // max(1, per_seq))
