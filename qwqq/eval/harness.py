@@ -52,12 +52,9 @@ def default_text() -> str:
 def read_text(path: Path | str | None) -> str:
     if path is None:
         return default_text()
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise QwqqError(f"cannot read the evaluation text: {e.strerror}", path) from e
-    except UnicodeDecodeError as e:
-        raise QwqqError(f"evaluation text is not UTF-8 (byte {e.start})", path) from e
+    from qwqq.quantize.calibrate import read_text as read_utf8
+
+    return read_utf8(path, "evaluation text")
 
 
 def windows_of(ids: np.ndarray, ctx: int, max_tokens: int | None = None) -> np.ndarray:

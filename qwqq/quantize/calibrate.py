@@ -45,18 +45,19 @@ def default_text() -> str:
     return resources.files("qwqq").joinpath("data", "calibration.txt").read_text(encoding="utf-8")
 
 
-def read_text(path: Path | str | None) -> str:
+def read_text(path: Path | str | None, what: str = "calibration text") -> str:
+    """A UTF-8 text file (None: the shipped calibration sample); one-line errors name `what`."""
     if path is None:
         return default_text()
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise QwqqError(f"cannot read the calibration text: {e.strerror}", path) from e
+        raise QwqqError(f"cannot read the {what}: {e.strerror}", path) from e
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise QwqqError(f"calibration text is not UTF-8 (byte {e.start})", path) from e
+        raise QwqqError(f"{what} is not UTF-8 (byte {e.start})", path) from e
 
 
 def tokenize(ckpt: Checkpoint, text: str, n_tokens: int = DEFAULT_TOKENS, seqlen: int = DEFAULT_SEQLEN,

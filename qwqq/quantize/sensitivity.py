@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as T
 
 from qwqq.archs import GGUFTensor
 from qwqq.quantize import ggml
-from qwqq.quantize.plan import FLOAT_TYPES, Plan, block_size, tensor_bytes
+from qwqq.quantize.plan import FLOAT_TYPES, Plan, block_size
 from qwqq.source import Checkpoint, RowReader
 
 LADDER = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # every step a better type at more bytes
@@ -52,26 +52,17 @@ def ladder_for(cols: int) -> tuple[T, ...]:
 
 
 def _sample_rows(src: GGUFTensor, reader: RowReader, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to n rows spread over the tensor (each from its part), and the expert of each row."""
-    rows_total = src.rows
-    pick = np.unique(np.linspace(0, rows_total - 1, min(n, rows_total)).astype(np.int64))
-    per_part = []
-    start = 0
+    """Up to n rows spread over the tensor (each read from the part that holds it), and each row's expert."""
+    pick = np.unique(np.linspace(0, src.rows - 1, min(n, src.rows)).astype(np.int64))
+    ends = np.cumsum([p.row1 - p.row0 for p in src.parts])  # parts are concatenated along rows
     out = np.empty((pick.size, src.cols), np.float32)
-    experts = np.zeros(pick.size, np.int64)
-    bounds = []
-    for p in src.parts:
-        bounds.append((start, start + (p.row1 - p.row0), p))
-        start += p.row1 - p.row0
-    rows_per_expert = rows_total // src.shape[0] if len(src.shape) == 3 else rows_total
     for k, r in enumerate(pick):
-        for a, b, p in bounds:
-            if a <= r < b:
-                reader.read_f32(p.ref, p.row0 + (r - a), p.row0 + (r - a) + 1, out=out[k])
-                break
-        experts[k] = r // rows_per_expert
-    del per_part
-    return out, experts
+        i = int(np.searchsorted(ends, r, side="right"))
+        p = src.parts[i]
+        row = p.row0 + int(r - (ends[i - 1] if i else 0))
+        reader.read_f32(p.ref, row, row + 1, out=out[k])
+    rows_per_expert = src.rows // src.shape[0] if len(src.shape) == 3 else src.rows
+    return out, pick // rows_per_expert
 
 
 def tensor_errors(rows: np.ndarray, experts: np.ndarray, imp: np.ndarray | None, types) -> dict[str, float]:
@@ -132,7 +123,3 @@ def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatri
         tmp.write_text(json.dumps({"errors": errors, "imatrix": sens.imatrix}))
         os.replace(tmp, cache)
     return sens
-
-
-def candidate_bytes(shape: tuple[int, ...], t: T) -> int:
-    return tensor_bytes(t, shape)
