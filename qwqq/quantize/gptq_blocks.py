@@ -199,6 +199,9 @@ def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool 
     ckpt = open_checkpoint(source)
     tokens = calibrate.tokenize(ckpt, calibrate.read_text(calib), calib_tokens or calibrate.DEFAULT_TOKENS,
                                 calib_seqlen or calibrate.DEFAULT_SEQLEN, calib)
+    from qwqq.quantize.gptq_format import default_output
+
+    out = Path(out) if out is not None else default_output(ckpt, bits, group_size)
     model = calibrate.open_block_model(ckpt, calibrate.pick_device(device))
     opts = GPTQOptions(bits, group_size, sym, desc_act, damp)
     try:
@@ -213,12 +216,8 @@ def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool 
                                         pack(r.q.cpu(), r.scales.cpu(), r.zeros.cpu(), r.g_idx.cpu(), bits))
 
             reports = gptq_model(model, tokens, opts, emit, (lambda i: tick()) if tick else None)
-            final = Path(out) if out is not None else None
     finally:
         model.close()
-    from qwqq.quantize.gptq_format import default_output
-
-    final = final or default_output(ckpt, bits, group_size)
-    size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     widest = max(int(ckpt.config.get(k) or 0) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size"))
-    return GPTQRun(final, size, time.perf_counter() - t0, reports, int(tokens.size), widest)
+    return GPTQRun(out, size, time.perf_counter() - t0, reports, int(tokens.size), widest)
