@@ -36,6 +36,28 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache(tmp_path_factory):
+    """qwqq's own cache (eval references, auto imatrix) goes under the session's scratch, never the user's."""
+    os.environ["QWQQ_CACHE"] = str(tmp_path_factory.mktemp("qwqq-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_scratch_removed(request, tmp_path_factory):
+    """Disk is finite on CI: a module's scratch folders (fixtures' GGUF/GPTQ outputs, several GB over the
+    suite) go when the module ends, unless one of its tests failed (then they stay for a look). Each test's
+    own tmp_path goes when it passes (tmp_path_retention_policy = "failed" in pyproject.toml)."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for p in set(base.iterdir()) - before:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return fixtures.smollm2_dir()

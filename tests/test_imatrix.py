@@ -52,7 +52,7 @@ TEXT = " ".join([
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tools() -> Path:
     return fixtures.llama_cpp_tools()
 
@@ -74,14 +74,14 @@ def llama_quantize(tools: Path, src: Path, dst: Path, mixture: str, imatrix: Pat
     return dst
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("imatrix")
     (d / "calib.txt").write_text(TEXT)
     return d
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bf16(work):
     """arch -> (checkpoint folder, BF16 GGUF of it): the same floats llama-quantize starts from."""
     made = {}
@@ -97,7 +97,7 @@ def bf16(work):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def imatrix_of(tools, work, bf16):
     """arch -> llama-imatrix's GGUF imatrix, computed on the BF16 GGUF from calib.txt."""
     made = {}
@@ -110,7 +110,7 @@ def imatrix_of(tools, work, bf16):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ours(bf16, imatrix_of, work):
     """(arch, mixture) -> (qwqq quantize --imatrix's GGUF, its stderr), through the real CLI."""
     made = {}
@@ -127,7 +127,7 @@ def ours(bf16, imatrix_of, work):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def theirs(bf16, imatrix_of, tools, work):
     """(arch, mixture) -> llama-quantize --imatrix's GGUF from the BF16 GGUF."""
     made = {}

@@ -47,7 +47,7 @@ def test_smollm2_matches_llama_quantize(mixture, smollm2_dir, smollm2_bf16_gguf,
     assert ours.plan.tensor_bytes == sum(v[2] for v in tensor_table(ours.path, with_hash=False).values())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_bf16(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-bf16") / "bf16.gguf"
     quantize_to_gguf(tiny_dir, resolve_mixture(type_name="BF16"), out=out, progress=False, threads=2)

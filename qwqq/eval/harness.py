@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qwqq.errors import QwqqError
-from qwqq.eval.logits import LogitsModel, open_logits
+from qwqq.eval.logits import LogitsModel, check_logits_source, open_logits
 from qwqq.eval.metrics import PositionScores, RefPositions, Summary, reference_positions, score, summarize
 
 DEFAULT_CTX = 512
@@ -168,6 +168,7 @@ def evaluate(model: str | Path, ref: str | Path, *, text: str | None = None, ctx
     model, ref = Path(model), Path(ref)
     text = default_text() if text is None else text
     t0 = time.perf_counter()
+    check_logits_source(model)  # a wrong model path fails now, not after the reference pass
     ref_model = open_logits(ref, ctx, threads)
     try:
         tok = ref_model.tokenize

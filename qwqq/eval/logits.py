@@ -97,12 +97,22 @@ PROVIDERS: dict[str, Callable[[Path, int, int], LogitsModel]] = {
 }
 
 
-def open_logits(path: str | Path, ctx: int, threads: int = 0) -> LogitsModel:
+def check_logits_source(path: str | Path) -> str:
+    """The format of `path`, checked as far as is cheap (it exists, its headers parse, eval reads it):
+    run before the reference pass so a bad model path fails at once, not after minutes of work."""
     from qwqq.backends import detect_format
 
     path = Path(path)
     fmt = detect_format(path)
-    provider = PROVIDERS.get(fmt)
-    if provider is None:
+    if fmt not in PROVIDERS:
         raise UnsupportedError(f"eval does not read {fmt} models yet", path)
-    return provider(path, ctx, threads)
+    if fmt in ("safetensors", "gptq"):
+        from qwqq.source import open_checkpoint
+
+        open_checkpoint(path)  # reads config and safetensors headers; checks every shard is whole
+    return fmt
+
+
+def open_logits(path: str | Path, ctx: int, threads: int = 0) -> LogitsModel:
+    path = Path(path)
+    return PROVIDERS[check_logits_source(path)](path, ctx, threads)
