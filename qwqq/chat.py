@@ -290,6 +290,7 @@ class RunOptions:
     profile: str | None = None  # a hardware profile to fit ctx / KV / GPU layers for
     kv: str | None = None  # f16, q8_0, q4_0; None: fitted
     flash_attn: bool = True
+    load_in_4bit: bool = False  # bitsandbytes NF4 on load (transformers backend, unquantized folders)
 
 
 class ChatSession:
@@ -390,7 +391,7 @@ def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
 
 
 def run_chat(opts: RunOptions) -> None:
-    from qwqq.backends import LoadOptions, pick_backend
+    from qwqq.backends import LoadOptions, canonical_name, pick_backend
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if opts.max_tokens < 1:
@@ -401,9 +402,13 @@ def run_chat(opts: RunOptions) -> None:
         raise QwqqError(f"unknown --kv {opts.kv!r}; choose f16, q8_0 or q4_0")
     if opts.kv not in (None, "f16") and not opts.flash_attn:
         raise QwqqError("a quantized KV cache needs flash attention in llama.cpp (drop --no-flash-attn)")
-    backend = pick_backend(opts.backend, opts.model)
+    if opts.load_in_4bit and canonical_name(opts.backend) not in ("auto", "transformers"):
+        raise QwqqError(f"--load-in-4bit quantizes an unquantized folder with bitsandbytes as the transformers backend "
+                        f"loads it; it does not apply to --backend {opts.backend}")
+    backend = pick_backend("transformers" if opts.load_in_4bit else opts.backend, opts.model)
     settings = fitted_settings(opts, backend.name, err)
-    load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug, **settings)
+    load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug,
+                               load_in_4bit=opts.load_in_4bit, **settings)
     name = Path(opts.model).name
     with err.status(f"loading {name} with {backend.name}…"):  # shown on a terminal only
         model = backend.load(Path(opts.model), load_options)

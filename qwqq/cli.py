@@ -286,7 +286,7 @@ def inspect(
 # ---------------------------------------------------------------- run
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="A .gguf file or an MLX folder."),
+    model: Path = typer.Argument(..., help="A .gguf file, an MLX folder, a GPTQ folder, or (--backend transformers) an unquantized folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt, answered and exit. Without it: interactive chat."),
     backend: str = typer.Option("auto", "--backend", help="llama.cpp (GGUF), mlx (MLX folders), transformers (GPTQ folders; unquantized safetensors folders only when named), or auto (by format and platform)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Context length in tokens. Default: the longest `qwqq fit` finds for this machine."),
@@ -304,6 +304,7 @@ def run(
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the <think> block."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Run an unquantized folder quantized on load to bitsandbytes NF4 (transformers backend; pip install \"qwqq[nf4]\")."),
 ) -> None:
     """Chat with a quantized model, streamed, with the model's own chat template."""
     from qwqq.chat import RunOptions, run_chat
@@ -313,7 +314,7 @@ def run(
         max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, greedy=greedy, hide_thinking=hide_thinking, system=system, threads=threads,
         profile=profile, kv=kv.lower() if kv else None, flash_attn=flash_attn,
-        debug=_state["debug"],
+        debug=_state["debug"], load_in_4bit=load_in_4bit,
     )
     _guard(run_chat, opts)
 

@@ -144,6 +144,46 @@ def test_unquantized_bf16_folder(tmp_path):
         m.close()
 
 
+# ---------------------------------------------------------------- --load-in-4bit: bitsandbytes NF4
+def test_load_in_4bit_is_bitsandbytes_nf4_and_generates_as_that_model(smollm2_dir):
+    """SmolLM2's real weights, quantized on load by bitsandbytes (NF4, double quant): every decoder linear is a
+    bitsandbytes 4-bit layer, its weights read back are NF4-close to the source's, the model takes under half
+    the memory, and the backend's token loop gives the tokens a direct greedy pass of that model gives."""
+    bnb = pytest.importorskip("bitsandbytes", reason='needs bitsandbytes: pip install "qwqq[nf4]"')
+    from safetensors.torch import load_file
+
+    m = tb.backend.load(smollm2_dir, LoadOptions(ctx=512, threads=2, n_gpu_layers=0, load_in_4bit=True))
+    try:
+        assert m.metadata["transformers.weights"] == "bitsandbytes nf4"
+        linears = {n: mod for n, mod in m.model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+        assert len(linears) == 30 * 7  # q k v o gate up down in each of the 30 layers
+        q = linears["model.layers.0.self_attn.q_proj"].weight
+        assert q.quant_state.quant_type == "nf4" and q.quant_state.nested
+        w = bnb.functional.dequantize_4bit(q.data, q.quant_state).float().numpy()
+        src = load_file(str(smollm2_dir / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+        src = src.float().numpy()
+        rel = np.linalg.norm(w - src) / np.linalg.norm(src)
+        assert 0.02 < rel < 0.15, rel  # quantized (not a copy), and to 4 bits' precision
+        bf16_bytes = (smollm2_dir / "model.safetensors").stat().st_size  # the source: bf16, embedding tied
+        assert m.model.get_memory_footprint() < 0.45 * bf16_bytes  # linears at ~4.1 bits, embedding still bf16
+        "".join(m.stream_chat(MESSAGES, Sampling(greedy=True), max_tokens=N))
+        assert m.generated == greedy_argmax(m.model, m._tokens(m.render(MESSAGES)), N, m.eos_ids)
+    finally:
+        m.close()
+
+
+def test_cli_load_in_4bit(smollm2_dir, gptq_dirs):
+    pytest.importorskip("bitsandbytes", reason='needs bitsandbytes: pip install "qwqq[nf4]"')
+    r = run_qwqq("run", smollm2_dir, "--load-in-4bit", "-p", "What is the capital of France?", "--greedy", "-n", "8",
+                 "--threads", "2", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    one_line_error(run_qwqq("run", smollm2_dir, "--load-in-4bit", "--backend", "llama.cpp", "-p", "hi"),
+                   "--load-in-4bit", "--backend llama.cpp")
+    one_line_error(run_qwqq("run", gptq_dirs["qwen2-4bit-g128"], "--load-in-4bit", "-p", "hi"),
+                   "already quantized (gptq)")
+
+
 # ---------------------------------------------------------------- through the CLI
 def test_cli_runs_a_gptq_folder(gptq_dirs):
     r = run_qwqq("run", gptq_dirs["qwen2-4bit-g128"], "--backend", "transformers", "-p", "hi", "--greedy", "-n", "8",

@@ -63,6 +63,7 @@ class LoadOptions:
     debug: bool = False  # let the backend's own logging through
     flash_attn: bool = True  # llama.cpp: needed for a quantized KV cache
     kv_type: str = "f16"  # KV cache element type: f16, q8_0, q4_0
+    load_in_4bit: bool = False  # transformers: quantize an unquantized folder to bitsandbytes NF4 while loading
 
 
 @runtime_checkable

@@ -33,8 +33,12 @@ The prompt is the model's chat template rendered as the llama.cpp and mlx backen
 transformers' generate applies them; greedy = argmax); text is detokenized incrementally, so multi-byte
 characters are never split. LoadOptions.ctx bounds prompt + answer (0: the model's max_position_embeddings).
 
-Not offered yet: bitsandbytes NF4 (`load_in_4bit`) of unquantized folders, and other quantization methods
-(AWQ, FP8, ...), which are refused in one line.
+`--load-in-4bit` (LoadOptions.load_in_4bit): an unquantized folder quantized while it loads, by bitsandbytes
+(NF4 with double-quantized scales, blocks of 64, as QLoRA; transformers' BitsAndBytesConfig), on whatever device
+bitsandbytes supports (CUDA, and the CPU since bitsandbytes 0.46; where it cannot, its error is one line).
+The embedding and lm_head stay in the checkpoint's dtype, as bitsandbytes leaves them.
+
+Other quantization methods (AWQ, FP8, ...) are refused in one line.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from qwqq.chat_template import ChatTemplate, prompt_room, with_bos
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 
 INSTALL_HINT = 'install it with: pip install "qwqq[gptq]"'
+NF4_HINT = 'pip install "qwqq[nf4]"'
 KERNEL_PACKAGES = ("gptqmodel", "optimum")  # transformers loads GPTQ checkpoints through both
 GPTQ_FORMATS = ("gptq", "gptq_v2")  # checkpoint formats qwqq can dequantize (not marlin, bitblas, ...)
 LAYER_PARAM = re.compile(r"^(model\.layers\.\d+\.)(.+)$")
@@ -290,6 +295,18 @@ def load_dequantized(ckpt, path: Path, device, dtype):
     return model.eval()
 
 
+# ---------------------------------------------------------------- bitsandbytes NF4 on load
+def nf4_config(dtype):
+    """NF4 4-bit weights, their per-64 scales themselves quantized (double quant: about 4.13 bits a weight),
+    computing in the model's dtype (bf16 on the CPU for a bf16 checkpoint)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 # ---------------------------------------------------------------- GPTQ with GPTQModel's kernels
 _KEEP: dict[int, object] = {}
 
@@ -500,6 +517,11 @@ class TransformersBackend:
             raise UnsupportedError(f"quantization method {method or qcfg!r} is not supported by the transformers backend "
                                    "(it runs GPTQ and unquantized folders)", path)
         gptq = method == "gptq"
+        if options.load_in_4bit:
+            if qcfg is not None:
+                raise QwqqError(f"is already quantized ({method}); --load-in-4bit quantizes unquantized folders", path)
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise QwqqError(f"--load-in-4bit needs bitsandbytes: {NF4_HINT}")
         import torch
 
         if options.threads > 0:
@@ -518,18 +540,19 @@ class TransformersBackend:
                 elif gptq:
                     model, weights = load_gptq_kernels(ckpt, path, device, dtype)
                 else:
+                    extra = {"quantization_config": nf4_config(dtype)} if options.load_in_4bit else {}
                     model, info = AutoModelForCausalLM.from_pretrained(
                         str(path), dtype=dtype, device_map=str(device), trust_remote_code=False, use_safetensors=True,
-                        attn_implementation="sdpa", output_loading_info=True)
+                        attn_implementation="sdpa", output_loading_info=True, **extra)
                     unloaded = _unloaded(info, ckpt.config)
                     if unloaded:
                         raise SourceError(f"transformers found no weights for {len(unloaded)} parameters "
                                           f"(first: {unloaded[0]})", path)
-                    model, weights = model.eval(), "unquantized"
+                    model, weights = model.eval(), "bitsandbytes nf4" if options.load_in_4bit else "unquantized"
         except QwqqError:
             raise
         except (ValueError, KeyError, TypeError, OSError, RuntimeError, ImportError, AttributeError, AssertionError) as e:
-            what = "GPTQModel" if gptq and not missing else "transformers"
+            what = "GPTQModel" if gptq and not missing else "bitsandbytes" if options.load_in_4bit else "transformers"
             raise QwqqError(f"{what} cannot load this model: {_one_line(e)}", path) from None
         if gptq and missing:
             print(dequantized_note(missing), file=sys.stderr)
