@@ -2,7 +2,9 @@
 
 Steps, each its own child process (wall time and peak RSS from os.wait4, bench/gguf_vs_llamacpp.py's
 Launcher):
-  qwqq       `qwqq quantize SRC --format gptq --bits 4 --group-size 128 --calib-tokens N --calib-seqlen 512`
+  qwqq       `qwqq quantize SRC --format gptq --bits 4 --group-size 128 --calib-tokens N --calib-seqlen 512
+             --no-act-group-aware` (like-for-like with GPTQModel's "like")
+  qwqq-gar   the same with qwqq's default --act-group-aware (like-for-like with GPTQModel's "gar")
   rtn        round-to-nearest on the same grid, written by the same writer (bench/gptq_quality.py's snippet)
   gptqmodel  GPTQModel 7.7 (its own venv, docs/gptq.md) on the CPU with GPTQMODEL_CPU_WORKERS = cores,
              calibrated on exactly the windows qwqq uses (`calibrate.tokenize(...)`, passed as
@@ -50,7 +52,7 @@ OUT = REPO / ".cache" / "bench" / "gptq_vs_gptqmodel"
 RESULTS = REPO / "bench" / "results" / "gptq_vs_gptqmodel.json"
 DOC = REPO / "docs" / "bench-gptq.md"
 HEADING = "## qwqq GPTQ vs GPTQModel"
-ORDER = ["qwqq", "qwqq-damp05", "rtn", "gptqmodel-like", "gptqmodel-f32", "gptqmodel-seq", "gptqmodel-gar",
+ORDER = ["qwqq", "qwqq-gar", "qwqq-damp05", "rtn", "gptqmodel-like", "gptqmodel-f32", "gptqmodel-seq", "gptqmodel-gar",
          "gptqmodel-damp05", "gptqmodel-default"]
 DEFAULT_VENV = Path.home() / ".cache" / "qwqq" / "gptqmodel-venv"
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--variants", default="like,default", help=f"GPTQModel variants: {','.join(VARIANTS)}")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: qwqq,rtn,gptqmodel")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: qwqq,qwqq-gar,rtn,gptqmodel")
     ap.add_argument("--qwqq-damp05", action="store_true", help="also qwqq with --damp 0.05 (GPTQModel's default)")
     ap.add_argument("--reuse", action="store_true", help="score outputs already under .cache/bench (no quantizing)")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
@@ -158,18 +160,21 @@ def main(argv=None) -> int:
     py = sys.executable
     gpy = args.venv / "bin" / "python"
     steps = []  # (key, label, out dir, command, env)
-    if "qwqq" not in skip:
-        out = OUT / f"{tag}-qwqq"
-        steps.append(("qwqq", "qwqq GPTQ", out,
+    for key, label, flags in (("qwqq", "qwqq GPTQ, --no-act-group-aware", ["--no-act-group-aware"]),
+                              ("qwqq-gar", "qwqq GPTQ (default: act-group-aware)", [])):
+        if key in skip:
+            continue
+        out = OUT / f"{tag}-{key}"
+        steps.append((key, label, out,
                       [*qwqq_command(), "quantize", str(src), "--format", "gptq", "--bits", "4", "--group-size", "128",
-                       "--calib-tokens", str(args.calib_tokens), "--calib-seqlen", "512", "-o", str(out), "-q", "-f"],
-                      None))
+                       "--calib-tokens", str(args.calib_tokens), "--calib-seqlen", "512", *flags, "-o", str(out),
+                       "-q", "-f"], None))
     if "qwqq-damp05" not in skip and args.qwqq_damp05:
         out = OUT / f"{tag}-qwqq-damp05"
         steps.append(("qwqq-damp05", "qwqq GPTQ, --damp 0.05", out,
                       [*qwqq_command(), "quantize", str(src), "--format", "gptq", "--bits", "4", "--group-size", "128",
                        "--calib-tokens", str(args.calib_tokens), "--calib-seqlen", "512", "--damp", "0.05",
-                       "-o", str(out), "-q", "-f"], None))
+                       "--no-act-group-aware", "-o", str(out), "-q", "-f"], None))
     if "rtn" not in skip:
         out = OUT / f"{tag}-rtn"
         steps.append(("rtn", "RTN (round to nearest)", out, [py, "-c", RTN, str(src), str(out)], None))
@@ -212,7 +217,7 @@ def main(argv=None) -> int:
     for key, label, out, cmd, env in steps:
         if key not in measured and key not in prev:
             continue
-        row = {"key": key, "output": label, **(prev.get(key, {}) if key not in measured else {})}
+        row = {"key": key, **(prev.get(key, {}) if key not in measured else {}), "output": label}
         rows[key] = row
         if key in measured:
             m = measured[key]
@@ -354,16 +359,14 @@ def table(entry: dict) -> list[str]:
         lines.append(f"| {r['output']} | {r['kld_mean']:.4f} ± {r['kld_err']:.4f} | {r['kld_median']:.4f} | "
                      f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r['ppl']:.3f} ({r['ref_ppl']:.3f}) | "
                      f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss'] / MB:.0f} | {la} |")
-    q = rows.get("qwqq")
+    pairs = [("qwqq", k) for k in ORDER if k.startswith("gptqmodel") and k != "gptqmodel-gar" and k != "gptqmodel-default"]
+    pairs += [("qwqq-gar", "gptqmodel-gar"), ("qwqq-gar", "gptqmodel-default"), ("qwqq", "rtn"), ("qwqq-gar", "rtn")]
     ratios = []
-    for key in ORDER[3:]:
-        g = rows.get(key)
+    for a, b in pairs:
+        q, g = rows.get(a), rows.get(b)
         if q and g and "kld_mean" in q and "kld_mean" in g:
-            ratios.append(f"qwqq / {g['output']}: KLD {q['kld_mean'] / g['kld_mean']:.3f}, "
+            ratios.append(f"{q['output']} / {g['output']}: KLD {q['kld_mean'] / g['kld_mean']:.3f}, "
                           f"peak RSS {q['peak_rss'] / g['peak_rss']:.3f}, wall {q['wall_s'] / g['wall_s']:.3f}")
-    rtn = rows.get("rtn")
-    if q and rtn and "kld_mean" in q and "kld_mean" in rtn:
-        ratios.append(f"qwqq GPTQ / RTN: KLD {q['kld_mean'] / rtn['kld_mean']:.3f}")
     if ratios:
         lines += [""] + [f"- {r}" for r in ratios]
     return lines

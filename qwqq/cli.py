@@ -99,7 +99,8 @@ def quantize(
     calib_tokens: int = typer.Option(8192, "--calib-tokens", help="Calibration tokens (more: slower, a little better; 32k+ on a GPU)."),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration window."),
     device: Optional[str] = typer.Option(None, "--device", help="Calibration device: cuda, mps or cpu (default: the first available)."),
-    desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: act-order (columns by decreasing Hessian diagonal)."),
+    desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: act-order (columns by decreasing Hessian diagonal; g_idx becomes a permutation)."),
+    group_aware: bool = typer.Option(True, "--act-group-aware/--no-act-group-aware", help="GPTQ: solve the groups in order of Hessian priority, columns too, keeping static groups (GPTQModel's act_group_aware; the checkpoint loads everywhere). On by default."),
     asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (default symmetric)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (raised automatically when needed)."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: a type per tensor, chosen from measured sensitivity, that fills this file size best (19.5GB, 800MB, 20GiB)."),
@@ -123,15 +124,15 @@ def quantize(
             raise QwqqError(f"unknown --format {fmt!r}: choose gguf, mlx or gptq")
         if kind != "gguf" and imatrix_file is not None:
             raise QwqqError(f"--imatrix is for GGUF outputs (llama.cpp's importance matrix); {kind.upper()} does not use one")
-        if kind != "gptq" and (desc_act or asym or damp != 0.01):
-            raise QwqqError("--desc-act, --asym and --damp are for --format gptq")
+        if kind != "gptq" and (desc_act or asym or damp != 0.01 or not group_aware):
+            raise QwqqError("--desc-act, --act-group-aware, --asym and --damp are for --format gptq")
         if kind == "mlx":
             if calib is not None:
                 raise QwqqError("--calib is for --format gptq and GGUF importance matrices; MLX quantization is not calibrated")
             return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet)
         if kind == "gptq":
             return _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads,
-                                  desc_act, asym, damp, calibration)
+                                  desc_act, group_aware, asym, damp, calibration)
         if group_size is not None or mixed is not None:
             raise QwqqError("--group-size and --mixed are for --format mlx or gptq; a GGUF mixture is chosen with --type")
         from qwqq.quantize.calibrate import resolve_imatrix
@@ -181,8 +182,8 @@ def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, qu
     )
 
 
-def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads, desc_act, asym, damp,
-                   calibration) -> None:
+def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads, desc_act, group_aware,
+                   asym, damp, calibration) -> None:
     from qwqq.quantize.gptq_blocks import quantize_to_gptq
 
     if type_ is not None or mixed is not None:
@@ -190,7 +191,7 @@ def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, q
     if resume:
         raise QwqqError("--resume is for GGUF outputs; an interrupted GPTQ run leaves nothing, so run it again")
     result = quantize_to_gptq(source, bits=4 if bits is None else bits, group_size=128 if group_size is None else group_size,
-                              sym=not asym, desc_act=desc_act, damp=damp, out=out, force=force, threads=threads,
+                              sym=not asym, desc_act=desc_act, group_aware=group_aware, damp=damp, out=out, force=force, threads=threads,
                               progress=not quiet, **calibration)
     if result.undersampled:
         err.print(f"[yellow]note:[/] {result.tokens} calibration tokens for inputs {result.widest_input} wide: GPTQ may "

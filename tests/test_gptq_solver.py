@@ -114,3 +114,45 @@ def test_a_short_last_group():
         assert r.scales.shape == (32, 5)
         assert torch.bincount(r.g_idx).tolist() == [128, 128, 128, 128, 64]
     assert torch.equal(gptq_quantize(w, torch.eye(576), bits=4, group_size=128).q, rtn_quantize(w, bits=4, group_size=128).q)
+
+
+def test_group_aware_order():
+    """Groups by decreasing peak diag(H), columns within a group by decreasing diag(H); a group's positions
+    are contiguous, so every group keeps its static columns."""
+    from qwqq.quantize.gptq import column_order
+
+    diag = torch.rand(576, generator=torch.Generator().manual_seed(1))
+    perm, group_of = column_order(diag, 128, desc_act=False, group_aware=True)
+    assert sorted(perm.tolist()) == list(range(576))
+    assert group_of == (perm // 128).tolist()
+    runs = [g for i, g in enumerate(group_of) if i == 0 or g != group_of[i - 1]]
+    assert sorted(runs) == list(range(5))  # each group one contiguous run
+    peaks = [float(diag[g * 128:(g + 1) * 128].max()) for g in runs]
+    assert peaks == sorted(peaks, reverse=True)
+    assert all(diag[perm[i]] >= diag[perm[i + 1]] for i in range(575) if group_of[i] == group_of[i + 1])
+
+
+@pytest.mark.parametrize("cols", [512, 576])
+def test_group_aware_is_plain_gptq_on_the_reordered_columns(cols):
+    """The identity that defines it: GAR on (W, H) equals natural-order GPTQ on the columns in GAR's order, put
+    back; g_idx stays the identity (static groups: desc_act false, every loader reads it)."""
+    from qwqq.quantize.gptq import column_order
+
+    w, x, h = _problem(64, cols, 2048)
+    perm, _ = column_order(torch.diag(h), 128, desc_act=False, group_aware=True)
+    a = gptq_quantize(w, h, bits=4, group_size=128, group_aware=True)
+    b = gptq_quantize(w[:, perm], h[perm][:, perm], bits=4, group_size=128)
+    inv = torch.argsort(perm)
+    assert not torch.equal(perm, torch.arange(cols))
+    if cols % 128 == 0:  # (with a short group not processed last, natural order would group other columns)
+        assert torch.equal(a.q, b.q[:, inv]) and torch.equal(a.weight, b.weight[:, inv])
+    assert torch.equal(a.g_idx, torch.arange(cols, dtype=torch.int32) // 128)
+    gi = a.g_idx.long()
+    assert torch.equal(a.weight, a.scales.float()[:, gi] * (a.q - a.zeros[:, gi]))
+    assert _out_err(x, w, a.weight) < 0.6 * _out_err(x, w, rtn_quantize(w, bits=4, group_size=128).weight)
+
+
+def test_group_aware_with_an_identity_hessian_is_round_to_nearest():
+    w, _, _ = _problem(64, 512)
+    r = gptq_quantize(w, torch.eye(512), bits=4, group_size=128, group_aware=True)
+    assert torch.equal(r.q, rtn_quantize(w, bits=4, group_size=128).q)

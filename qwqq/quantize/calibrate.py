@@ -234,10 +234,35 @@ class BlockModel:
         return norm
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get their own mapping, returned to the OS when freed
+
+
+def heap_returns_to_os() -> None:
+    """Make glibc give large freed buffers back to the OS at once (Linux only; elsewhere nothing happens).
+
+    A block pass allocates and frees the same few large buffers (activations, Hessians, GPTQ's copies) block
+    after block. glibc raises its mmap threshold each time such a buffer is freed (up to 32 MiB), after which
+    those buffers come from the heap, which fragments and never shrinks: SmolLM2's GPTQ at 8192 tokens grew
+    to 1872 MB peak RSS with 89 MB of live tensors. A fixed 1 MiB threshold keeps it at 646 MB."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixing it also stops glibc's raising it)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+        pass
+
+
 def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
     """The skeleton of ckpt's model (no weights), for block-by-block passes."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    heap_returns_to_os()
 
     arch = arch_of(ckpt.config, ckpt.root / "config.json")
     check_config(ckpt.config, arch, ckpt.root / "config.json")

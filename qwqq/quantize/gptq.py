@@ -10,6 +10,15 @@ Grid: per output row and group of `group_size` input columns, `bits`-bit integer
 group's largest magnitude; asymmetric: zero and scale from the group's min and max. Scales are
 rounded to float16 before use, because the checkpoint stores them in float16: the weights the
 solver reports are exactly the weights a loader reconstructs.
+
+Column order (which columns GPTQ fixes first; the later ones absorb their errors):
+- natural: 0, 1, 2, ...
+- act-order (`desc_act`): by decreasing diag(H) over the whole row; groups are then formed in that order,
+  so g_idx is a permutation and a loader must honour it (desc_act: true in the config).
+- group-aware (`group_aware`, GPTQModel's act_group_aware): groups stay the static runs of `group_size`
+  columns (g_idx the identity, desc_act: false, every loader and kernel reads it), but the groups are
+  processed in decreasing order of their largest diag(H), and within a group the columns by decreasing
+  diag(H). Most of act-order's gain, none of its loading cost (measured in docs/bench-gptq.md).
 """
 
 from __future__ import annotations
@@ -81,8 +90,30 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
         damp = min(1.0, damp * 2 if damp >= 0.01 else 0.01)
 
 
+def column_order(diag: torch.Tensor, group_size: int, *, desc_act: bool, group_aware: bool
+                 ) -> tuple[torch.Tensor | None, list[int]]:
+    """(perm, group of each processed position): the order GPTQ quantizes the columns in (None: natural),
+    and, position by position in that order, the group the column belongs to (group ids index the
+    scales; a group's positions are always contiguous)."""
+    cols = diag.numel()
+    if desc_act:  # groups formed in the new order
+        perm = torch.argsort(diag, descending=True, stable=True)
+        return perm, [i // group_size for i in range(cols)]
+    if group_aware and group_size < cols:
+        groups = torch.arange(cols, device=diag.device) // group_size
+        n_groups = int(groups[-1]) + 1
+        peak = torch.full((n_groups,), float("-inf"), device=diag.device).scatter_reduce(0, groups, diag, "amax")
+        rank = torch.argsort(torch.argsort(peak, descending=True, stable=True))  # the position of each group
+        # sort by (group rank, -diag): one stable sort on -diag, then a stable sort on the group rank
+        by_diag = torch.argsort(diag, descending=True, stable=True)
+        perm = by_diag[torch.argsort(rank[groups[by_diag]], stable=True)]
+        return perm, (perm // group_size).tolist()
+    return None, [i // group_size for i in range(cols)]
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, group_size: int = 128,
-                  sym: bool = True, desc_act: bool = False, damp: float = DEFAULT_DAMP) -> GPTQResult:
+                  sym: bool = True, desc_act: bool = False, group_aware: bool = False,
+                  damp: float = DEFAULT_DAMP) -> GPTQResult:
     """GPTQ of one weight matrix [out, in] given H [in, in] (any positive scale; 2/N sum x x^T)."""
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
@@ -93,10 +124,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = None
-    if desc_act:
-        perm = torch.argsort(torch.diag(h), descending=True)
+    perm, group_of = column_order(torch.diag(h), gs, desc_act=desc_act, group_aware=group_aware)
+    if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
+    group_len = [0] * (max(group_of) + 1)
+    for g in group_of:
+        group_len[g] += 1
     hinv, used_damp = _inverse_hessian_factor(h, damp)
     del h
 
@@ -112,9 +145,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % gs == 0:  # a new group: its grid from the columns as GPTQ has updated them so far
-                g = col // gs
-                group = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
+            if col == 0 or group_of[col] != group_of[col - 1]:  # a new group: its grid from its columns as updated so far
+                g = group_of[col]
+                group = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group_len[g]]
                 scale, zero = grid(group, bits, sym)
                 scales[:, g], zeros[:, g] = scale, zero
             x = w1[:, i]
@@ -125,7 +158,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    g_idx = torch.arange(cols, device=w.device, dtype=torch.int32) // gs
+    g_idx = torch.tensor(group_of, device=w.device, dtype=torch.int32)
     if perm is not None:  # back to the original column order; each column keeps the group it was quantized in
         inv = torch.argsort(perm)
         q, g_idx = q[:, inv], g_idx[inv]

@@ -33,6 +33,7 @@ class GPTQOptions:
     sym: bool = True
     desc_act: bool = False
     damp: float = DEFAULT_DAMP
+    group_aware: bool = True  # GPTQModel's act_group_aware: static groups processed by Hessian priority
     min_expert_tokens: int = MIN_EXPERT_TOKENS
 
 
@@ -106,7 +107,7 @@ def quantize_block(layer, prefix: str, hess: Hessians, opts: GPTQOptions, report
             report.rtn_experts.append(f"{name} ({seen} tokens)")
         else:
             res = gptq_quantize(w, hess.hessian(key), bits=opts.bits, group_size=opts.group_size, sym=opts.sym,
-                                desc_act=opts.desc_act, damp=opts.damp)
+                                desc_act=opts.desc_act, group_aware=opts.group_aware, damp=opts.damp)
             report.damps.append(res.damp)
         w.copy_(res.weight.to(w.dtype))
         results[name] = res
@@ -174,7 +175,7 @@ GPTQ_BITS = (2, 3, 4, 8)
 
 
 def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
-                     damp: float = DEFAULT_DAMP, calib=None, calib_tokens: int | None = None,
+                     group_aware: bool = True, damp: float = DEFAULT_DAMP, calib=None, calib_tokens: int | None = None,
                      calib_seqlen: int | None = None, device: str | None = None, out=None, force: bool = False,
                      threads: int = 0, progress: bool = True) -> GPTQRun:
     """A GPTQ checkpoint of `source`, calibrated on the shipped sample (or the text file `calib`)."""
@@ -203,10 +204,12 @@ def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool 
 
     out = Path(out) if out is not None else default_output(ckpt, bits, group_size)
     model = calibrate.open_block_model(ckpt, calibrate.pick_device(device))
-    opts = GPTQOptions(bits, group_size, sym, desc_act, damp)
+    group_aware = group_aware and not desc_act  # act-order already orders every column
+    opts = GPTQOptions(bits, group_size, sym, desc_act, damp, group_aware)
     try:
         with gptq_output(ckpt, out, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                         damp_percent=damp, true_sequential=False, force=force) as writer, \
+                         damp_percent=damp, true_sequential=False, act_group_aware=group_aware,
+                         force=force) as writer, \
                 step_progress(progress, model.n_layer, "gptq") as tick:
             writer.write_floats(model.reader)
 

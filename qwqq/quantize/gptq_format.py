@@ -388,7 +388,8 @@ def gptq_layout(plan: GPTQPlan, max_shard_bytes: int = MAX_SHARD_BYTES) -> Layou
 
 
 def quantization_config(bits: int, group_size: int, *, sym: bool, desc_act: bool, damp_percent: float,
-                        true_sequential: bool = True, checkpoint_format: str = "gptq", **extra) -> dict:
+                        true_sequential: bool = True, act_group_aware: bool = False, checkpoint_format: str = "gptq",
+                        **extra) -> dict:
     """config.json's quantization_config (and quantize_config.json): the keys transformers' GPTQConfig
     takes (checkpoint_format is its legacy alias of format), the keys GPTQModel's QuantizeConfig.to_dict
     writes (method, format, pack_dtype, meta), and those vLLM reads (bits, group_size, desc_act, sym,
@@ -409,9 +410,9 @@ def quantization_config(bits: int, group_size: int, *, sym: bool, desc_act: bool
         "damp_percent": damp_percent,
         "true_sequential": true_sequential,
         "static_groups": False,
-        "act_group_aware": False,
+        "act_group_aware": act_group_aware,
         "meta": {"quantizer": [f"qwqq:{__version__}"], "damp_percent": damp_percent,
-                 "true_sequential": true_sequential, "static_groups": False, "act_group_aware": False},
+                 "true_sequential": true_sequential, "static_groups": False, "act_group_aware": act_group_aware},
     }
     cfg.update(extra)
     return cfg
@@ -524,7 +525,7 @@ def default_output(ckpt: Checkpoint, bits: int, group_size: int) -> Path:
 @contextmanager
 def gptq_output(source: str | Path | Checkpoint, out: Path | None = None, *, bits: int = 4, group_size: int = 128,
                 sym: bool = True, desc_act: bool = False, damp_percent: float = 0.05, true_sequential: bool = True,
-                checkpoint_format: str = "gptq", float_dtype: str = "float16", force: bool = False,
+                act_group_aware: bool = False, checkpoint_format: str = "gptq", float_dtype: str = "float16", force: bool = False,
                 max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = False,
                 extra_config: dict | None = None) -> Iterator[GPTQWriter]:
     """Open a GPTQ output folder for writing; yields the GPTQWriter.
@@ -546,8 +547,8 @@ def gptq_output(source: str | Path | Checkpoint, out: Path | None = None, *, bit
         raise QwqqError(f"damp_percent {damp_percent}: a GPTQ config needs 0 < damp_percent < 1 "
                         "(transformers' GPTQConfig refuses other values when loading)")
     qcfg = quantization_config(bits, group_size, sym=sym, desc_act=desc_act, damp_percent=damp_percent,
-                               true_sequential=true_sequential, checkpoint_format=checkpoint_format,
-                               **(extra_config or {}))
+                               true_sequential=true_sequential, act_group_aware=act_group_aware,
+                               checkpoint_format=checkpoint_format, **(extra_config or {}))
     config = gptq_config(ckpt, qcfg, float_dtype)
     lay = gptq_layout(plan, max_shard_bytes)
     out = Path(out) if out is not None else default_output(ckpt, bits, group_size)
