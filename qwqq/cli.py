@@ -103,8 +103,8 @@ def quantize(
     group_aware: bool = typer.Option(True, "--act-group-aware/--no-act-group-aware", help="GPTQ: solve the groups in order of Hessian priority, columns too, keeping static groups (GPTQModel's act_group_aware; the checkpoint loads everywhere). On by default."),
     asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (default symmetric)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (raised automatically when needed)."),
-    target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: a type per tensor, chosen from measured sensitivity, that fills this file size best (19.5GB, 800MB, 20GiB)."),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: the same, for an average of this many bits per weight."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: a type per tensor (MLX: bits per module), chosen from measured sensitivity, that fills this size best (19.5GB, 800MB, 20GiB)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF or MLX: the same, for an average of this many bits per weight."),
     fit_profile: Optional[str] = typer.Option(None, "--fit", help="GGUF: the same, for what a hardware profile (rtx-4090, m4-max-64, ...) leaves for weights after the KV cache of --ctx."),
     fit_ctx: int = typer.Option(8192, "--ctx", help="With --fit: the context to leave room for."),
     fit_kv: str = typer.Option("f16", "--kv", help="With --fit: the KV cache type (f16, q8_0, q4_0)."),
@@ -126,10 +126,15 @@ def quantize(
             raise QwqqError(f"--imatrix is for GGUF outputs (llama.cpp's importance matrix); {kind.upper()} does not use one")
         if kind != "gptq" and (desc_act or asym or damp != 0.01 or not group_aware):
             raise QwqqError("--desc-act, --act-group-aware, --asym and --damp are for --format gptq")
+        if kind != "gguf" and fit_profile is not None:
+            raise QwqqError("--fit sizes GGUF files for a profile; for MLX give --target-size or --target-bpw")
+        if kind == "gptq" and (target_size is not None or target_bpw is not None):
+            raise QwqqError("--target-size and --target-bpw are for GGUF and MLX; GPTQ has one width, --bits")
         if kind == "mlx":
             if calib is not None:
                 raise QwqqError("--calib is for --format gptq and GGUF importance matrices; MLX quantization is not calibrated")
-            return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet)
+            return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size,
+                                 target_bpw)
         if kind == "gptq":
             return _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads,
                                   desc_act, group_aware, asym, damp, calibration)
@@ -167,15 +172,37 @@ def quantize(
     _guard(body)
 
 
-def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet) -> None:
+def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size, target_bpw) -> None:
     from qwqq.quantize.mlx_writer import quantize_to_mlx
 
     if type_ is not None:
         raise QwqqError("--type names a GGUF mixture; for --format mlx give --bits (and --group-size, --mixed)")
     if resume:
         raise QwqqError("--resume is for GGUF outputs; an interrupted MLX run leaves nothing, so run it again")
+    overrides = tag = None
+    if target_size is not None or target_bpw is not None:
+        from qwqq.quantize.budget import parse_size
+        from qwqq.quantize.mlx_budget import plan_mlx_budget
+        from qwqq.quantize.mlx_writer import _mlx_available, resolve_mlx_options
+        from qwqq.progress import step_progress
+
+        if bits is not None or mixed is not None:
+            raise QwqqError("--target-size and --target-bpw choose the bits themselves: drop --bits / --mixed")
+        _mlx_available()
+        group = resolve_mlx_options(None, group_size, None)[1]
+        with step_progress(not quiet, 1, "measuring sensitivity") as tick:
+            mb = plan_mlx_budget(source, group_size=group, target_bpw=target_bpw,
+                                 target_bytes=parse_size(target_size) if target_size is not None else None)
+            if tick:
+                tick()
+        from collections import Counter
+
+        mix = ", ".join(f"{n} x {b}-bit" for b, n in sorted(Counter(b for b, _ in mb.overrides.values()).items()))
+        err.print(f"[dim]budget: {_escape(mb.note)}: {mb.predicted_bytes / 1e9:.3f} GB, {mb.bits_per_weight:.2f} "
+                  f"bits/weight, modules {mix}; predicted loss {mb.allocation.loss:.4f}[/]")
+        overrides, tag, group_size = mb.overrides, f"{mb.bits_per_weight:.2f}bpw", group
     result = quantize_to_mlx(source, bits=bits, group_size=group_size, mixed=mixed, out=out, force=force,
-                             progress=not quiet)
+                             progress=not quiet, overrides=overrides, tag=tag)
     Console(highlight=False).print(
         f"wrote [bold]{_escape(str(result.path))}[/] ({result.file_bytes / 2**30:.2f} GiB, "
         f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s)"

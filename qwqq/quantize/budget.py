@@ -35,7 +35,7 @@ CATEGORY_WEIGHT = {"output": 32.0, "attn_v": 2.0, "ffn_down": 2.0, "token_embd":
 
 @dataclass
 class Allocation:
-    types: dict[str, T]
+    types: dict[str, T]  # (MLX: bits per module)
     tensor_bytes: int  # of the allocated tensors
     loss: float  # predicted: sum of nsr
 
@@ -69,16 +69,20 @@ def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int,
              weighted: bool = True) -> Allocation:
     """The types (for the tensors in `sens`) with the least weighted sum of nsr whose bytes fit `budget`."""
     tied = "output.weight" not in shapes
-    hulls = {}
-    for name in sorted(sens.errors):
-        shape = shapes[name]
-        k = weight_of(name, tied) if weighted else 1.0
-        hulls[name] = _hull([(tensor_bytes(t, shape), k * err, t) for t, err in sens.candidates(name)])
+    options = {name: [(tensor_bytes(t, shapes[name]), (weight_of(name, tied) if weighted else 1.0) * err, t)
+                      for t, err in sens.candidates(name)] for name in sorted(sens.errors)}
+    return choose(options, budget, describe=lambda t: t.name)
+
+
+def choose(options: dict[str, list[tuple[int, float, T]]], budget: int, describe=str) -> Allocation:
+    """One choice per name among its (bytes, loss, choice) options: the least total loss whose bytes fit
+    `budget`. Shared by GGUF (a ggml type per tensor) and MLX (bits per module)."""
+    hulls = {name: _hull(opts) for name, opts in options.items()}
     base_total = sum(h[0][0] for h in hulls.values())
     if base_total > budget:
+        first = hulls[next(iter(hulls))][0][2]
         raise QwqqError(f"the budget leaves {budget / 2**30:.3f} GiB for the quantized tensors; the smallest "
-                        f"choice ({hulls[next(iter(hulls))][0][2].name} and the like everywhere) needs "
-                        f"{base_total / 2**30:.3f} GiB")
+                        f"choice ({describe(first)} and the like everywhere) needs {base_total / 2**30:.3f} GiB")
     steps = []
     for name, h in hulls.items():
         for k in range(1, len(h)):

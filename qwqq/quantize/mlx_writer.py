@@ -312,8 +312,8 @@ def resolve_mlx_options(bits: int | None, group_size: int | None, mixed: str | N
     return bits, group_size, recipe
 
 
-def default_output(ckpt: Checkpoint, bits: int, group_size: int, recipe: str | None) -> Path:
-    tag = f"mixed_{recipe}" if recipe else f"{bits}bit"
+def default_output(ckpt: Checkpoint, bits: int, group_size: int, recipe: str | None, tag: str | None = None) -> Path:
+    tag = tag or (f"mixed_{recipe}" if recipe else f"{bits}bit")
     if group_size != 64:
         tag += f"-g{group_size}"
     return Path.cwd() / f"{ckpt.name}-mlx-{tag}"
@@ -328,14 +328,16 @@ def _mlx_available() -> None:
 
 def quantize_to_mlx(source: str | Path, *, bits: int | None = None, group_size: int | None = None,
                     mixed: str | None = None, out: Path | None = None, force: bool = False,
-                    progress: bool = True, overrides: dict | None = None) -> MLXResult:
+                    progress: bool = True, overrides: dict | None = None, tag: str | None = None) -> MLXResult:
+    """An MLX folder of `source`. `overrides` (module -> (bits, group size)) come first, as from
+    qwqq.quantize.mlx_budget; `tag` names the default output folder (<model>-mlx-<tag>)."""
     t0 = time.perf_counter()
     bits, group_size, recipe = resolve_mlx_options(bits, group_size, mixed)
     ckpt = open_checkpoint(source)
     arch, sources, plan = plan_mlx(ckpt, bits, group_size, recipe, overrides)
     config = mlx_config(ckpt, arch, plan)
     lay = layout(plan)
-    out = Path(out) if out is not None else default_output(ckpt, bits, group_size, recipe)
+    out = Path(out) if out is not None else default_output(ckpt, bits, group_size, recipe, tag)
     check_folder_output(out, ckpt.root, "MLX")
     _mlx_available()
     copies = side_files(ckpt.root)
