@@ -1,8 +1,10 @@
 """Quality against size: KLD vs file size for the stock GGUF mixtures, IQ types, MLX, GPTQ, and qwqq's
-budget-targeted GGUFs at the sizes of the stock mixtures.
+budget-targeted GGUFs at the sizes of the stock mixtures, and qwqq's budget-targeted MLX folders (bits
+per module) at the sizes of the uniform 3- and 4-bit MLX folders.
 
 Every point is scored by `qwqq eval`'s harness against the bf16 source on the shipped evaluation
-text (held apart from the calibration sample). All GGUFs (stock and budget) are made with the same
+text (held apart from the calibration sample). A point already scored (same label, same size on disk,
+in bench/results/pareto-<model>.json) is not scored again. All GGUFs (stock and budget) are made with the same
 importance matrix, computed by qwqq from the shipped calibration sample, so the comparison is
 between type choices only. Output: docs/bench-pareto.md (table) and docs/pareto-<model>.png.
 
@@ -28,6 +30,7 @@ STOCK = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6
 IQ = ["IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS"]
 BUDGET_AT = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M"]
 MLX_BITS = [3, 4, 6, 8]
+MLX_BUDGET_AT = [3, 4]
 
 
 def size_of(p: Path) -> int:
@@ -80,6 +83,15 @@ def main(argv=None) -> int:
             if not p.exists():
                 quantize_to_mlx(src, bits=b, out=p, progress=False)
             files.append(("MLX", f"mlx {b}-bit g64", p))
+        from qwqq.quantize.mlx_budget import plan_mlx_budget
+
+        for b in MLX_BUDGET_AT:
+            p = out / f"mlx-budget-at-{b}bit"
+            if not p.exists():
+                target = sum(f.stat().st_size for f in (out / f"mlx-{b}bit").glob("*.safetensors"))
+                mb = plan_mlx_budget(ckpt, target_bytes=target)
+                quantize_to_mlx(src, out=p, overrides=mb.overrides, progress=False)
+            files.append(("MLX qwqq budget", f"mlx budget @ {b}-bit size", p))
     gptq = out / "gptq-4bit-g128"
     if not gptq.exists():
         from qwqq.quantize.gptq_blocks import quantize_to_gptq
@@ -87,8 +99,14 @@ def main(argv=None) -> int:
         quantize_to_gptq(src, out=gptq, calib_tokens=args.calib_tokens, progress=False)
     files.append(("GPTQ", "gptq 4-bit g128", gptq))
 
+    results_file = REPO / "bench" / "results" / f"pareto-{args.model}.json"
+    before = json.loads(results_file.read_text()) if results_file.exists() else {}
+    scored = {r["label"]: r for r in before.get("rows", [])} if before.get("eval_tokens") == args.eval_tokens else {}
     rows = []
     for family, label, p in files:
+        if label in scored and scored[label]["bytes"] == size_of(p):
+            rows.append({**scored[label], "family": family})
+            continue
         r = evaluate(p, src, ctx=512, max_tokens=args.eval_tokens, progress=False).summary
         rows.append({"family": family, "label": label, "bytes": size_of(p), "kld_mean": r.kld_mean,
                      "kld_err": r.kld_err, "kld_p99": r.kld_p99, "same_top": r.same_top, "ppl": r.ppl,
@@ -110,7 +128,8 @@ def chart(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    marks = {"GGUF stock": "o", "GGUF IQ": "s", "GGUF qwqq budget": "*", "MLX": "^", "GPTQ": "D"}
+    marks = {"GGUF stock": "o", "GGUF IQ": "s", "GGUF qwqq budget": "*", "MLX": "^", "MLX qwqq budget": "P",
+             "GPTQ": "D"}
     for fam, m in marks.items():
         pts = [r for r in result["rows"] if r["family"] == fam]
         if not pts:
@@ -150,6 +169,15 @@ def write_doc(result: dict, args, argv) -> None:
             s = stock[r["label"].split("@ ")[1].split()[0]]
             lines.append(f"| {s['label']} ({s['bytes'] / 1e6:.1f} MB; budget file {r['bytes'] / 1e6:.1f} MB) | "
                          f"{s['kld_mean']:.4f} | {r['kld_mean']:.4f} | {r['kld_mean'] / s['kld_mean']:.2f} |")
+    mlx = {r["label"]: r for r in result["rows"] if r["family"] == "MLX"}
+    mlx_budget = [r for r in result["rows"] if r["family"] == "MLX qwqq budget"]
+    if mlx_budget:
+        lines += ["", "MLX bits per module (budget) against uniform MLX of the same size:", "",
+                  "| size of | uniform KLD | budget KLD | budget / uniform |", "|---|---:|---:|---:|"]
+        for r in mlx_budget:
+            u = mlx[f"mlx {r['label'].split('@ ')[1].split()[0]} g64"]
+            lines.append(f"| {u['label']} ({u['bytes'] / 1e6:.1f} MB; budget folder {r['bytes'] / 1e6:.1f} MB) | "
+                         f"{u['kld_mean']:.4f} | {r['kld_mean']:.4f} | {r['kld_mean'] / u['kld_mean']:.2f} |")
     section = "\n".join(lines) + "\n"
     head = "# Quality against size (issue 6's Pareto benchmark)\n\n"
     old = DOC.read_text() if DOC.exists() else head

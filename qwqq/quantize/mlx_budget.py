@@ -142,7 +142,7 @@ def plan_mlx_budget(source, *, group_size: int = 64, target_bytes: int | None = 
     else:
         budget = target_bytes - fixed
         note = f"at most {target_bytes / 1e9:.3f} GB of safetensors"
-    for _ in range(3):  # target_bytes counts the safetensors headers too: take their size off and try again
+    for _ in range(8):  # target_bytes counts the safetensors headers too: take their size off and try again
         alloc = choose(options, budget, describe=lambda b: f"{b}-bit")
         overrides = {m: (int(b), group_size) for m, b in alloc.types.items()}
         plan = plan_mlx(ckpt, 4, group_size, None, overrides)[2]
@@ -150,7 +150,7 @@ def plan_mlx_budget(source, *, group_size: int = 64, target_bytes: int | None = 
         over = predicted - target_bytes if target_bytes is not None else 0
         if over <= 0:
             break
-        budget -= over
+        budget = alloc.tensor_bytes - over  # below what was allocated: the next allocation is strictly smaller
     else:
         raise QwqqError(f"could not fit the safetensors headers into --target-size ({target_bytes} bytes)")
     return MLXBudget(overrides, alloc, plan, predicted, note)
