@@ -74,9 +74,6 @@ def hf_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def supports_gptq(model: Model) -> bool:
-    return model.quantizable and model.source != "gguf" and model.shapes is not None
-
 
 @dataclass
 class GPTQBuild:
@@ -223,7 +220,7 @@ def gptq_candidates(model: Model, hw: Hardware, req: Request, types: list[str] |
             raise QwqqError("GPTQ folders run on a CUDA GPU (transformers / vLLM); this machine has none "
                             "(on a Mac use MLX, on a CPU a GGUF type)")
         return []
-    if not supports_gptq(model):  # fit_model says so when nothing else was asked for
+    if not model.has_source_shapes:  # fit_model says so when nothing else was asked for
         return []
     if req.kv not in ("auto", "f16"):
         if types:

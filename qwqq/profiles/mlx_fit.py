@@ -75,9 +75,6 @@ def kv_cache_bytes(model: Model, ctx: int) -> int:
     return d.n_layer * (d.n_embd_k + d.n_embd_v) * cells * KV_BYTES
 
 
-def supports_mlx(model: Model) -> bool:
-    return model.quantizable and model.source != "gguf" and model.shapes is not None
-
 
 @dataclass
 class MLXBuild:
@@ -160,7 +157,7 @@ def mlx_candidate(model: Model, build: MLXBuild, hw: Hardware, ctx: int) -> MLXC
 
 def mlx_candidates(model: Model, hw: Hardware, req: Request) -> list[MLXCandidate]:
     """One candidate per MLX build: the longest context (of fit's ladder) that fits, else the shortest."""
-    if not (hw.unified and hw.gpus and supports_mlx(model)):
+    if not (hw.unified and hw.gpus and model.has_source_shapes):
         return []
     if req.kv not in ("auto", "f16"):
         return []  # mlx-lm's default cache is f16

@@ -264,6 +264,11 @@ class Model:
     def quantizable(self) -> bool:
         return self.source in ("catalog", "hub", "local") and not self.approximate
 
+    @property
+    def has_source_shapes(self) -> bool:
+        """Whether its safetensors tensor shapes are known (not a GGUF): what MLX and GPTQ sizes need."""
+        return self.quantizable and self.source != "gguf" and self.shapes is not None
+
     def build(self, type_name: str) -> Build:
         """The GGUF quantize would write for this mixture (or the file itself)."""
         if self.gguf_build is not None:
