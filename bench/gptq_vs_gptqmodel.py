@@ -400,8 +400,11 @@ FINDINGS = """
   each group, the columns in descending diag(H); scales and zeros are put back in group order after.
   At 8192 tokens true_sequential alone (0.4255) and damp 0.05 alone (GPTQModel 0.4237, qwqq 0.4151) are
   within 2 % of like-for-like; at 2048, damp 0.05 helps qwqq (0.4599) more than GPTQModel (0.5233) and
-  true_sequential does not help (0.5645). qwqq has no GAR: that, not the solver, is the gap to
-  GPTQModel's defaults.
+  true_sequential does not help (0.5645).
+- **qwqq now does GAR, by default** (`--act-group-aware`, on; `--no-act-group-aware` for the plain order;
+  qwqq/quantize/gptq.py `column_order`; tests/test_gptq_solver.py holds it equal to plain GPTQ on the
+  reordered columns). SmolLM2 at 8192 tokens: qwqq GAR 0.3023 against GPTQModel + GAR 0.2898 (1.043 x)
+  and GPTQModel's defaults 0.3041 (0.994 x); qwqq without GAR 0.4173.
 - **Settings compared (GPTQModel 7.7 source).** Same: 2/N sum x x^T Hessian in float32, dead columns
   (diag 0) zeroed with H_ii = 1, damp = damp_percent x mean(diag H) added to the diagonal, inverse by
   Cholesky -> cholesky_inverse -> upper Cholesky, blocks of 128 with lazy updates, a group's grid taken
@@ -419,8 +422,8 @@ FINDINGS = """
   the unquantized tensors in BF16 as in the source (qwqq: F16, lossless here); the harness reads it as
   it is, and its `meta` records the settings asked for (damp 0.01, true_sequential / act_group_aware
   false, mse 0).
-- **Peak RSS.** SmolLM2: qwqq 905 MB at 2048 tokens and 1818 MB at 8192, GPTQModel 798 / 838 MB
-  (like) and 881 / 903 MB (default): qwqq is 1.13 x and 2.17 x GPTQModel's. qwqq's
+- **Peak RSS, before the fix.** SmolLM2: qwqq 905 MB at 2048 tokens and 1818 MB at 8192, GPTQModel 798 / 838 MB
+  (like) and 881 / 903 MB (default): qwqq was 1.13 x and 2.17 x GPTQModel's. qwqq's
   `calibrate.batch_size` sizes a forward batch for about 1 GiB of intermediates (4 x 512 x (3 ffn +
   512) bytes per window: 102 windows for SmolLM2), so all calibration windows go through a block in one
   call and the transient grows with --calib-tokens up to that budget; GPTQModel forwards one window at
@@ -428,8 +431,15 @@ FINDINGS = """
   same qwqq work measured twice differs by up to 20 % (8192 tokens: 1818 MB, and 1488 MB with --damp
   0.05; this machine runs DAMON pageout of memory idle >= 30 s), GPTQModel's runs by up to 25 % (798 -
   1027 MB across its variants at 2048 tokens; float32 is the 1027). The
-  issue's "RSS below GPTQModel's" does not hold on this model; whether it holds and stays flat as the
-  model grows needs the 1.5B run (below).
+  issue's "RSS below GPTQModel's" did not hold on this model.
+- **Peak RSS, after.** The growth was not live memory: with the block engine's live tensors flat at 89 MB
+  from block 3 on, RSS climbed block after block (392 MB at block 0, 846 MB at block 12, 1.7 GB peak).
+  glibc raises its mmap threshold each time a large buffer is freed (up to 32 MiB), so the same large
+  activations, Hessians and solver copies, allocated again for every block, came from a heap that
+  fragments and never shrinks. `calibrate.heap_returns_to_os` fixes the threshold at 1 MiB
+  (mallopt(M_MMAP_THRESHOLD)) when a block model opens: the same run peaks at 646 - 677 MB (SmolLM2,
+  8192 tokens, GAR row above: 677 MB with the bench's harness), below GPTQModel's 838 - 903 MB, for about
+  10 % more time (58 - 60 s against 51 - 53 s, measured twice each, 2 cores).
 - **Time.** Under a load average of 6 - 8 on 2 cores (another benchmark), GPTQModel took 51 - 107 CPU s,
   qwqq 183 - 331 CPU s for the same work (2048 tokens: 331 s, and 182 s for the --damp 0.05 run of the
   same work, so qwqq's CPU time swings with contention; 8192 tokens: 183 s and 267 s vs 86 s). Not

@@ -172,7 +172,8 @@ def quantize(
     _guard(body)
 
 
-def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size, target_bpw) -> None:
+def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size=None,
+                  target_bpw=None) -> None:
     from qwqq.quantize.mlx_writer import quantize_to_mlx
 
     if type_ is not None:

@@ -29,12 +29,19 @@ def reference(smollm2_dir, tmp_path_factory) -> Path:
     return out
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default. A suite started in the background (`cmd &`
+    in a script) inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(src: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, **ENV, "HF_HUB_OFFLINE": "1"}
     # one thread: slow enough to be caught part-way (the resumed run uses two: rows are independent,
     # so the bytes do not depend on the thread count)
     return subprocess.Popen([sys.executable, "-m", "qwqq.cli", "quantize", str(src), "--type", "Q4_K_M", "-o", str(out),
-                             "--threads", "1", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "1", "-q"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
 
 
 def _kill_when_started(p: subprocess.Popen, out: Path, sig: int, after_tensors_s: float) -> None:
@@ -86,7 +93,8 @@ def test_without_resume_a_partial_is_started_over(smollm2_dir, reference, tmp_pa
 def test_resume_of_a_different_plan_starts_over(smollm2_dir, reference, tmp_path):
     out = tmp_path / "out.gguf"
     p = subprocess.Popen([sys.executable, "-m", "qwqq.cli", "quantize", str(smollm2_dir), "--type", "Q8_0", "-o", str(out),
-                          "--threads", "2", "-q"], env={**os.environ, **ENV}, stderr=subprocess.PIPE, text=True)
+                          "--threads", "2", "-q"], env={**os.environ, **ENV}, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_interruptible)
     _kill_when_started(p, out, signal.SIGINT, 0.0)
     r = run_qwqq("quantize", smollm2_dir, "--type", "Q4_K_M", "-o", out, "--threads", "2", "-q", "--resume", env=ENV)
     assert r.returncode == 0, r.stderr
