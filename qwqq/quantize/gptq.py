@@ -113,10 +113,15 @@ def column_order(diag: torch.Tensor, group_size: int, *, desc_act: bool, group_a
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, group_aware: bool = False,
-                  damp: float = DEFAULT_DAMP) -> GPTQResult:
-    """GPTQ of one weight matrix [out, in] given H [in, in] (any positive scale; 2/N sum x x^T)."""
+                  damp: float = DEFAULT_DAMP, overwrite_hessian: bool = False) -> GPTQResult:
+    """GPTQ of one weight matrix [out, in] given H [in, in] (any positive scale; 2/N sum x x^T).
+
+    overwrite_hessian: `hessian` is the caller's to give away; it is damped, permuted and freed here
+    instead of copied (in x in matrices are what bound GPTQ's memory: at most three live at once then)."""
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    if not overwrite_hessian and h is hessian:
+        h = h.clone()
     rows, cols = w.shape
     gs = cols if group_size in (-1, 0) or group_size >= cols else group_size
     maxq = 2**bits - 1
@@ -126,11 +131,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
     w[:, dead] = 0
     perm, group_of = column_order(torch.diag(h), gs, desc_act=desc_act, group_aware=group_aware)
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        w = w[:, perm]
+        rows_first = h.index_select(0, perm)
+        h.set_()  # freed now, even though the caller still names it (overwrite_hessian), or our own copy
+        h = rows_first.index_select(1, perm)
+        del rows_first
     group_len = [0] * (max(group_of) + 1)
     for g in group_of:
         group_len[g] += 1
     hinv, used_damp = _inverse_hessian_factor(h, damp)
+    h.set_()  # (a plain del would leave the caller's reference holding it)
     del h
 
     q = torch.zeros_like(w)

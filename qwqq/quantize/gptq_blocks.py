@@ -13,6 +13,7 @@ from a handful of tokens fits noise), and are reported.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,8 +55,13 @@ class Hessians:
             self.sums[key].addmm_(x.T, x)
         self.counts[key] += int(x.shape[0])
 
-    def hessian(self, key: tuple[str, ...]) -> torch.Tensor:
-        return self.sums[key] * (2.0 / max(1, self.counts[key]))
+    def take(self, key: tuple[str, ...], last: bool) -> torch.Tensor:
+        """H = 2/N sum x x^T, a tensor the caller owns: a scaled copy, or at the key's last use its sum itself,
+        scaled in place and handed over (for down_proj of a 32B model, each copy is 3.4 GB)."""
+        scale = 2.0 / max(1, self.counts[key])
+        if last:
+            return self.sums.pop(key).mul_(scale)
+        return self.sums[key] * scale
 
 
 @dataclass
@@ -96,8 +102,10 @@ def quantize_block(layer, prefix: str, hess: Hessians, opts: GPTQOptions, report
                    ) -> dict[str, GPTQResult]:
     """GPTQ (or RTN, for starved experts) of every weight in the block; the block's weights are replaced."""
     by_name = {n: key for key in hess.sums for n in key}
+    names = quantized_names(layer, prefix)
+    uses = Counter(by_name[n] for n in names if n in by_name)  # q/k/v share one Hessian, gate/up another
     results = {}
-    for name in quantized_names(layer, prefix):
+    for name in names:
         w = weight_view(layer, prefix, name)
         key = by_name.get(name)
         seen = hess.counts.get(key, 0) if key else 0
@@ -106,9 +114,12 @@ def quantize_block(layer, prefix: str, hess: Hessians, opts: GPTQOptions, report
             res = rtn_quantize(w, bits=opts.bits, group_size=opts.group_size, sym=opts.sym)
             report.rtn_experts.append(f"{name} ({seen} tokens)")
         else:
-            res = gptq_quantize(w, hess.hessian(key), bits=opts.bits, group_size=opts.group_size, sym=opts.sym,
-                                desc_act=opts.desc_act, group_aware=opts.group_aware, damp=opts.damp)
+            res = gptq_quantize(w, hess.take(key, last=uses[key] == 1), bits=opts.bits, group_size=opts.group_size,
+                                sym=opts.sym, desc_act=opts.desc_act, group_aware=opts.group_aware, damp=opts.damp,
+                                overwrite_hessian=True)
             report.damps.append(res.damp)
+        if key is not None:
+            uses[key] -= 1
         w.copy_(res.weight.to(w.dtype))
         results[name] = res
     return results
