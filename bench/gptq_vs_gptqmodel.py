@@ -52,7 +52,7 @@ OUT = REPO / ".cache" / "bench" / "gptq_vs_gptqmodel"
 RESULTS = REPO / "bench" / "results" / "gptq_vs_gptqmodel.json"
 DOC = REPO / "docs" / "bench-gptq.md"
 HEADING = "## qwqq GPTQ vs GPTQModel"
-ORDER = ["qwqq", "qwqq-gar", "qwqq-damp05", "rtn", "gptqmodel-like", "gptqmodel-f32", "gptqmodel-seq", "gptqmodel-gar",
+ORDER = ["qwqq", "qwqq-gar", "qwqq-damp05", "qwqq-gar-damp05", "rtn", "gptqmodel-like", "gptqmodel-f32", "gptqmodel-seq", "gptqmodel-gar",
          "gptqmodel-damp05", "gptqmodel-default"]
 DEFAULT_VENV = Path.home() / ".cache" / "qwqq" / "gptqmodel-venv"
 
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="like,default", help=f"GPTQModel variants: {','.join(VARIANTS)}")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: qwqq,qwqq-gar,rtn,gptqmodel")
     ap.add_argument("--qwqq-damp05", action="store_true", help="also qwqq with --damp 0.05 (GPTQModel's default)")
+    ap.add_argument("--qwqq-gar-damp05", action="store_true", help="also qwqq (act-group-aware) with --damp 0.05")
     ap.add_argument("--reuse", action="store_true", help="score outputs already under .cache/bench (no quantizing)")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--diagnose", action="store_true",
@@ -175,6 +176,12 @@ def main(argv=None) -> int:
                       [*qwqq_command(), "quantize", str(src), "--format", "gptq", "--bits", "4", "--group-size", "128",
                        "--calib-tokens", str(args.calib_tokens), "--calib-seqlen", "512", "--damp", "0.05",
                        "--no-act-group-aware", "-o", str(out), "-q", "-f"], None))
+    if args.qwqq_gar_damp05:
+        out = OUT / f"{tag}-qwqq-gar-damp05"
+        steps.append(("qwqq-gar-damp05", "qwqq GPTQ (act-group-aware), --damp 0.05", out,
+                      [*qwqq_command(), "quantize", str(src), "--format", "gptq", "--bits", "4", "--group-size", "128",
+                       "--calib-tokens", str(args.calib_tokens), "--calib-seqlen", "512", "--damp", "0.05",
+                       "-o", str(out), "-q", "-f"], None))
     if "rtn" not in skip:
         out = OUT / f"{tag}-rtn"
         steps.append(("rtn", "RTN (round to nearest)", out, [py, "-c", RTN, str(src), str(out)], None))
@@ -360,7 +367,8 @@ def table(entry: dict) -> list[str]:
                      f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r['ppl']:.3f} ({r['ref_ppl']:.3f}) | "
                      f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss'] / MB:.0f} | {la} |")
     pairs = [("qwqq", k) for k in ORDER if k.startswith("gptqmodel") and k != "gptqmodel-gar" and k != "gptqmodel-default"]
-    pairs += [("qwqq-gar", "gptqmodel-gar"), ("qwqq-gar", "gptqmodel-default"), ("qwqq", "rtn"), ("qwqq-gar", "rtn")]
+    pairs += [("qwqq-gar", "gptqmodel-gar"), ("qwqq-gar", "gptqmodel-default"), ("qwqq-gar-damp05", "gptqmodel-default"),
+              ("qwqq", "rtn"), ("qwqq-gar", "rtn"), ("qwqq-gar-damp05", "rtn")]
     ratios = []
     for a, b in pairs:
         q, g = rows.get(a), rows.get(b)
