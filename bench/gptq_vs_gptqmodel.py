@@ -452,10 +452,14 @@ FINDINGS = """
   qwqq 183 - 331 CPU s for the same work (2048 tokens: 331 s, and 182 s for the --damp 0.05 run of the
   same work, so qwqq's CPU time swings with contention; 8192 tokens: 183 s and 267 s vs 86 s). Not
   measured without contention here; the ratios' "wall" compares runs under different loads.
-- **Qwen2.5-Coder-1.5B-Instruct: not run.** GPTQModel alone needs ~27 min on 2 idle cores (docs/gptq.md),
-  more under this load, plus qwqq and two 1.5B evaluations: it did not fit the time. Command:
-  `.venv/bin/python -m bench.gptq_vs_gptqmodel --model qwen25 --variants like,default` (add
-  `--calib-tokens 8192` for a second entry; `--diagnose` afterwards for the per-linear errors).
+- **Qwen2.5-Coder-1.5B-Instruct, 8192 tokens.** qwqq GPTQ (GAR, damp 0.01) 0.0642, 18 % below RTN
+  (0.0786), but 15 % above GPTQModel's defaults (0.0557: GAR, true_sequential, damp 0.05); down_proj is
+  undersampled here (8960 inputs, 8192 tokens), where more damping helps (SmolLM2 at 2048 tokens: 0.5725
+  -> 0.4599 with damp 0.05). Peak RSS of that run: qwqq 3053 MB, GPTQModel 2724 MB; qwqq then stopped
+  copying Hessians (scaled in place at their last use, freed once factored), and a partial run of the
+  same work peaked at 2530 MB through block 3 of 28 (flat from block 2). The "qwqq GPTQ (act-group-aware),
+  --damp 0.05" row, where present, is the full run after that change. Wall: 1813 s against 1459 s, both
+  sharing the 2 cores with other jobs.
 """
 
 
