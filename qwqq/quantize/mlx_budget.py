@@ -18,9 +18,6 @@ made with them is the folder written, so its size is known before anything is wr
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import numpy as np
 from qwqq.errors import QwqqError
 from qwqq.quantize.budget import CATEGORY_WEIGHT, Allocation, choose
 from qwqq.quantize.plan import MLX_BITS, MLXPlan, MLXTensorPlan
+from qwqq.quantize.sensitivity import _sample_rows, cache_path, read_cached, write_cached
 from qwqq.source import Checkpoint, RowReader
 
 SAMPLE_ROWS = 256
@@ -62,12 +60,10 @@ def mlx_nsr(rows: np.ndarray, group_size: int, bits_ladder=MLX_BITS) -> dict[int
 
 
 def _cache_file(ckpt: Checkpoint, group_size: int, sample_rows: int) -> Path:
-    from qwqq.eval.harness import cache_dir, identity
+    from qwqq.eval.harness import identity
 
-    key = {"v": VERSION, "format": "mlx", "model": identity(ckpt.root), "group": group_size, "rows": sample_rows,
-           "ladder": list(MLX_BITS)}
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir().parent / "sensitivity" / f"mlx-{h}.json"
+    return cache_path({"v": VERSION, "format": "mlx", "model": identity(ckpt.root), "group": group_size,
+                       "rows": sample_rows, "ladder": list(MLX_BITS)}, prefix="mlx-")
 
 
 def allocatable(plan: MLXPlan) -> list[MLXTensorPlan]:
@@ -77,14 +73,10 @@ def allocatable(plan: MLXPlan) -> list[MLXTensorPlan]:
 def measure_mlx(ckpt: Checkpoint, sources, plan: MLXPlan, *, sample_rows: int = SAMPLE_ROWS,
                 use_cache: bool = True, tick=None) -> dict[str, dict[int, float]]:
     """{module: {bits: nsr}} for every module the allocator chooses bits for (cached)."""
-    from qwqq.quantize.sensitivity import _sample_rows
-
     cache = _cache_file(ckpt, plan.group_size, sample_rows)
-    if use_cache and cache.is_file():
-        try:
-            return {m: {int(b): v for b, v in e.items()} for m, e in json.loads(cache.read_text()).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
+    data = read_cached(cache) if use_cache else None
+    if isinstance(data, dict) and all(isinstance(e, dict) for e in data.values()):
+        return {m: {int(b): v for b, v in e.items()} for m, e in data.items()}
     by_name = {s.name: s for s in sources}
     errors = {}
     with RowReader() as reader:
@@ -94,10 +86,7 @@ def measure_mlx(ckpt: Checkpoint, sources, plan: MLXPlan, *, sample_rows: int = 
             if tick:
                 tick()
     if use_cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(errors))
-        os.replace(tmp, cache)
+        write_cached(cache, errors)
     return errors
 
 

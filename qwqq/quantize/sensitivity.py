@@ -100,14 +100,36 @@ def tensor_errors(rows: np.ndarray, experts: np.ndarray, imp: np.ndarray | None,
     return out
 
 
-def _cache_file(ckpt: Checkpoint, imatrix, sample_rows: int) -> Path:
-    from qwqq.eval.harness import cache_dir, identity
+def cache_path(key: dict, prefix: str = "") -> Path:
+    """The sensitivity cache file for a measurement's key (every setting its numbers depend on)."""
+    from qwqq.eval.harness import cache_dir
 
-    h = hashlib.sha256(json.dumps({"v": VERSION, "cap": IMPORTANCE_CAP, "model": identity(ckpt.root), "rows": sample_rows,
-                                   "ladder": [t.name for t in LADDER + SMALL_ROW_LADDER],
-                                   "imatrix": imatrix.digest() if imatrix is not None else None},
-                                  sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir().parent / "sensitivity" / f"{h}.json"
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir().parent / "sensitivity" / f"{prefix}{h}.json"
+
+
+def read_cached(path: Path):
+    """The JSON a measurement cached, or None (absent or unreadable: measure again)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_cached(path: Path, data) -> None:
+    """Cache a measurement, atomically (a concurrent reader sees the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _cache_file(ckpt: Checkpoint, imatrix, sample_rows: int) -> Path:
+    from qwqq.eval.harness import identity
+
+    return cache_path({"v": VERSION, "cap": IMPORTANCE_CAP, "model": identity(ckpt.root), "rows": sample_rows,
+                       "ladder": [t.name for t in LADDER + SMALL_ROW_LADDER],
+                       "imatrix": imatrix.digest() if imatrix is not None else None})
 
 
 def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatrix=None, *,
@@ -116,12 +138,9 @@ def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatri
     from qwqq.quantize.pipeline import imatrix_rows
 
     cache = _cache_file(ckpt, imatrix, sample_rows)
-    if use_cache and cache.is_file():
-        try:
-            data = json.loads(cache.read_text())
-            return Sensitivity(data["errors"], data["imatrix"])
-        except (OSError, ValueError, KeyError):
-            pass
+    data = read_cached(cache) if use_cache else None
+    if isinstance(data, dict) and "errors" in data and "imatrix" in data:
+        return Sensitivity(data["errors"], data["imatrix"])
     imps = imatrix_rows(plan, imatrix)[0] if imatrix is not None else {}
     errors = {}
     with RowReader() as reader:
@@ -134,8 +153,5 @@ def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatri
                 tick()
     sens = Sensitivity(errors, imatrix is not None)
     if use_cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"errors": errors, "imatrix": sens.imatrix}))
-        os.replace(tmp, cache)
+        write_cached(cache, {"errors": errors, "imatrix": sens.imatrix})
     return sens
