@@ -23,6 +23,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -555,6 +556,9 @@ def llama_cpp_tools() -> Path:
             flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
                      "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                      "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"]
+            if platform.machine() == "x86_64":  # as scripts/setup.sh builds llama-cpp-python: AMX can trap in VMs
+                no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
             cmake = _build_program("cmake")
             flags.append(f"-DCMAKE_MAKE_PROGRAM={_build_program('ninja')}")
             subprocess.run([cmake, "-G", "Ninja", "-S", str(work / "src"), "-B", str(work / "build"), *flags],
@@ -566,7 +570,7 @@ def llama_cpp_tools() -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    dest = _build(cache_root() / f"llama.cpp-tools-{LLAMA_CPP_PYTHON}", build)
+    dest = _build(cache_root() / f"llama.cpp-tools-{LLAMA_CPP_PYTHON}-no-amx", build)
     for name in LLAMA_CPP_TOOLS:  # _build leaves every file 0644
         if not os.access(dest / name, os.X_OK):
             (dest / name).chmod(0o755)
