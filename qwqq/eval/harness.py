@@ -24,7 +24,7 @@ from qwqq.eval.logits import LogitsModel, check_logits_source, open_logits
 from qwqq.eval.metrics import PositionScores, RefPositions, Summary, reference_positions, score, summarize
 
 DEFAULT_CTX = 512
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: lo renormalised, neg_entropy and mass stored
 
 
 @dataclass
@@ -199,7 +199,7 @@ def evaluate(model: str | Path, ref: str | Path, *, text: str | None = None, ctx
         with step_progress(progress, windows.shape[0], "eval") as tick:
             for w, logits in enumerate(test_model.logits(windows, first)):
                 sl = slice(w * n_pos, (w + 1) * n_pos)
-                parts.append(score(ref_pos.rows(sl), logits, windows[w, first + 1:]))
+                parts.append(score(ref_pos.rows(sl), logits, windows[w, first + 1:], threads))
                 if tick:
                     tick()
     finally:

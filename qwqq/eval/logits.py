@@ -2,13 +2,14 @@
 
 A provider is ``open_logits(path, ctx) -> LogitsModel`` with ``.n_vocab``, ``.logits(windows, first)``
 yielding, for each window of ``windows`` [n, ctx], float32 [ctx - 1 - first, n_vocab] (positions
-first .. ctx-2, each predicting the next token), and ``.close()``. One provider per format, in a table:
+first .. ctx-2, each predicting the next token; it may be a view valid only until the next window is
+asked for), and ``.close()``. One provider per format, in a table:
 
     gguf         llama.cpp through llama-cpp-python (all logits of a window in one batch)
     safetensors  the unquantized Hugging Face checkpoint, one decoder block at a time (bounded memory:
                  qwqq.quantize.calibrate's engine, exact against transformers)
     gptq         the same engine, each linear dequantized from qweight/qzeros/scales/g_idx
-    mlx          mlx-lm
+    mlx          mlx-lm on a Mac's GPU; on mlx's CPU backend the block engine, each module dequantized by mlx
 """
 
 from __future__ import annotations
@@ -33,27 +34,47 @@ class LogitsModel:
 
 
 def _gguf(path: Path, ctx: int, threads: int) -> LogitsModel:
+    """llama.cpp's own batch API, as llama-perplexity drives it: one window a batch, a clean KV cache per
+    window, logits asked for only at the scored positions (no output projection for the first half, and
+    no copy: each window's logits are a view of llama.cpp's buffer, valid until the next one)."""
     try:
+        import llama_cpp
         from llama_cpp import Llama
     except ImportError:
         raise UnsupportedError('evaluating GGUF needs llama-cpp-python: pip install "qwqq[llama]"') from None
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     try:
-        llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512), logits_all=True,
+        llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=min(ctx, 512), logits_all=False,
                     n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1, verbose=False)
     except ValueError as e:
         raise QwqqError(f"llama.cpp cannot load it: {e}", path) from None
+    n_vocab = llm.n_vocab()
+    batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+    memory = llama_cpp.llama_get_memory(llm.ctx)
 
     def logits(windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        n = windows.shape[1]
         for window in windows:
-            llm.reset()
-            llm.eval(window.tolist())
-            yield np.array(llm.scores[first: len(window) - 1], dtype=np.float32)  # a copy: the next window reuses it
+            llama_cpp.llama_memory_clear(memory, True)
+            batch.n_tokens = n
+            for i, tok in enumerate(window.tolist()):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = first <= i < n - 1
+            rc = llama_cpp.llama_decode(llm.ctx, batch)
+            if rc != 0:
+                raise QwqqError(f"llama.cpp could not evaluate a window of {n} tokens (llama_decode returned {rc})",
+                                path)
+            yield np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n - 1 - first, n_vocab))
 
     def tokenize(text: str) -> np.ndarray:
         return np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), dtype=np.int64)
 
-    return LogitsModel(llm.n_vocab(), logits, llm.close, tokenize, f"llama.cpp {path.name}")
+    def close() -> None:
+        llama_cpp.llama_batch_free(batch)
+        llm.close()
+
+    return LogitsModel(n_vocab, logits, close, tokenize, f"llama.cpp {path.name}")
 
 
 def _safetensors(path: Path, ctx: int, threads: int) -> LogitsModel:
@@ -70,11 +91,24 @@ def _safetensors(path: Path, ctx: int, threads: int) -> LogitsModel:
 
 
 def _mlx(path: Path, ctx: int, threads: int) -> LogitsModel:
+    """mlx-lm on a Mac's GPU. On mlx's CPU backend (Linux) its matrix products are slow (2-4 GFLOP/s here:
+    hours for a 1.5B model), so there the block engine scores the same weights, each quantized module
+    dequantized by mlx's own mx.dequantize, in float32 (torch)."""
     try:
         import mlx.core as mx
-        from mlx_lm import load
     except ImportError:
         raise UnsupportedError('evaluating MLX needs mlx-lm: pip install "qwqq[mlx]"') from None
+    if mx.default_device() == mx.cpu:
+        model = _safetensors(path, ctx, threads)
+        model.describe = f"mlx weights (mx.dequantize), transformers blocks {path.name}"
+        return model
+    return _mlx_lm(path)
+
+
+def _mlx_lm(path: Path) -> LogitsModel:
+    import mlx.core as mx
+    from mlx_lm import load
+
     model, tok = load(str(path))
 
     def logits(windows: np.ndarray, first: int) -> Iterator[np.ndarray]:
@@ -106,7 +140,7 @@ def check_logits_source(path: str | Path) -> str:
     fmt = detect_format(path)
     if fmt not in PROVIDERS:
         raise UnsupportedError(f"eval does not read {fmt} models yet", path)
-    if fmt in ("safetensors", "gptq"):
+    if fmt in ("safetensors", "gptq", "mlx"):
         from qwqq.source import open_checkpoint
 
         open_checkpoint(path)  # reads config and safetensors headers; checks every shard is whole
