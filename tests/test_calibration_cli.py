@@ -4,6 +4,7 @@ quantize --format gptq, qwqq eval; and their bad inputs, each one line, non-zero
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,10 @@ BAD = {
     "eval truncated gguf": (["eval", "{trunc_gguf}", "--ref", "{src}", "--ctx", "64", "--max-tokens", "128"],
                             ["trunc.gguf"]),
     "eval not a gguf": (["eval", "{not_gguf}", "--ref", "{src}"], ["not a GGUF"]),
+    "eval truncated mlx": (["eval", "{trunc_mlx}", "--ref", "{src}", "--ctx", "64", "--max-tokens", "128"],
+                           ["model.safetensors"]),
+    "eval mlx config without bits": (["eval", "{nobits_mlx}", "--ref", "{src}", "--ctx", "64", "--max-tokens", "128"],
+                                     ["quantization", "bits"]),
 }
 
 
@@ -148,15 +153,37 @@ def truncated_gguf(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def mlx_folders(tmp_path_factory, qwen2):
+    """A 4-bit MLX folder cut in half, and a whole one whose config's quantization block has lost its bits."""
+    pytest.importorskip("mlx.core")
+    import shutil
+
+    from qwqq.quantize.mlx_writer import quantize_to_mlx
+
+    base = tmp_path_factory.mktemp("mlx")
+    whole = quantize_to_mlx(qwen2, bits=4, out=base / "whole", progress=False).path
+    trunc = Path(shutil.copytree(whole, base / "trunc"))
+    f = trunc / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    nobits = Path(shutil.copytree(whole, base / "nobits"))
+    cfg = json.loads((nobits / "config.json").read_text())
+    del cfg["quantization"]["bits"]
+    (nobits / "config.json").write_text(json.dumps(cfg))
+    return {"trunc_mlx": trunc, "nobits_mlx": nobits}
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_calibration_and_eval_inputs(case, qwen2, tmp_path, truncated_gptq, bits_mismatch_gptq, truncated_gguf):
+def test_bad_calibration_and_eval_inputs(case, qwen2, tmp_path, truncated_gptq, bits_mismatch_gptq, truncated_gguf,
+                                         mlx_folders):
     args, needles = BAD[case]
     existing = tmp_path / "there.gguf"
     existing.write_bytes(b"x")
     subs = {"src": qwen2, "tmp": tmp_path, "calib": _calib(tmp_path, b"hello " * 200),
             "binary": (tmp_path / "bin.txt"), "short": (tmp_path / "short.txt"), "existing": existing,
             "smollm2": smollm2_gguf(), "trunc_gptq": truncated_gptq, "bits_gptq": bits_mismatch_gptq,
-            "trunc_gguf": truncated_gguf, "not_gguf": tmp_path / "fake.gguf"}
+            "trunc_gguf": truncated_gguf, "not_gguf": tmp_path / "fake.gguf", **mlx_folders}
     subs["not_gguf"].write_bytes(b"this is not a model\n" * 100)
     subs["binary"].write_bytes(b"\xff\xfe\x00bad" * 50)
     subs["short"].write_text("too short")

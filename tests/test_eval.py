@@ -101,3 +101,44 @@ def test_gguf_against_its_source(tmp_path, monkeypatch):
         r = evaluate(out.path, model_dir, ctx=64, max_tokens=256, progress=False)
         klds[t] = r.summary.kld_mean
     assert klds["F16"] < 1e-3 < klds["Q4_K_M"] < klds["Q2_K"]
+
+
+MLX_CASES = [("qwen2", {"bits": 4}), ("qwen3", {"bits": 3, "mixed": "3_6"}), ("qwen3_moe", {"bits": 4})]
+
+
+@pytest.mark.parametrize("arch,opts", MLX_CASES, ids=[a for a, _ in MLX_CASES])
+def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp_path):
+    """On mlx's CPU backend eval runs the block engine over each module as mlx.dequantize gives it back:
+    the logits equal mlx-lm's own forward pass of the same folder (dequantized by mlx, in float32)."""
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    from qwqq.eval.logits import open_logits
+    from qwqq.quantize.mlx_writer import quantize_to_mlx
+
+    folder = quantize_to_mlx(tiny_model_dir(arch), out=tmp_path / "m", progress=False, **opts).path
+    windows = np.random.default_rng(0).integers(0, 151000, (2, 32))
+    ours = open_logits(folder, 32)
+    assert ours.describe.startswith("mlx weights")
+    got = np.stack([x.copy() for x in ours.logits(windows, 16)])
+    ours.close()
+    model, _ = load(str(folder))
+    model.set_dtype(mx.float32)  # scales and biases widened first, exactly, as eval reads them
+    dequantize_model(model)
+    want = np.array(model(mx.array(windows.astype(np.int32)))[:, 16:31].astype(mx.float32))
+    assert got.shape == want.shape == (2, 15, 151936)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.ptp(want)))
+
+
+def test_mlx_quality_follows_the_bits(tmp_path, monkeypatch):
+    from qwqq.quantize.mlx_writer import quantize_to_mlx
+
+    pytest.importorskip("mlx.core")
+    monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
+    src = tiny_model_dir("qwen3")
+    kld = {}
+    for bits in (8, 4, 2):
+        folder = quantize_to_mlx(src, bits=bits, out=tmp_path / f"m{bits}", progress=False).path
+        kld[bits] = evaluate(folder, src, ctx=64, max_tokens=256, progress=False).summary.kld_mean
+    assert 0 < kld[8] < kld[4] < kld[2]

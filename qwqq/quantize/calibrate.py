@@ -130,14 +130,52 @@ class BlockModel:
         import torch
 
         ref = self.ckpt.tensors.get(hf_name)
+        module = hf_name.removesuffix(".weight")
+        if ref is not None and ref.dtype == "U32" and f"{module}.scales" in self.ckpt.tensors:
+            return torch.from_numpy(self._mlx_weight(module)).to(self.device)
         if ref is None:
             gptq = self.ckpt.config.get("quantization_config") or {}
-            module = hf_name.removesuffix(".weight")
             if f"{module}.qweight" in self.ckpt.tensors and gptq.get("quant_method") == "gptq":
                 return torch.from_numpy(self._gptq_weight(module, gptq)).to(self.device)
             raise SourceError(f"tensor {hf_name} is missing", self.ckpt.root)
         arr = self.reader.read_f32(ref, 0, ref.rows).reshape(ref.shape)
         return torch.from_numpy(arr).to(self.device)
+
+    def _mlx_weight(self, module: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """An MLX-quantized module's weight (or some of its rows), dequantized by mlx itself: scale * q + bias
+        per group, in float32 from the stored scales and biases (as mlx's kernels apply them)."""
+        import mlx.core as mx
+
+        quant = self.ckpt.config.get("quantization")
+        per = quant.get(module) if isinstance(quant, dict) else None
+        params = per if isinstance(per, dict) else quant
+        try:
+            bits, group, mode = int(params["bits"]), int(params["group_size"]), params.get("mode", "affine")
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"config.json's quantization block gives no bits / group_size for {module}",
+                              self.ckpt.root) from None
+        parts = {}
+        for k, dtype in (("weight", np.uint32), ("scales", None), ("biases", None)):
+            ref = self.ckpt.tensors.get(f"{module}.{k}")
+            if ref is None:
+                if k == "biases" and mode != "affine":
+                    continue
+                raise SourceError(f"MLX tensor {module}.{k} is missing", self.ckpt.root)
+            take = range(ref.rows) if rows is None else rows
+            if dtype is None:
+                arr = np.stack([self.reader.read_f32(ref, int(r), int(r) + 1)[0] for r in take]) if rows is not None \
+                    else self.reader.read_f32(ref, 0, ref.rows)
+            else:
+                arr = np.stack([self.reader.read_raw(ref, int(r), int(r) + 1).view(dtype) for r in take]) \
+                    if rows is not None else self.reader.read_raw(ref, 0, ref.rows).view(dtype).reshape(ref.rows, -1)
+            shape = ref.shape if rows is None else (len(rows), *ref.shape[1:])
+            parts[k] = mx.array(arr.reshape(shape))
+        try:
+            w = mx.dequantize(parts["weight"], parts["scales"], parts.get("biases"), group_size=group, bits=bits,
+                              mode=mode)
+        except ValueError as e:
+            raise SourceError(f"MLX module {module}: {e}", self.ckpt.root) from None
+        return np.array(w.astype(mx.float32))
 
     def _gptq_weight(self, module: str, qcfg: dict) -> np.ndarray:
         """A GPTQ linear's weight, dequantized as the kernels do (scale[g] * (q - zero[g]))."""
@@ -175,10 +213,13 @@ class BlockModel:
 
         ref = self.ckpt.tensors["model.embed_tokens.weight"]
         uniq, inverse = np.unique(tokens, return_inverse=True)
-        rows = np.empty((uniq.size, ref.cols), np.float32)
-        for k, t in enumerate(uniq):
-            self.reader.read_f32(ref, int(t), int(t) + 1, out=rows[k])
-        x = torch.from_numpy(rows[inverse.reshape(-1)]).reshape(*tokens.shape, ref.cols)
+        if ref.dtype == "U32" and "model.embed_tokens.scales" in self.ckpt.tensors:  # MLX's quantized embedding
+            rows = self._mlx_weight("model.embed_tokens", uniq)
+        else:
+            rows = np.empty((uniq.size, ref.cols), np.float32)
+            for k, t in enumerate(uniq):
+                self.reader.read_f32(ref, int(t), int(t) + 1, out=rows[k])
+        x = torch.from_numpy(rows[inverse.reshape(-1)]).reshape(*tokens.shape, rows.shape[1])
         return x.to(self.device)
 
     def block(self, i: int):
@@ -200,7 +241,11 @@ class BlockModel:
     def _param(self, prefix: str, name: str, shape: tuple[int, ...]):
         import torch
 
-        if name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") and prefix + name not in self.ckpt.tensors:
+        stacked = f"{prefix}mlp.switch_mlp.{{}}.weight"  # mlx-lm's layout: experts stacked per projection
+        if name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") and stacked.format("down_proj") in self.ckpt.tensors:
+            t = self.tensor(stacked.format("down_proj")) if name.endswith("down_proj") else \
+                torch.cat([self.tensor(stacked.format("gate_proj")), self.tensor(stacked.format("up_proj"))], dim=1)
+        elif name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj") and prefix + name not in self.ckpt.tensors:
             n_expert = shape[0]
             if name.endswith("down_proj"):
                 parts = [self.tensor(f"{prefix}mlp.experts.{e}.down_proj.weight") for e in range(n_expert)]
