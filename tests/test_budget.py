@@ -99,3 +99,58 @@ def test_cli_target_size_and_bad_sizes(tmp_path):
                          (["--target-size", "90MB", "--target-bpw", "4"], "one of")]:
         one_line_error(run_qwqq("quantize", src, *args, "-o", tmp_path / "x.gguf", env=env), needle)
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_more_budget_never_predicts_more_loss_on_a_real_checkpoint(tmp_path, monkeypatch):
+    """Monotone on measured sensitivities (tiny qwen3_moe: experts, router, tied-free output), not only synthetic."""
+    monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
+    ckpt = open_checkpoint(tiny_model_dir("qwen3_moe"))
+    plans = [plan_for_budget(ckpt, target_bpw=b) for b in (3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.5)]
+    losses = [p.allocation.loss for p in plans]
+    sizes = [p.predicted_file_bytes for p in plans]
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:])), losses
+    assert all(b >= a for a, b in zip(sizes, sizes[1:])), sizes
+    assert losses[0] > 10 * losses[-1]
+
+
+def test_cli_target_bpw_gguf(tmp_path, monkeypatch):
+    from qwqq.gguf_file import read_gguf
+    from qwqq.quantize.pipeline import plan_checkpoint
+
+    src = tiny_model_dir("qwen2")
+    r = run_qwqq("quantize", src, "--target-bpw", "4.5", "-o", tmp_path / "b.gguf", "-q",
+                 env={"QWQQ_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "4.5 bits per weight" in r.stderr
+    g = read_gguf(tmp_path / "b.gguf")
+    n_params = plan_checkpoint(open_checkpoint(src), "Q4_K_M")[2].n_params
+    assert 8 * sum(t.nbytes for t in g.tensors) / n_params <= 4.5
+    # the written file is the plan's (whose fill test_the_written_file_is_... holds to one step)
+    monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
+    assert (tmp_path / "b.gguf").stat().st_size == plan_for_budget(open_checkpoint(src), target_bpw=4.5).predicted_file_bytes
+    assert len({t.type for t in g.tensors if t.type.name not in ("F32", "F16", "BF16")}) >= 2
+
+
+def test_fit_profile_leaves_the_kv_cache_room_and_the_file_fits(tmp_path):
+    """--fit PROFILE --ctx N: the weights' room is what fit leaves after that context's KV cache, and
+    `qwqq fit` then places the written file wholly on that GPU at that context."""
+    import json
+
+    from qwqq.quantize.budget import fit_weights_room
+
+    src = tiny_model_dir("qwen2")
+    ckpt = open_checkpoint(src)
+    cfg = ckpt.config
+    kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (
+        cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
+    short, long = (fit_weights_room(ckpt, "rtx-4060", ctx, "f16") for ctx in (4096, 65536))
+    assert short - long >= kv_per_token * (65536 - 4096)
+    env = {"QWQQ_CACHE": str(tmp_path / "cache")}
+    r = run_qwqq("quantize", src, "--fit", "rtx-4060", "--ctx", "65536", "-o", tmp_path / "f.gguf", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "GiB of GPU memory for weights" in r.stderr
+    r = run_qwqq("fit", tmp_path / "f.gguf", "--profile", "rtx-4060", "--ctx", "65536", "--kv", "f16", "--json",
+                 env=env)
+    assert r.returncode == 0, r.stderr
+    top = json.loads(r.stdout)[0]
+    assert top["fits"] and top["mode"] == "gpu" and top["gpu_layers"] == top["n_layers"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwqq.errors import SourceError
+from qwqq.errors import SourceError, UnsupportedError
 from qwqq.gguf_file import read_gguf
 from qwqq.outputs import journal_path, temp_path
 from qwqq.quantize.imatrix_file import Imatrix, read_imatrix, write_imatrix
-from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+from qwqq.quantize.pipeline import IMATRIX_GGUF_TYPES, quantize_to_gguf, resolve_mixture
+from qwqq.quantize.plan import MIXTURES
 from tests import fixtures
 from tests.conftest import run_qwqq
 from tests.reference import tensor_table
@@ -257,6 +259,82 @@ def test_iq2_xs_loads_and_generates(ours):
         assert isinstance(llm.detokenize(got), bytes)
     finally:
         llm.close()
+
+
+# ---------------------------------------------------------------- every imatrix mixture
+ISSUE_IQ = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M"]
+DRY_RUN_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-.*type =\s+(\w+),.*?(?:\((\w+)\))?\s*$")
+
+
+def llama_quantize_plan(tools: Path, src: Path, mixture: str, imatrix: Path) -> dict[str, str]:
+    """llama-quantize --dry-run's type for every tensor (its own rules, nothing written)."""
+    r = _run([tools / "llama-quantize", "--dry-run", "--imatrix", imatrix, src, mixture, 2])
+    plan = {}
+    for line in (r.stdout + r.stderr).splitlines():
+        m = DRY_RUN_LINE.match(line)
+        if m:
+            plan[m.group(1)] = (m.group(3) or m.group(2)).upper()
+    return plan
+
+
+@pytest.mark.parametrize("mixture", sorted(IMATRIX_GGUF_TYPES))
+def test_every_imatrix_mixture_is_refused_without_one(mixture):
+    with pytest.raises(UnsupportedError, match=f"--type {mixture} needs an importance matrix"):
+        resolve_mixture(type_name=mixture)
+    assert resolve_mixture(type_name=mixture, has_imatrix=True).name == mixture
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_iq_mixture_plans_as_llama_quantize(arch, bf16, imatrix_of, tools):
+    """All nine IQ mixtures of the issue: qwqq's plan gives every tensor the type llama-quantize's own rules
+    give it (its --dry-run, with the same imatrix). The bytes follow from the type (ggml's own kernels; held
+    byte for byte above for IQ2_XS and IQ3_S)."""
+    from qwqq.quantize.pipeline import plan_checkpoint
+    from qwqq.source import open_checkpoint
+
+    src, gguf_bf16 = bf16(arch)
+    ckpt = open_checkpoint(src)
+    for mixture in ISSUE_IQ:
+        ours = {t.name: t.type.name for t in plan_checkpoint(ckpt, mixture, has_imatrix=True)[2].tensors}
+        theirs = llama_quantize_plan(tools, gguf_bf16, mixture, imatrix_of(arch))
+        assert theirs and ours == theirs, f"{arch} {mixture}: " + ", ".join(
+            f"{n} qwqq {ours.get(n)} llama.cpp {theirs.get(n)}" for n in sorted(set(ours) | set(theirs))
+            if ours.get(n) != theirs.get(n))
+
+
+@pytest.mark.parametrize("mixture", ISSUE_IQ)
+def test_every_iq_mixture_loads_and_generates(mixture, ours):
+    import llama_cpp
+
+    out, _ = ours("qwen2", mixture)
+    types = {t.type.name for t in read_gguf(out).tensors}
+    assert MIXTURES[mixture].default.name in types
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
+    try:
+        got = []
+        for tok in llm.generate(llm.tokenize(b"The capital of France is"), temp=0.0):
+            got.append(tok)
+            if len(got) == 4:
+                break
+        assert len(got) == 4 and all(0 <= t < llm.n_vocab() for t in got)
+        assert np.isfinite(np.asarray(llm.scores[: llm.n_tokens])).all()
+    finally:
+        llm.close()
+
+
+def test_a_qwqq_imatrix_file_drives_llama_quantize(bf16, tools, work):
+    """Ours used by llama.cpp: `qwqq imatrix` writes the file, llama-quantize --imatrix takes it, and the GGUF it
+    makes is the one `qwqq quantize --imatrix` makes with the same file, tensor for tensor."""
+    src, gguf_bf16 = bf16("qwen3_moe")
+    path = work / "qwqq-made.imatrix.gguf"
+    r = run_qwqq("imatrix", src, "-o", path, "--calib-tokens", "256", "--calib-seqlen", "128", "-q")
+    assert r.returncode == 0, r.stderr
+    theirs = llama_quantize(tools, gguf_bf16, work / "llama-from-qwqq-imatrix.gguf", "IQ2_XS", path)
+    out = work / "qwqq-from-qwqq-imatrix.gguf"
+    r = run_qwqq("quantize", src, "--type", "IQ2_XS", "--imatrix", path, "-o", out, "-j", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    _same_tensors(out, theirs)
+    assert _imatrix_keys(out) == _imatrix_keys(theirs)
 
 
 # ---------------------------------------------------------------- resume

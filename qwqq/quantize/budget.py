@@ -29,7 +29,7 @@ from qwqq.quantize.sensitivity import Sensitivity
 # How much a unit of relative output error in a tensor of each category costs at the model's output,
 # relative to the others. The same ordering llama.cpp's mixtures encode in their rules (output and
 # attn_v get more bits, token_embd fewer); the values are fitted on SmolLM2-135M and Qwen2.5-1.5B
-# (docs/bench-budget.md). `output` also covers a tied token_embd, which is the output matrix.
+# (docs/bench-pareto.md). `output` also covers a tied token_embd, which is the output matrix.
 CATEGORY_WEIGHT = {"output": 32.0, "attn_v": 2.0, "ffn_down": 2.0, "token_embd": 0.25}
 
 
@@ -63,6 +63,19 @@ def weight_of(name: str, tied: bool) -> float:
     if cat == "token_embd" and tied:
         cat = "output"
     return CATEGORY_WEIGHT.get(cat, 1.0)
+
+
+def predicted_loss(sens: Sensitivity, types: dict[str, T], shapes: dict[str, tuple[int, ...]]) -> float | None:
+    """The allocator's loss (weighted sum of nsr) of any choice of types, a stock mixture's too; None when a
+    tensor the measurement covers has a type it did not measure (an IQ type, say)."""
+    tied = "output.weight" not in shapes
+    total = 0.0
+    for name, errs in sens.errors.items():
+        err = errs.get(types[name].name) if name in types else None
+        if err is None:
+            return None
+        total += weight_of(name, tied) * err
+    return total
 
 
 def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int, *,

@@ -14,7 +14,7 @@ attention-sink token); uncapped, the measure sees only those columns and calls 2
 Capped at 100, the budget file at Q3_K_M's size went from KLD 0.0226 to 0.0155 (docs/bench-pareto.md).
 The quantizer itself still gets the whole imatrix. Rows are independent in
 every GGUF type, so a strided sample of rows estimates the whole. The sum of nsr over tensors is the
-allocator's predicted loss (validated against KLD in docs/bench-budget.md). Measured once per
+allocator's predicted loss (held against measured KLD in docs/bench-pareto.md). Measured once per
 (checkpoint, imatrix, ladder) and cached on disk as JSON.
 """
 
