@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gguf_vs_llamacpp import MB, Launcher, machine, qwqq_command  # noqa: E402
+from bench.gguf_vs_llamacpp import MB, Launcher, machine, qwqq_command, replace_section  # noqa: E402
 
 OUT = REPO / ".cache" / "bench" / "eval_speed"
 RESULTS = REPO / "bench" / "results" / "eval_speed.json"
@@ -187,14 +187,7 @@ def write_doc(r: dict, argv) -> None:
               "half), and scores each window in cache-sized row chunks on all threads, against a reference whose "
               "sum p log p is computed once, at the reference pass (qwqq/eval/metrics.py).", ""]
     section = "\n".join(lines)
-    old = DOC.read_text()
-    if HEADING in old:
-        head, rest = old.split(HEADING, 1)
-        tail = rest.split("\n## ", 1)
-        old = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
-    else:
-        old = old.rstrip("\n") + "\n\n" + section
-    DOC.write_text(old)
+    replace_section(DOC, HEADING, section, before=None)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,23 @@ def qwqq_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from qwqq.cli import main; main()"]
 
 
+# --------------------------------------------------------------------------- docs
+def replace_section(doc: Path, heading: str, section: str, before: str | None = None) -> None:
+    """Put `section` (starting with `heading`) into doc in place of the old one, keeping the rest; a new one
+    goes in front of the `before` heading when the doc has it, else at the end."""
+    text = doc.read_text() if doc.exists() else ""
+    section = section.rstrip("\n") + "\n"
+    if heading in text:
+        head, rest = text.split(heading, 1)
+        tail = rest.split("\n## ", 1)
+        text = head + section + ("\n## " + tail[1] if len(tail) > 1 else "")
+    elif before and before in text:
+        text = text.replace(before, section + "\n" + before, 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+
+
 # --------------------------------------------------------------------------- measuring
 def warm(paths: list[Path]) -> float:
     """Read every file once (into the page cache). Returns seconds."""

@@ -302,7 +302,7 @@ def test_every_iq_mixture_plans_as_llama_quantize(arch, bf16, imatrix_of, tools)
             if ours.get(n) != theirs.get(n))
 
 
-@pytest.mark.parametrize("mixture", ISSUE_IQ)
+@pytest.mark.parametrize("mixture", [m for m in ISSUE_IQ if m != "IQ2_XS"])  # IQ2_XS: test_iq2_xs_loads_and_generates
 def test_every_iq_mixture_loads_and_generates(mixture, ours):
     import llama_cpp
 
