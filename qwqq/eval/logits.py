@@ -5,7 +5,7 @@ yielding, for each window of ``windows`` [n, ctx], float32 [ctx - 1 - first, n_v
 first .. ctx-2, each predicting the next token; it may be a view valid only until the next window is
 asked for), and ``.close()``. One provider per format, in a table:
 
-    gguf         llama.cpp through llama-cpp-python (all logits of a window in one batch)
+    gguf         llama.cpp through llama-cpp-python (a window a batch, logits at the scored positions only)
     safetensors  the unquantized Hugging Face checkpoint, one decoder block at a time (bounded memory:
                  qwqq.quantize.calibrate's engine, exact against transformers)
     gptq         the same engine, each linear dequantized from qweight/qzeros/scales/g_idx
@@ -107,7 +107,11 @@ def _mlx(path: Path, ctx: int, threads: int) -> LogitsModel:
 
 def _mlx_lm(path: Path) -> LogitsModel:
     import mlx.core as mx
-    from mlx_lm import load
+
+    try:
+        from mlx_lm import load
+    except ImportError:
+        raise UnsupportedError('evaluating MLX needs mlx-lm: pip install "qwqq[mlx]"') from None
 
     model, tok = load(str(path))
 
