@@ -452,14 +452,19 @@ FINDINGS = """
   qwqq 183 - 331 CPU s for the same work (2048 tokens: 331 s, and 182 s for the --damp 0.05 run of the
   same work, so qwqq's CPU time swings with contention; 8192 tokens: 183 s and 267 s vs 86 s). Not
   measured without contention here; the ratios' "wall" compares runs under different loads.
-- **Qwen2.5-Coder-1.5B-Instruct, 8192 tokens.** qwqq GPTQ (GAR, damp 0.01) 0.0642, 18 % below RTN
-  (0.0786), but 15 % above GPTQModel's defaults (0.0557: GAR, true_sequential, damp 0.05); down_proj is
-  undersampled here (8960 inputs, 8192 tokens), where more damping helps (SmolLM2 at 2048 tokens: 0.5725
-  -> 0.4599 with damp 0.05). Peak RSS of that run: qwqq 3053 MB, GPTQModel 2724 MB; qwqq then stopped
-  copying Hessians (scaled in place at their last use, freed once factored), and a partial run of the
-  same work peaked at 2530 MB through block 3 of 28 (flat from block 2). The "qwqq GPTQ (act-group-aware),
-  --damp 0.05" row, where present, is the full run after that change. Wall: 1813 s against 1459 s, both
-  sharing the 2 cores with other jobs.
+- **Qwen2.5-Coder-1.5B-Instruct, 8192 tokens, same settings.** With GPTQModel set to qwqq's defaults (GAR on,
+  damp 0.01, true_sequential off) on the same windows, the two are equal: qwqq 0.0638 ± 0.0026 against
+  GPTQModel 0.0633 ± 0.0025 (1.008 x), both 19 % below RTN (0.0786); qwqq's peak RSS 2683 MB against
+  GPTQModel's 3108 MB (0.86 x), wall 946 s against 792 s (1.19 x), one after the other on a quiet machine
+  (2026-12-01, Intel, 2 cores; load average at most 1.9, i.e. the steps' own two threads).
+- **Damping.** GPTQModel's defaults add true_sequential and damp 0.05 and reach 0.0557; qwqq with
+  `--damp 0.05` reaches 0.0537 (0.964 x GPTQModel's defaults, peak RSS 2649 MB against 2724 MB). On this
+  model down_proj is undersampled (8960 inputs, 8192 tokens) and more damping helps; on SmolLM2 at 8192
+  tokens damp 0.05 changed nothing (qwqq without GAR 0.4173 -> 0.4151). qwqq keeps 0.01 as its default
+  (the GPTQ paper's and the issue's) and says, when the sample is narrower than 4x the widest input, that
+  the sample is too small. The rows of this table from 2026-11-22 (--damp 0.05, RTN, GPTQModel's
+  defaults) ran on another machine (AMD EPYC, with other jobs on its 2 cores): compare their KLD and RSS,
+  not their wall time, with today's.
 """
 
 

@@ -224,7 +224,7 @@ def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, q
     if result.undersampled:
         err.print(f"[yellow]note:[/] {result.tokens} calibration tokens for inputs {result.widest_input} wide: GPTQ may "
                   f"fit the sample rather than the model; --calib-tokens {4 * result.widest_input} or more (with a "
-                  f"longer --calib text) is safer")
+                  f"longer --calib text) is safer, and --damp 0.05 helps (docs/bench-gptq.md)")
     if result.rtn_fallbacks:
         err.print(f"[yellow]note:[/] {len(result.rtn_fallbacks)} expert weights saw too few calibration tokens and were "
                   f"rounded to nearest instead (first: {_escape(result.rtn_fallbacks[0])}); more --calib-tokens helps")
