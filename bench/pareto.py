@@ -28,7 +28,8 @@ DOC = REPO / "docs" / "bench-pareto.md"
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"), "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir")}
 STOCK = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 IQ = ["IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS"]
-BUDGET_AT = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M"]
+BUDGET_ALWAYS = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]  # and every stock or IQ mixture from 2.5 to 5 bits per weight
+BPW_RANGE = (2.5, 5.0)
 MLX_BITS = [3, 4, 6, 8]
 MLX_BUDGET_AT = [3, 4]
 
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--skip-mlx", action="store_true")
+    ap.add_argument("--gptq", type=Path, help="a qwqq GPTQ folder of this model already made (bench.gptq_vs_gptqmodel's)")
     args = ap.parse_args(argv)
     import tests.fixtures as fx
     from qwqq.eval.harness import evaluate
@@ -68,7 +70,12 @@ def main(argv=None) -> int:
         if not p.exists():
             quantize_to_gguf(src, resolve_mixture(type_name=t, has_imatrix=True), out=p, imatrix=im, progress=False)
         files.append(("GGUF stock" if t in STOCK else "GGUF IQ", t, p))
-    for t in BUDGET_AT:
+    from qwqq.quantize.pipeline import plan_checkpoint
+
+    n_params = plan_checkpoint(ckpt, "Q4_K_M")[2].n_params
+    bpw = {t: 8 * size_of(out / f"{t}.gguf") / n_params for t in STOCK + IQ}
+    budget_at = [t for t in STOCK + IQ if BPW_RANGE[0] <= bpw[t] <= BPW_RANGE[1] or t in BUDGET_ALWAYS]
+    for t in budget_at:
         p = out / f"budget-at-{t}.gguf"
         if not p.exists():
             bp = plan_for_budget(ckpt, target_bytes=size_of(out / f"{t}.gguf"), imatrix=im)
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
                 mb = plan_mlx_budget(ckpt, target_bytes=target)
                 quantize_to_mlx(src, out=p, overrides=mb.overrides, progress=False)
             files.append(("MLX qwqq budget", f"mlx budget @ {b}-bit size", p))
-    gptq = out / "gptq-4bit-g128"
+    gptq = args.gptq or out / "gptq-4bit-g128"
     if not gptq.exists():
         from qwqq.quantize.gptq_blocks import quantize_to_gptq
 
@@ -112,8 +119,21 @@ def main(argv=None) -> int:
                      "kld_err": r.kld_err, "kld_p99": r.kld_p99, "same_top": r.same_top, "ppl": r.ppl,
                      "ref_ppl": r.ref_ppl})
         print(json.dumps(rows[-1]), flush=True)
+    # the allocator's predicted loss of every GGUF whose types it measured, against its measured KLD
+    from gguf import GGMLQuantizationType as T
+
+    from qwqq.gguf_file import read_gguf
+    from qwqq.quantize.budget import predicted_loss
+    from qwqq.quantize.sensitivity import measure
+
+    _, tensors, base = plan_checkpoint(ckpt, "Q4_K_M", has_imatrix=True)
+    sens = measure(ckpt, {t.name: t for t in tensors}, base, im)
+    shapes = {t.name: t.shape for t in base.tensors}
+    for row, (family, label, p) in zip(rows, files):
+        if p.suffix == ".gguf":
+            row["predicted_loss"] = predicted_loss(sens, {t.name: T(t.type) for t in read_gguf(p).tensors}, shapes)
     result = {"model": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "eval_tokens": args.eval_tokens, "calib_tokens": args.calib_tokens, "rows": rows}
+              "eval_tokens": args.eval_tokens, "calib_tokens": args.calib_tokens, "n_params": n_params, "rows": rows}
     (REPO / "bench" / "results").mkdir(exist_ok=True)
     (REPO / "bench" / "results" / f"pareto-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
     chart(result, REPO / "docs" / f"pareto-{args.model}.png")
@@ -161,14 +181,29 @@ def write_doc(result: dict, args, argv) -> None:
     for r in sorted(result["rows"], key=lambda r: r["bytes"]):
         lines.append(f"| {r['family']} | {r['label']} | {r['bytes'] / 1e6:.1f} | {r['kld_mean']:.4f} ± {r['kld_err']:.4f} | "
                      f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r['ppl']:.3f} ({r['ref_ppl']:.3f}) |")
-    stock = {r["label"]: r for r in result["rows"] if r["family"] == "GGUF stock"}
-    lines += ["", "Budget-targeted against the stock mixture of the same size:", "",
-              "| size of | stock KLD | budget KLD | budget / stock |", "|---|---:|---:|---:|"]
-    for r in result["rows"]:
-        if r["family"] == "GGUF qwqq budget":
-            s = stock[r["label"].split("@ ")[1].split()[0]]
-            lines.append(f"| {s['label']} ({s['bytes'] / 1e6:.1f} MB; budget file {r['bytes'] / 1e6:.1f} MB) | "
-                         f"{s['kld_mean']:.4f} | {r['kld_mean']:.4f} | {r['kld_mean'] / s['kld_mean']:.2f} |")
+    stock = {r["label"]: r for r in result["rows"] if r["family"] in ("GGUF stock", "GGUF IQ")}
+    n_params = result.get("n_params")
+    lines += ["", "Budget-targeted against the stock mixture of the same size (every stock and IQ mixture from "
+              f"{BPW_RANGE[0]} to {BPW_RANGE[1]} bits per weight, and {', '.join(BUDGET_ALWAYS)}):", "",
+              "| size of | bpw | stock KLD | budget KLD | budget / stock |", "|---|---:|---:|---:|---:|"]
+    for r in sorted((r for r in result["rows"] if r["family"] == "GGUF qwqq budget"), key=lambda r: r["bytes"]):
+        s = stock[r["label"].split("@ ")[1].split()[0]]
+        bits = f"{8 * s['bytes'] / n_params:.2f}" if n_params else ""
+        lines.append(f"| {s['label']} ({s['bytes'] / 1e6:.1f} MB; budget file {r['bytes'] / 1e6:.1f} MB) | {bits} | "
+                     f"{s['kld_mean']:.4f} | {r['kld_mean']:.4f} | {r['kld_mean'] / s['kld_mean']:.2f} |")
+    pred = [(r["predicted_loss"], r["kld_mean"], r["label"]) for r in result["rows"] if r.get("predicted_loss")]
+    if len(pred) >= 3:
+        import numpy as np
+
+        rank = lambda xs: np.argsort(np.argsort(xs))  # noqa: E731
+        rho = float(np.corrcoef(rank([p for p, _, _ in pred]), rank([k for _, k, _ in pred]))[0, 1])
+        pearson = float(np.corrcoef(np.log([p for p, _, _ in pred]), np.log([k for _, k, _ in pred]))[0, 1])
+        lines += ["", "The allocator's proxy against measured KLD: its predicted loss (weighted sum of nsr, "
+                  "qwqq/quantize/sensitivity.py) for every GGUF whose types it measured (stock K-quant mixtures and "
+                  f"budget files; IQ types are not on its ladder): Spearman rank correlation {rho:.3f}, Pearson of "
+                  f"the logs {pearson:.3f}, over {len(pred)} files.", "",
+                  "| file | predicted loss | KLD mean |", "|---|---:|---:|"]
+        lines += [f"| {lab} | {p:.5f} | {k:.4f} |" for p, k, lab in sorted(pred)]
     mlx = {r["label"]: r for r in result["rows"] if r["family"] == "MLX"}
     mlx_budget = [r for r in result["rows"] if r["family"] == "MLX qwqq budget"]
     if mlx_budget:

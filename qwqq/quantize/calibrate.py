@@ -327,6 +327,33 @@ def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
     return BlockModel(ckpt, device if device is not None else pick_device(), skeleton)
 
 
+def peak_memory(config: dict, n_tokens: int, seqlen: int, method: str) -> dict[str, int]:
+    """What one block-at-a-time pass holds at its peak, in bytes, by part (docs/calibration.md's formula), for
+    an HF config dict; `method` "imatrix" or "gptq". The runtime itself (Python, torch, transformers) is not
+    in it. Nothing here depends on the number of blocks: a deeper model of the same width needs the same."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads)
+    experts = int(config.get("num_experts") or 0)
+    ffn = int(config.get("moe_intermediate_size") or 0) if experts else int(config["intermediate_size"])
+    attn_params = hidden * head_dim * (2 * heads + 2 * kv)
+    mlp_params = experts * (3 * hidden * ffn + hidden) if experts else 3 * hidden * ffn
+    parts = {
+        "block": 4 * (attn_params + mlp_params),
+        "stream": 4 * n_tokens * hidden,
+        "batch": 4 * batch_size(seqlen, hidden, ffn) * seqlen * (3 * max(ffn, hidden) + seqlen),
+        "embedding rows": 4 * min(n_tokens, int(config.get("vocab_size") or n_tokens)) * hidden,
+    }
+    inputs = [hidden, heads * head_dim] + ([hidden, ffn] * experts if experts else [hidden, ffn])
+    if method == "gptq":
+        parts["hessians"] = 4 * sum(i * i for i in inputs)
+        parts["solving the widest"] = 8 * max(inputs) ** 2
+    else:
+        parts["square sums"] = 8 * sum(inputs)
+    return parts
+
+
 # --------------------------------------------------------------------------- observing linear inputs
 _EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 
