@@ -118,3 +118,20 @@ def test_tokenize_windows_and_short_text():
 
     with pytest.raises(QwqqError, match="at least 64"):
         calibrate.tokenize(ckpt, "too short", n_tokens=4096, seqlen=512)
+
+
+def test_peak_memory_formula_has_no_depth_term_and_sizes_qwq():
+    """docs/calibration.md's formula (measured against peak RSS in bench/calib_memory.py): a deeper model of the
+    same width needs the same; QwQ-32B's GPTQ pass at 8192 tokens needs about 13 GB, its imatrix about 3."""
+    from qwqq.quantize.calibrate import peak_memory
+
+    qwq = {"hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+           "intermediate_size": 27648, "vocab_size": 152064, "num_hidden_layers": 64}
+    for method in ("gptq", "imatrix"):
+        assert peak_memory(qwq, 8192, 512, method) == peak_memory({**qwq, "num_hidden_layers": 8}, 8192, 512, method)
+    gptq, imat = (sum(peak_memory(qwq, 8192, 512, m).values()) / 1e9 for m in ("gptq", "imatrix"))
+    assert 11 < gptq < 15 and 2 < imat < 4.5
+    moe = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+           "moe_intermediate_size": 768, "num_experts": 128, "vocab_size": 151936, "intermediate_size": 6144}
+    parts = peak_memory(moe, 8192, 512, "gptq")
+    assert parts["hessians"] == 4 * (2048**2 + 4096**2 + 128 * (2048**2 + 768**2))  # each expert its own
