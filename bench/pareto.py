@@ -28,7 +28,7 @@ DOC = REPO / "docs" / "bench-pareto.md"
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"), "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir")}
 STOCK = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 IQ = ["IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS"]
-BUDGET_ALWAYS = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]  # and every stock or IQ mixture from 2.5 to 5 bits per weight
+BUDGET_ALWAYS = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]  # and every stock mixture from 2.5 to 5 bits per weight
 BPW_RANGE = (2.5, 5.0)
 MLX_BITS = [3, 4, 6, 8]
 MLX_BUDGET_AT = [3, 4]
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--skip-mlx", action="store_true")
+    ap.add_argument("--iq", default=",".join(IQ), help="the IQ mixtures to make and score (each takes minutes "
+                    "on a 1.5B model: the grid searches are slow)")
     ap.add_argument("--gptq", type=Path, help="a qwqq GPTQ folder of this model already made (bench.gptq_vs_gptqmodel's)")
     args = ap.parse_args(argv)
     import tests.fixtures as fx
@@ -64,53 +66,74 @@ def main(argv=None) -> int:
         toks = calibrate.tokenize(ckpt, calibrate.default_text(), args.calib_tokens, 512)
         write_imatrix(calibrate.compute_imatrix(ckpt, toks, dataset="qwqq calibration.txt"), im_path)
     im = read_imatrix(im_path)
-    files: list[tuple[str, str, Path]] = []  # (family, label, path)
-    for t in STOCK + IQ:
-        p = out / f"{t}.gguf"
-        if not p.exists():
-            quantize_to_gguf(src, resolve_mixture(type_name=t, has_imatrix=True), out=p, imatrix=im, progress=False)
-        files.append(("GGUF stock" if t in STOCK else "GGUF IQ", t, p))
+    iq = [t for t in args.iq.split(",") if t]
     from qwqq.quantize.pipeline import plan_checkpoint
 
     n_params = plan_checkpoint(ckpt, "Q4_K_M")[2].n_params
-    bpw = {t: 8 * size_of(out / f"{t}.gguf") / n_params for t in STOCK + IQ}
-    budget_at = [t for t in STOCK + IQ if BPW_RANGE[0] <= bpw[t] <= BPW_RANGE[1] or t in BUDGET_ALWAYS]
-    for t in budget_at:
+
+    def gguf(t: str) -> Path:
+        p = out / f"{t}.gguf"
+        if not p.exists():
+            quantize_to_gguf(src, resolve_mixture(type_name=t, has_imatrix=True), out=p, imatrix=im, progress=False)
+        return p
+
+    def budget_gguf(t: str) -> Path:
         p = out / f"budget-at-{t}.gguf"
         if not p.exists():
-            bp = plan_for_budget(ckpt, target_bytes=size_of(out / f"{t}.gguf"), imatrix=im)
+            bp = plan_for_budget(ckpt, target_bytes=size_of(gguf(t)), imatrix=im)
             quantize_to_gguf(src, resolve_mixture(type_name="Q4_K_M"), out=p, imatrix=im, overrides=bp.overrides,
                              progress=False)
-        files.append(("GGUF qwqq budget", f"budget @ {t} size", p))
-    if not args.skip_mlx:
+        return p
+
+    def mlx(b: int) -> Path:
         from qwqq.quantize.mlx_writer import quantize_to_mlx
 
-        for b in MLX_BITS:
-            p = out / f"mlx-{b}bit"
-            if not p.exists():
-                quantize_to_mlx(src, bits=b, out=p, progress=False)
-            files.append(("MLX", f"mlx {b}-bit g64", p))
+        p = out / f"mlx-{b}bit"
+        if not p.exists():
+            quantize_to_mlx(src, bits=b, out=p, progress=False)
+        return p
+
+    def budget_mlx(b: int) -> Path:
         from qwqq.quantize.mlx_budget import plan_mlx_budget
+        from qwqq.quantize.mlx_writer import quantize_to_mlx
 
-        for b in MLX_BUDGET_AT:
-            p = out / f"mlx-budget-at-{b}bit"
-            if not p.exists():
-                target = sum(f.stat().st_size for f in (out / f"mlx-{b}bit").glob("*.safetensors"))
-                mb = plan_mlx_budget(ckpt, target_bytes=target)
-                quantize_to_mlx(src, out=p, overrides=mb.overrides, progress=False)
-            files.append(("MLX qwqq budget", f"mlx budget @ {b}-bit size", p))
-    gptq = args.gptq or out / "gptq-4bit-g128"
-    if not gptq.exists():
-        from qwqq.quantize.gptq_blocks import quantize_to_gptq
+        p = out / f"mlx-budget-at-{b}bit"
+        if not p.exists():
+            target = sum(f.stat().st_size for f in mlx(b).glob("*.safetensors"))
+            quantize_to_mlx(src, out=p, overrides=plan_mlx_budget(ckpt, target_bytes=target).overrides,
+                            progress=False)
+        return p
 
-        quantize_to_gptq(src, out=gptq, calib_tokens=args.calib_tokens, progress=False)
-    files.append(("GPTQ", "gptq 4-bit g128", gptq))
+    def gptq() -> Path:
+        p = args.gptq or out / "gptq-4bit-g128"
+        if not p.exists():
+            from qwqq.quantize.gptq_blocks import quantize_to_gptq
+
+            quantize_to_gptq(src, out=p, calib_tokens=args.calib_tokens, progress=False)
+        return p
+
+    # (family, label, make): each point is made (unless on disk) and scored in turn, the slow IQ grids last,
+    # so a run that is stopped keeps what it scored (the progress file) and the next one goes on from there
+    points = [("GGUF stock", t, lambda t=t: gguf(t)) for t in STOCK]
+    bpw = {t: 8 * size_of(gguf(t)) / n_params for t in STOCK}
+    points += [("GGUF qwqq budget", f"budget @ {t} size", lambda t=t: budget_gguf(t)) for t in STOCK
+               if BPW_RANGE[0] <= bpw[t] <= BPW_RANGE[1] or t in BUDGET_ALWAYS]
+    points.append(("GPTQ", "gptq 4-bit g128", gptq))
+    if not args.skip_mlx:
+        points += [("MLX", f"mlx {b}-bit g64", lambda b=b: mlx(b)) for b in MLX_BITS]
+        points += [("MLX qwqq budget", f"mlx budget @ {b}-bit size", lambda b=b: budget_mlx(b)) for b in MLX_BUDGET_AT]
+    points += [("GGUF IQ", t, lambda t=t: gguf(t)) for t in iq]
 
     results_file = REPO / "bench" / "results" / f"pareto-{args.model}.json"
     before = json.loads(results_file.read_text()) if results_file.exists() else {}
     scored = {r["label"]: r for r in before.get("rows", [])} if before.get("eval_tokens") == args.eval_tokens else {}
-    rows = []
-    for family, label, p in files:
+    progress_file = out / f"scored-{args.eval_tokens}.json"  # rows scored by a run that did not finish
+    if progress_file.exists():
+        scored.update(json.loads(progress_file.read_text()))
+    rows, files = [], []
+    for family, label, make in points:
+        p = make()
+        files.append((family, label, p))
         if label in scored and scored[label]["bytes"] == size_of(p):
             rows.append({**scored[label], "family": family})
             continue
@@ -119,6 +142,7 @@ def main(argv=None) -> int:
                      "kld_err": r.kld_err, "kld_p99": r.kld_p99, "same_top": r.same_top, "ppl": r.ppl,
                      "ref_ppl": r.ref_ppl})
         print(json.dumps(rows[-1]), flush=True)
+        progress_file.write_text(json.dumps({**scored, **{r["label"]: r for r in rows}}, indent=1))
     # the allocator's predicted loss of every GGUF whose types it measured, against its measured KLD
     from gguf import GGMLQuantizationType as T
 
