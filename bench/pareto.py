@@ -207,7 +207,7 @@ def write_doc(result: dict, args, argv) -> None:
                      f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r['ppl']:.3f} ({r['ref_ppl']:.3f}) |")
     stock = {r["label"]: r for r in result["rows"] if r["family"] in ("GGUF stock", "GGUF IQ")}
     n_params = result.get("n_params")
-    lines += ["", "Budget-targeted against the stock mixture of the same size (every stock and IQ mixture from "
+    lines += ["", "Budget-targeted against the stock mixture of the same size (every stock mixture from "
               f"{BPW_RANGE[0]} to {BPW_RANGE[1]} bits per weight, and {', '.join(BUDGET_ALWAYS)}):", "",
               "| size of | bpw | stock KLD | budget KLD | budget / stock |", "|---|---:|---:|---:|---:|"]
     for r in sorted((r for r in result["rows"] if r["family"] == "GGUF qwqq budget"), key=lambda r: r["bytes"]):

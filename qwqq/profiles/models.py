@@ -303,9 +303,9 @@ def estimate_header_bytes(tensors, n_vocab: int) -> int:
     return padded(24 + infos + int(HEADER_BYTES_PER_TOKEN * n_vocab) + HEADER_FIXED)
 
 
-def exact_header_bytes(ckpt, plan) -> int | None:
-    """The header qwqq's GGUF writer produces for this checkpoint and plan (None if the writer's
-    internals are not what this expects)."""
+def exact_header_bytes(ckpt, plan, imatrix=None) -> int | None:
+    """The header qwqq's GGUF writer produces for this checkpoint and plan, with the quantize.imatrix.*
+    keys of `imatrix` when given (None if the writer's internals are not what this expects)."""
     try:
         import numpy as np
 
@@ -314,7 +314,7 @@ def exact_header_bytes(ckpt, plan) -> int | None:
 
         arch = arch_of(ckpt.config)
         w = gw._Writer(path=None, arch=arch.name)
-        gw.write_metadata(w, ckpt, arch, plan, _vocab(ckpt, build_vocab))
+        gw.write_metadata(w, ckpt, arch, plan, _vocab(ckpt, build_vocab), imatrix)
         for tp in plan.tensors:
             w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
         return len(gw.header_bytes(w))

@@ -81,10 +81,12 @@ def predicted_loss(sens: Sensitivity, types: dict[str, T], shapes: dict[str, tup
 
 
 def allocate(sens: Sensitivity, shapes: dict[str, tuple[int, ...]], budget: int, *,
-             weighted: bool = True) -> Allocation:
-    """The types (for the tensors in `sens`) with the least weighted sum of nsr whose bytes fit `budget`."""
+             weighted: bool = True, pad=None) -> Allocation:
+    """The types (for the tensors in `sens`) with the least weighted sum of nsr whose bytes fit `budget`
+    (each tensor's bytes as pad(bytes) when given: its size in the file, alignment included)."""
     tied = "output.weight" not in shapes
-    options = {name: [(tensor_bytes(t, shapes[name]), (weight_of(name, tied) if weighted else 1.0) * err, t)
+    size = pad or (lambda n: n)
+    options = {name: [(size(tensor_bytes(t, shapes[name])), (weight_of(name, tied) if weighted else 1.0) * err, t)
                       for t, err in sens.candidates(name)] for name in sorted(sens.errors)}
     return choose(options, budget, describe=lambda t: t.name)
 
@@ -167,7 +169,7 @@ def parse_size(text: str) -> int:
 
 # --------------------------------------------------------------------------- a checkpoint to a budget
 BASE_MIXTURE = "Q4_K_M"  # rules for the tensors the allocator does not choose (norms stay F32), and the label
-HEADER_SLACK = 4096  # the quantize.imatrix.* keys an imatrix adds to the header
+HEADER_SLACK = 4096  # when the header cannot be built exactly: room for the quantize.imatrix.* keys
 
 
 @dataclass
@@ -182,7 +184,7 @@ def plan_for_budget(ckpt, *, target_bytes: int | None = None, target_bpw: float 
                     weights_room: int | None = None, imatrix=None, tick=None) -> BudgetPlan:
     """Per-tensor types for one of: a file size, bits per weight, or the room fit leaves for weights
     (`weights_room`: bytes of every tensor except token_embd, which llama.cpp keeps in system RAM)."""
-    from qwqq.profiles.models import exact_header_bytes, padded
+    from qwqq.profiles.models import estimate_header_bytes, exact_header_bytes, padded
     from qwqq.quantize.pipeline import plan_checkpoint
     from qwqq.quantize.sensitivity import measure
 
@@ -193,9 +195,15 @@ def plan_for_budget(ckpt, *, target_bytes: int | None = None, target_bpw: float 
     shapes = {t.name: t.shape for t in base.tensors}
     fixed = [t for t in base.tensors if t.name not in sens.errors]
     n_alloc = len(sens.errors)
-    header = (exact_header_bytes(ckpt, base) or 0) + HEADER_SLACK
     if target_bytes is not None:
-        budget = target_bytes - header - sum(padded(t.nbytes) for t in fixed) - 31 * n_alloc
+        # the file exactly: its header (imatrix keys included) and every tensor padded to the alignment,
+        # so a choice whose file is the target to the byte still fits
+        header = exact_header_bytes(ckpt, base, imatrix)
+        pad = padded
+        if header is None:
+            vocab = int(ckpt.config.get("vocab_size") or 0)
+            header, pad = estimate_header_bytes(base.tensors, vocab) + HEADER_SLACK + 31 * n_alloc, None
+        budget = target_bytes - header - sum(padded(t.nbytes) for t in fixed)
         note = f"file of at most {target_bytes / 1e9:.3f} GB"
     elif target_bpw is not None:
         if not 1.5 <= target_bpw <= 16:
@@ -210,12 +218,12 @@ def plan_for_budget(ckpt, *, target_bytes: int | None = None, target_bpw: float 
             fixed = [*fixed, pinned]
         budget = weights_room - sum(t.nbytes for t in fixed if t.name != emb) - 31 * n_alloc
         note = f"{weights_room / 2**30:.2f} GiB of GPU memory for weights"
-    alloc = allocate(sens, shapes, budget)
+    alloc = allocate(sens, shapes, budget, pad=pad if target_bytes is not None else None)
     overrides = dict(alloc.types)
     if weights_room is not None and "token_embd.weight" in shapes:
         overrides.setdefault("token_embd.weight", next(t.type for t in base.tensors if t.name == "token_embd.weight"))
     plan = plan_checkpoint(ckpt, BASE_MIXTURE, has_imatrix=imatrix is not None, overrides=overrides)[2]
-    predicted = (exact_header_bytes(ckpt, plan) or 0) + sum(padded(t.nbytes) for t in plan.tensors)
+    predicted = (exact_header_bytes(ckpt, plan, imatrix) or 0) + sum(padded(t.nbytes) for t in plan.tensors)
     return BudgetPlan(overrides, alloc, predicted, note)
 
 
