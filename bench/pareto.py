@@ -205,7 +205,7 @@ def write_doc(result: dict, args, argv) -> None:
     for r in sorted(result["rows"], key=lambda r: r["bytes"]):
         lines.append(f"| {r['family']} | {r['label']} | {r['bytes'] / 1e6:.1f} | {r['kld_mean']:.4f} ± {r['kld_err']:.4f} | "
                      f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r['ppl']:.3f} ({r['ref_ppl']:.3f}) |")
-    stock = {r["label"]: r for r in result["rows"] if r["family"] in ("GGUF stock", "GGUF IQ")}
+    stock = {r["label"]: r for r in result["rows"] if r["family"] == "GGUF stock"}
     n_params = result.get("n_params")
     lines += ["", "Budget-targeted against the stock mixture of the same size (every stock mixture from "
               f"{BPW_RANGE[0]} to {BPW_RANGE[1]} bits per weight, and {', '.join(BUDGET_ALWAYS)}):", "",

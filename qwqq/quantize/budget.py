@@ -195,11 +195,13 @@ def plan_for_budget(ckpt, *, target_bytes: int | None = None, target_bpw: float 
     shapes = {t.name: t.shape for t in base.tensors}
     fixed = [t for t in base.tensors if t.name not in sens.errors]
     n_alloc = len(sens.errors)
+    # the header does not depend on the types (tensor infos are fixed-size), so the base plan's is the file's
+    exact_header = exact_header_bytes(ckpt, base, imatrix)
+    pad = None
     if target_bytes is not None:
         # the file exactly: its header (imatrix keys included) and every tensor padded to the alignment,
         # so a choice whose file is the target to the byte still fits
-        header = exact_header_bytes(ckpt, base, imatrix)
-        pad = padded
+        header, pad = exact_header, padded
         if header is None:
             vocab = int(ckpt.config.get("vocab_size") or 0)
             header, pad = estimate_header_bytes(base.tensors, vocab) + HEADER_SLACK + 31 * n_alloc, None
@@ -218,12 +220,12 @@ def plan_for_budget(ckpt, *, target_bytes: int | None = None, target_bpw: float 
             fixed = [*fixed, pinned]
         budget = weights_room - sum(t.nbytes for t in fixed if t.name != emb) - 31 * n_alloc
         note = f"{weights_room / 2**30:.2f} GiB of GPU memory for weights"
-    alloc = allocate(sens, shapes, budget, pad=pad if target_bytes is not None else None)
+    alloc = allocate(sens, shapes, budget, pad=pad)
     overrides = dict(alloc.types)
     if weights_room is not None and "token_embd.weight" in shapes:
         overrides.setdefault("token_embd.weight", next(t.type for t in base.tensors if t.name == "token_embd.weight"))
     plan = plan_checkpoint(ckpt, BASE_MIXTURE, has_imatrix=imatrix is not None, overrides=overrides)[2]
-    predicted = (exact_header_bytes(ckpt, plan, imatrix) or 0) + sum(padded(t.nbytes) for t in plan.tensors)
+    predicted = (exact_header or 0) + sum(padded(t.nbytes) for t in plan.tensors)
     return BudgetPlan(overrides, alloc, predicted, note)
 
 
