@@ -1,7 +1,7 @@
 """Peak memory of calibration against docs/calibration.md's formula, and flat in the model's depth (issue 5).
 
 qwqq's calibration holds one decoder block at a time, so a model twice as deep needs the same memory,
-and a wider one what `qwqq.quantize.calibrate.peak_memory` says. Shown here on real weights: each model
+and a wider one what `qwqq.calib.engine.peak_memory` says. Shown here on real weights: each model
 also as a copy cut to its first few blocks (the same width, a quarter to a third of the depth), and
 every step a child process whose peak RSS is read by os.wait4 (bench/gguf_vs_llamacpp.py's Launcher):
 
@@ -39,7 +39,7 @@ RESULTS = REPO / "bench" / "results" / "calib_memory.json"
 DOC = REPO / "docs" / "calibration.md"
 HEADING = "## Peak memory, measured"
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"), "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir")}
-RUNTIME = "import torch, transformers, qwqq.quantize.calibrate, qwqq.quantize.gptq_blocks"
+RUNTIME = "import torch, transformers, qwqq.calib.engine, qwqq.gptq.quantize"
 
 
 def cut_depth(src: Path, layers: int, out: Path) -> Path:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                          "bench.gptq_vs_gptqmodel measures it)")
     args = ap.parse_args(argv)
     import tests.fixtures as fx
-    from qwqq.quantize import calibrate
+    from qwqq.calib import engine as calibrate
     from qwqq.source import open_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def write_doc(r: dict) -> None:
              f"Made by `{r['command']}` on {r['date'][:10]} ({r['machine']['cpu']}, {r['machine']['nproc']} cores); "
              f"{r['calib_tokens']} calibration tokens in windows of 512. Peak RSS of the whole child process; "
              f"formula = the runtime floor ({r['runtime_floor'] / MB:.0f} MB: Python, torch, transformers, qwqq "
-             "imported) + `qwqq.quantize.calibrate.peak_memory` (the parts above). Each model also as a copy cut to "
+             "imported) + `qwqq.calib.engine.peak_memory` (the parts above). Each model also as a copy cut to "
              "its first blocks: same width, a fraction of the depth.", "",
              "| model | blocks | pass | peak RSS MB | formula MB | measured / formula | wall s |",
              "|---|---:|---|---:|---:|---:|---:|"]

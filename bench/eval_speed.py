@@ -70,7 +70,7 @@ def bench_text(tokens_needed: int, tokenize) -> str:
     """The shipped eval and calibration texts, repeated until they hold `tokens_needed` tokens (for speed
     alone: windows are scored independently, so repetition costs what new text would)."""
     from qwqq.eval.harness import default_text
-    from qwqq.quantize.calibrate import default_text as calibration_text
+    from qwqq.calib.engine import default_text as calibration_text
 
     base = default_text() + "\n\n" + calibration_text()
     text = base
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     import tests.fixtures as fx
     from qwqq.eval.harness import windows_of
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 
     OUT.mkdir(parents=True, exist_ok=True)
     model = fx.qwen25_coder_gguf()

@@ -1,7 +1,7 @@
 """Long fuzzing runs of the three readers a hostile file reaches first (targets in tests/fuzzing.py).
 
 - safetensors: bytes of a .safetensors file -> qwqq.source.read_safetensors_header; only SourceError may escape.
-- gguf: bytes of a .gguf file -> qwqq.gguf_file.read_gguf (+ lazy arrays decoded, tensors hashed); only GGUFError.
+- gguf: bytes of a .gguf file -> qwqq.gguf.reader.read_gguf (+ lazy arrays decoded, tensors hashed); only GGUFError.
 - config: config.json beside real (sparse) tiny-model weights -> open_checkpoint + plan_checkpoint + the GGUF
   metadata the writer makes from it; only QwqqError.
 
@@ -105,11 +105,11 @@ def atheris_child(target: str, seconds: int, workdir: Path, artifacts: Path) -> 
 
     with atheris.instrument_imports(include=["qwqq"]):
         import qwqq.archs  # noqa: F401
-        import qwqq.gguf_file  # noqa: F401
-        import qwqq.quantize.gguf_vocab  # noqa: F401
-        import qwqq.quantize.gguf_writer  # noqa: F401
-        import qwqq.quantize.pipeline  # noqa: F401
-        import qwqq.quantize.plan  # noqa: F401
+        import qwqq.gguf.reader  # noqa: F401
+        import qwqq.gguf.vocab  # noqa: F401
+        import qwqq.gguf.writer  # noqa: F401
+        import qwqq.gguf.quantize  # noqa: F401
+        import qwqq.gguf.plan  # noqa: F401
         import qwqq.source  # noqa: F401
     from tests import fuzzing
 

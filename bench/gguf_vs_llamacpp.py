@@ -70,7 +70,10 @@ llamacpp_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.arg
 # Where qwqq's memory goes, without the tensor data: the interpreter with qwqq's modules and ggml loaded
 # ("imports"), then also the checkpoint opened, the plan made and the tokenizer built ("+ plan + vocab").
 QWQQ_IMPORTS_CHILD = """\
-from qwqq.quantize import ggml, pipeline, gguf_vocab, gguf_writer
+from qwqq.gguf import kernels as ggml
+from qwqq.gguf import quantize as pipeline
+from qwqq.gguf import vocab as gguf_vocab
+from qwqq.gguf import writer as gguf_writer
 ggml.lib()
 """
 QWQQ_META_CHILD = QWQQ_IMPORTS_CHILD + """\

@@ -32,28 +32,28 @@ DOC = REPO / "docs" / "bench-gptq.md"
 MODELS = {"qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir"), "smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir")}
 
 GPTQ = """
-import sys; from qwqq.quantize.gptq_blocks import quantize_to_gptq
+import sys; from qwqq.gptq.quantize import quantize_to_gptq
 r = quantize_to_gptq(sys.argv[1], out=sys.argv[2], bits=4, group_size=128, calib_tokens=int(sys.argv[3]),
                      calib_seqlen=512, force=True, progress=False)
 print(len(r.rtn_fallbacks), "fallbacks")
 """
 RTN = """
-import sys, torch; from qwqq.quantize.gptq import rtn_quantize; from qwqq.quantize.gptq_format import pack, write_gptq
+import sys, torch; from qwqq.gptq.solver import rtn_quantize; from qwqq.gptq.checkpoint import pack, write_gptq
 def q(lin, w):
     r = rtn_quantize(torch.from_numpy(w), bits=4, group_size=128)
     return pack(r.q, r.scales, r.zeros, r.g_idx, 4)
 write_gptq(sys.argv[1], sys.argv[2], q, bits=4, group_size=128, force=True)
 """
 IMATRIX = """
-import sys; from qwqq.quantize import calibrate; from qwqq.quantize.imatrix_file import write_imatrix
+import sys; from qwqq.calib import engine as calibrate; from qwqq.gguf.imatrix_file import write_imatrix
 from qwqq.source import open_checkpoint
 ck = open_checkpoint(sys.argv[1])
 toks = calibrate.tokenize(ck, calibrate.default_text(), int(sys.argv[3]), 512)
 write_imatrix(calibrate.compute_imatrix(ck, toks, dataset="qwqq calibration.txt"), sys.argv[2], force=True)
 """
 GGUF = """
-import sys; from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
-from qwqq.quantize.imatrix_file import read_imatrix
+import sys; from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
+from qwqq.gguf.imatrix_file import read_imatrix
 im = read_imatrix(sys.argv[4]) if len(sys.argv) > 4 else None
 quantize_to_gguf(sys.argv[1], resolve_mixture(type_name=sys.argv[3], has_imatrix=im is not None), out=sys.argv[2],
                  force=True, progress=False, imatrix=im)

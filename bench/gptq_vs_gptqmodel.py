@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import tests.fixtures as fx
     from qwqq.eval.harness import evaluate
-    from qwqq.quantize import calibrate
+    from qwqq.calib import engine as calibrate
     from qwqq.source import open_checkpoint
 
     name, fixture = MODELS[args.model]
@@ -270,7 +270,7 @@ def layer_errors(src: Path, outputs: dict[str, Path], windows, first: int = 0) -
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from qwqq.quantize import gptq_format as gf
+    from qwqq.gptq import packing
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     model.eval()
@@ -304,10 +304,10 @@ def layer_errors(src: Path, outputs: dict[str, Path], windows, first: int = 0) -
         stored = {}
         for f in sorted(out.glob("*.safetensors")):
             with safe_open(str(f), "np") as st:
-                stored.update({k: st.get_tensor(k) for k in st.keys() if k.endswith(gf.PACKED)})
+                stored.update({k: st.get_tensor(k) for k in st.keys() if k.endswith(packing.PACKED)})
         errs = {}
         for n in hs:
-            w = torch.from_numpy(gf.dequantize({k: stored[f"{n}.{k}"] for k in gf.PACKED}, int(cfg.get("bits", 4)),
+            w = torch.from_numpy(packing.dequantize({k: stored[f"{n}.{k}"] for k in packing.PACKED}, int(cfg.get("bits", 4)),
                                                cfg.get("checkpoint_format", "gptq")))
             d = w - ref[n]
             errs[n] = float((d @ hs[n] * d).sum() / (ref[n] @ hs[n] * ref[n]).sum())
@@ -410,7 +410,7 @@ FINDINGS = """
   within 2 % of like-for-like; at 2048, damp 0.05 helps qwqq (0.4599) more than GPTQModel (0.5233) and
   true_sequential does not help (0.5645).
 - **qwqq now does GAR, by default** (`--act-group-aware`, on; `--no-act-group-aware` for the plain order;
-  qwqq/quantize/gptq.py `column_order`; tests/test_gptq_solver.py holds it equal to plain GPTQ on the
+  qwqq/gptq/solver.py `column_order`; tests/test_gptq_solver.py holds it equal to plain GPTQ on the
   reordered columns). SmolLM2 at 8192 tokens: qwqq GAR 0.3023 against GPTQModel + GAR 0.2898 (1.043 x)
   and GPTQModel's defaults 0.3041 (0.994 x); qwqq without GAR 0.4173.
 - **Settings compared (GPTQModel 7.7 source).** Same: 2/N sum x x^T Hessian in float32, dead columns

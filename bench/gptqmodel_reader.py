@@ -1,7 +1,7 @@
 """GPTQModel as a third-party reader of qwqq's GPTQ checkpoints, on CPU.
 
 For each case, a tiny model (tests/fixtures.py) is written as a GPTQ checkpoint by
-qwqq.quantize.gptq_format (round-to-nearest standing in for the solver); then GPTQModel, in its own
+qwqq.gptq.checkpoint (round-to-nearest standing in for the solver); then GPTQModel, in its own
 virtual environment (it pins versions of torch and numpy that qwqq's does not), loads it on the CPU,
 dequantizes every quantized module with its own code (`dequantize_weight`) and runs a forward pass.
 Printed, per case: whether every weight GPTQModel decodes equals qwqq's `dequantize` bit for bit,
@@ -97,7 +97,8 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "forward_s": t3 - t2, 
 
 
 def build(case: str, out: Path) -> Path:
-    from qwqq.quantize import gptq_format as gf
+    from qwqq.gptq import checkpoint as gf
+    from qwqq.gptq import packing
     from tests import fixtures
     from tests.test_gptq_format import RNG, act_order_g_idx, rtn
 
@@ -105,7 +106,7 @@ def build(case: str, out: Path) -> Path:
 
     def quantize(lin, w):
         g_idx = act_order_g_idx(lin.in_features, gs, RNG.permutation(lin.in_features)) if act else None
-        return gf.pack(*rtn(w, bits, gs, sym, g_idx), bits, checkpoint_format=fmt)
+        return packing.pack(*rtn(w, bits, gs, sym, g_idx), bits, checkpoint_format=fmt)
 
     return gf.write_gptq(fixtures.tiny_model_dir(arch), out, quantize, bits=bits, group_size=gs, sym=sym,
                          desc_act=act, checkpoint_format=fmt).path
@@ -117,7 +118,7 @@ def ours(case: str, ckpt: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from qwqq.quantize import gptq_format as gf
+    from qwqq.gptq import packing
     from tests import fixtures
 
     arch, bits, *_, fmt = CASES[case]
@@ -125,11 +126,11 @@ def ours(case: str, ckpt: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), "np") as st:
             stored.update({k: st.get_tensor(k) for k in st.keys()})
-    weights = {k.removesuffix(".qweight"): gf.dequantize({s: stored[k.removesuffix(".qweight") + "." + s]
-                                                           for s in gf.PACKED}, bits, fmt)
+    weights = {k.removesuffix(".qweight"): packing.dequantize({s: stored[k.removesuffix(".qweight") + "." + s]
+                                                           for s in packing.PACKED}, bits, fmt)
                for k in stored if k.endswith(".qweight")}
     state = {k + ".weight": v for k, v in weights.items()}
-    state.update({k: v.astype(np.float32) for k, v in stored.items() if not k.endswith(gf.PACKED)})
+    state.update({k: v.astype(np.float32) for k, v in stored.items() if not k.endswith(packing.PACKED)})
     model = AutoModelForCausalLM.from_pretrained(str(fixtures.tiny_model_dir(arch)), dtype=torch.float32,
                                                  attn_implementation="eager")
     sd = model.state_dict()  # transformers 5 fuses Qwen3-MoE experts in memory: gate_up_proj, down_proj

@@ -50,10 +50,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import tests.fixtures as fx
     from qwqq.eval.harness import evaluate
-    from qwqq.quantize import calibrate
-    from qwqq.quantize.budget import plan_for_budget
-    from qwqq.quantize.imatrix_file import read_imatrix, write_imatrix
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.calib import engine as calibrate
+    from qwqq.budget.allocate import plan_for_budget
+    from qwqq.gguf.imatrix_file import read_imatrix, write_imatrix
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
     from qwqq.source import open_checkpoint
 
     name, fixture = MODELS[args.model]
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         write_imatrix(calibrate.compute_imatrix(ckpt, toks, dataset="qwqq calibration.txt"), im_path)
     im = read_imatrix(im_path)
     iq = [t for t in args.iq.split(",") if t]
-    from qwqq.quantize.pipeline import plan_checkpoint
+    from qwqq.gguf.quantize import plan_checkpoint
 
     n_params = plan_checkpoint(ckpt, "Q4_K_M")[2].n_params
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         return p
 
     def mlx(b: int) -> Path:
-        from qwqq.quantize.mlx_writer import quantize_to_mlx
+        from qwqq.mlx.writer import quantize_to_mlx
 
         p = out / f"mlx-{b}bit"
         if not p.exists():
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
         return p
 
     def budget_mlx(b: int) -> Path:
-        from qwqq.quantize.mlx_budget import plan_mlx_budget
-        from qwqq.quantize.mlx_writer import quantize_to_mlx
+        from qwqq.budget.mlx import plan_mlx_budget
+        from qwqq.mlx.writer import quantize_to_mlx
 
         p = out / f"mlx-budget-at-{b}bit"
         if not p.exists():
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     def gptq() -> Path:
         p = args.gptq or out / "gptq-4bit-g128"
         if not p.exists():
-            from qwqq.quantize.gptq_blocks import quantize_to_gptq
+            from qwqq.gptq.quantize import quantize_to_gptq
 
             quantize_to_gptq(src, out=p, calib_tokens=args.calib_tokens, progress=False)
         return p
@@ -146,9 +146,9 @@ def main(argv=None) -> int:
     # the allocator's predicted loss of every GGUF whose types it measured, against its measured KLD
     from gguf import GGMLQuantizationType as T
 
-    from qwqq.gguf_file import read_gguf
-    from qwqq.quantize.budget import predicted_loss
-    from qwqq.quantize.sensitivity import measure
+    from qwqq.gguf.reader import read_gguf
+    from qwqq.budget.allocate import predicted_loss
+    from qwqq.budget.sensitivity import measure
 
     _, tensors, base = plan_checkpoint(ckpt, "Q4_K_M", has_imatrix=True)
     sens = measure(ckpt, {t.name: t for t in tensors}, base, im)
@@ -223,7 +223,7 @@ def write_doc(result: dict, args, argv) -> None:
         rho = float(np.corrcoef(rank([p for p, _, _ in pred]), rank([k for _, k, _ in pred]))[0, 1])
         pearson = float(np.corrcoef(np.log([p for p, _, _ in pred]), np.log([k for _, k, _ in pred]))[0, 1])
         lines += ["", "The allocator's proxy against measured KLD: its predicted loss (weighted sum of nsr, "
-                  "qwqq/quantize/sensitivity.py) for every GGUF whose types it measured (stock K-quant mixtures and "
+                  "qwqq/budget/sensitivity.py) for every GGUF whose types it measured (stock K-quant mixtures and "
                   f"budget files; IQ types are not on its ladder): Spearman rank correlation {rho:.3f}, Pearson of "
                   f"the logs {pearson:.3f}, over {len(pred)} files.", "",
                   "| file | predicted loss | KLD mean |", "|---|---:|---:|"]

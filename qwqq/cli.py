@@ -114,7 +114,7 @@ def quantize(
 
     GGUF and MLX stream row chunks in one pass (no intermediate F16 file). GPTQ and --imatrix auto
     read the model one decoder block at a time to calibrate it on sample text."""
-    from qwqq.quantize.pipeline import fallback_notes, imatrix_note, quantize_to_gguf, resolve_mixture
+    from qwqq.gguf.quantize import fallback_notes, imatrix_note, quantize_to_gguf, resolve_mixture
 
     calibration = dict(calib=calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen, device=device)
 
@@ -140,7 +140,7 @@ def quantize(
                                   desc_act, group_aware, asym, damp, calibration)
         if group_size is not None or mixed is not None:
             raise QwqqError("--group-size and --mixed are for --format mlx or gptq; a GGUF mixture is chosen with --type")
-        from qwqq.quantize.calibrate import resolve_imatrix
+        from qwqq.calib.engine import resolve_imatrix
 
         if out is not None and not resume and (calib is not None or (imatrix_file or "").lower() == "auto"):
             from qwqq.outputs import check_target
@@ -155,7 +155,7 @@ def quantize(
         imatrix = resolve_imatrix(source, imatrix_file, progress=not quiet, threads=threads, **calibration)
         overrides = None
         if budget:
-            from qwqq.quantize.budget import budget_from_options
+            from qwqq.budget.allocate import budget_from_options
 
             mixture, overrides, note = budget_from_options(source, target_size, target_bpw, fit_profile, fit_ctx,
                                                            fit_kv, imatrix, progress=not quiet)
@@ -174,7 +174,7 @@ def quantize(
 
 def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size=None,
                   target_bpw=None) -> None:
-    from qwqq.quantize.mlx_writer import quantize_to_mlx
+    from qwqq.mlx.writer import quantize_to_mlx
 
     if type_ is not None:
         raise QwqqError("--type names a GGUF mixture; for --format mlx give --bits (and --group-size, --mixed)")
@@ -182,9 +182,9 @@ def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, qu
         raise QwqqError("--resume is for GGUF outputs; an interrupted MLX run leaves nothing, so run it again")
     overrides = tag = None
     if target_size is not None or target_bpw is not None:
-        from qwqq.quantize.budget import parse_size
-        from qwqq.quantize.mlx_budget import plan_mlx_budget
-        from qwqq.quantize.mlx_writer import _mlx_available, resolve_mlx_options
+        from qwqq.budget.allocate import parse_size
+        from qwqq.budget.mlx import plan_mlx_budget
+        from qwqq.mlx.writer import _mlx_available, resolve_mlx_options
         from qwqq.progress import step_progress
 
         if bits is not None or mixed is not None:
@@ -212,7 +212,7 @@ def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, qu
 
 def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads, desc_act, group_aware,
                    asym, damp, calibration) -> None:
-    from qwqq.quantize.gptq_blocks import quantize_to_gptq
+    from qwqq.gptq.quantize import quantize_to_gptq
 
     if type_ is not None or mixed is not None:
         raise QwqqError("--type and --mixed are for GGUF and MLX; for --format gptq give --bits and --group-size")
@@ -250,7 +250,7 @@ def imatrix(
     """Compute llama.cpp's importance matrix (per-column mean squared activations) one decoder block at a time.
 
     The file is in llama-imatrix's GGUF format: llama-quantize --imatrix and qwqq quantize --imatrix both take it."""
-    from qwqq.quantize.calibrate import imatrix_to_file
+    from qwqq.calib.engine import imatrix_to_file
 
     def body():
         path, im = imatrix_to_file(source, out, calib=calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
@@ -298,7 +298,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show a GGUF file's architecture, tensor types, size, bits per weight and metadata."""
-    from qwqq import inspect_gguf
+    from qwqq.gguf import inspect as inspect_gguf
 
     def body():
         report = inspect_gguf.inspect(model)
@@ -336,7 +336,7 @@ def run(
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Run an unquantized folder quantized on load to bitsandbytes NF4 (transformers backend; pip install \"qwqq[nf4]\")."),
 ) -> None:
     """Chat with a quantized model, streamed, with the model's own chat template."""
-    from qwqq.chat import RunOptions, run_chat
+    from qwqq.run.chat import RunOptions, run_chat
 
     opts = RunOptions(
         model=model, prompt=prompt, backend=backend, ctx=ctx, n_gpu_layers=n_gpu_layers,
@@ -369,8 +369,8 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output: a list of candidates."),
 ) -> None:
     """What runs on this machine (or a described one), with which type, context and KV cache, and how fast."""
-    from qwqq.profiles import fit as fitting
-    from qwqq.profiles import render
+    from qwqq.fit import search as fitting
+    from qwqq.fit import render
 
     def body():
         if list_profiles:

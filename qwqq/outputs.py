@@ -13,7 +13,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-from qwqq.errors import OutputError
+from qwqq.errors import OutputError, QwqqError
 
 SPACE_MARGIN = 64 * 2**20  # bytes kept free beyond the planned size
 
@@ -169,3 +169,10 @@ def atomic_output(final: Path, *, force: bool, planned_bytes: int | None = None,
         if ok:
             journal.unlink(missing_ok=True)
         lock.unlink(missing_ok=True)
+
+
+def check_not_being_written(path: Path) -> None:
+    """One line if another qwqq process holds the lock of `path` (it is still being written)."""
+    lock = lock_path(path)
+    if lock.exists():
+        raise QwqqError(f"is being written by another qwqq process (lock file {lock.name}); wait for it to finish", path)

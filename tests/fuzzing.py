@@ -5,7 +5,7 @@ promises; anything else escaping is a bug (a crash a user would see as a traceba
 
 - safetensors: bytes of a .safetensors file -> qwqq.source.read_safetensors_header -> only SourceError;
   a header it accepts must describe byte ranges inside the file that match dtype x shape.
-- gguf: bytes of a .gguf file -> qwqq.gguf_file.read_gguf (then every lazy array decoded, every tensor
+- gguf: bytes of a .gguf file -> qwqq.gguf.reader.read_gguf (then every lazy array decoded, every tensor
   hashed) -> only GGUFError.
 - config: a config.json value beside real safetensors headers -> open_checkpoint + plan_checkpoint, then the
   GGUF metadata the writer would make from it, serialized -> only QwqqError.
@@ -29,7 +29,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from qwqq.errors import QwqqError, SourceError
-from qwqq.gguf_file import GGUFError, LazyArray, read_gguf
+from qwqq.gguf.reader import GGUFError, LazyArray, read_gguf
 from qwqq.source import DTYPES, read_safetensors_header
 
 INTERESTING_INTS = [0, 1, -1, 7, 8, 255, 256, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1,
@@ -305,8 +305,8 @@ def _metadata_bytes(ckpt, arch, plan) -> bytes:
     """The GGUF header the writer would make for this config (tokenizer replaced by a two-token stand-in)."""
     import gguf
 
-    from qwqq.quantize.gguf_vocab import Vocab
-    from qwqq.quantize.gguf_writer import write_metadata
+    from qwqq.gguf.vocab import Vocab
+    from qwqq.gguf.writer import write_metadata
 
     vocab = Vocab(model="gpt2", pre="qwen2", tokens=["a", "b"], types=[1, 1], merges=["a b"])
     w = gguf.GGUFWriter(None, arch.name)
@@ -327,7 +327,7 @@ def check_config(item, seeds: list[ConfigSeed]) -> str:
 def check_config_bytes(raw: bytes, i: int, seeds: list[ConfigSeed]) -> str:
     """`raw` as config.json beside seed i's weights, through open_checkpoint, plan_checkpoint and the
     writer's metadata; returns "ok" or "refused"."""
-    from qwqq.quantize.pipeline import plan_checkpoint
+    from qwqq.gguf.quantize import plan_checkpoint
     from qwqq.source import open_checkpoint
 
     folder = seeds[i].folder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gguf
 
-from qwqq.gguf_file import read_gguf
+from qwqq.gguf.reader import read_gguf
 
 
 def llamacpp_quantize(src: Path, dst: Path, mixture: str, threads: int = 2) -> None:

@@ -713,7 +713,7 @@ def _gguf_case(kind: str, good: Path, tmp: Path) -> tuple[Path, str]:
         with open(good, "rb") as f:
             bad.write_bytes(f.read(1000))
     elif kind == "cut-in-data":  # the real header, then a sparse data section 4 KiB short
-        from qwqq.gguf_file import read_gguf
+        from qwqq.gguf.reader import read_gguf
 
         with open(good, "rb") as f, open(bad, "wb") as g:
             g.write(f.read(read_gguf(good).data_offset))
@@ -826,8 +826,8 @@ def test_rows_not_divisible_by_256_fall_back_like_llama_cpp(wide_model, tmp_path
     and qwqq says so, as llama-quantize does."""
     from gguf import GGMLQuantizationType as T
 
-    from qwqq.gguf_file import read_gguf
-    from qwqq.quantize.pipeline import plan_checkpoint
+    from qwqq.gguf.reader import read_gguf
+    from qwqq.gguf.quantize import plan_checkpoint
     from qwqq.source import open_checkpoint
 
     out = tmp_path / "wide-Q4_K_M.gguf"
@@ -851,7 +851,7 @@ def test_rows_not_divisible_by_256_fall_back_like_llama_cpp(wide_model, tmp_path
 
 @pytest.fixture(scope="module")
 def wide_bf16(wide_model, tmp_path_factory) -> Path:
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 
     out = tmp_path_factory.mktemp("wide-bf16") / "bf16.gguf"
     return quantize_to_gguf(wide_model, resolve_mixture(type_name="BF16"), out=out, progress=False, threads=2).path
@@ -861,7 +861,7 @@ def wide_bf16(wide_model, tmp_path_factory) -> Path:
 def test_rows_not_divisible_by_256_match_llama_quantize(mixture, wide_model, wide_bf16, tmp_path):
     """Tensor for tensor, the same types as llama.cpp's own quantizer picks for the same weights."""
     pytest.importorskip("llama_cpp")
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
     from tests.reference import llamacpp_quantize, tensor_table
 
     ours = quantize_to_gguf(wide_model, resolve_mixture(type_name=mixture), out=tmp_path / "ours.gguf",

@@ -8,9 +8,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from qwqq.errors import QwqqError
-from qwqq.quantize.budget import _hull, allocate, parse_size, plan_for_budget
-from qwqq.quantize.plan import tensor_bytes
-from qwqq.quantize.sensitivity import LADDER, Sensitivity
+from qwqq.budget.allocate import _hull, allocate, parse_size, plan_for_budget
+from qwqq.gguf.plan import tensor_bytes
+from qwqq.budget.sensitivity import LADDER, Sensitivity
 from qwqq.source import open_checkpoint
 from tests.conftest import one_line_error, run_qwqq
 from tests.fixtures import tiny_model_dir
@@ -68,7 +68,7 @@ def test_parse_size():
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
 def test_the_written_file_is_the_predicted_size_and_within_the_target(arch, tmp_path, monkeypatch):
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 
     monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
     src = tiny_model_dir(arch)
@@ -79,7 +79,7 @@ def test_the_written_file_is_the_predicted_size_and_within_the_target(arch, tmp_
     out = quantize_to_gguf(src, resolve_mixture(type_name="Q4_K_M"), out=tmp_path / "b.gguf", progress=False,
                            overrides=bp.overrides)
     assert out.file_bytes == bp.predicted_file_bytes <= target
-    from qwqq.quantize.sensitivity import ladder_for
+    from qwqq.budget.sensitivity import ladder_for
 
     ups = [tensor_bytes(u, t.shape) - t.nbytes for t in out.plan.tensors if t.name in bp.overrides
            for u in ladder_for(t.shape[-1]) if tensor_bytes(u, t.shape) > t.nbytes]
@@ -114,8 +114,8 @@ def test_more_budget_never_predicts_more_loss_on_a_real_checkpoint(tmp_path, mon
 
 
 def test_cli_target_bpw_gguf(tmp_path, monkeypatch):
-    from qwqq.gguf_file import read_gguf
-    from qwqq.quantize.pipeline import plan_checkpoint
+    from qwqq.gguf.reader import read_gguf
+    from qwqq.gguf.quantize import plan_checkpoint
 
     src = tiny_model_dir("qwen2")
     r = run_qwqq("quantize", src, "--target-bpw", "4.5", "-o", tmp_path / "b.gguf", "-q",
@@ -136,7 +136,7 @@ def test_fit_profile_leaves_the_kv_cache_room_and_the_file_fits(tmp_path):
     `qwqq fit` then places the written file wholly on that GPU at that context."""
     import json
 
-    from qwqq.quantize.budget import fit_weights_room
+    from qwqq.budget.allocate import fit_weights_room
 
     src = tiny_model_dir("qwen2")
     ckpt = open_checkpoint(src)

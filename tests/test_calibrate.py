@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwqq.quantize import calibrate
+from qwqq.calib import engine as calibrate
 from qwqq.source import open_checkpoint
 from tests.fixtures import tiny_model_dir
 
@@ -123,7 +123,7 @@ def test_tokenize_windows_and_short_text():
 def test_peak_memory_formula_has_no_depth_term_and_sizes_qwq():
     """docs/calibration.md's formula (measured against peak RSS in bench/calib_memory.py): a deeper model of the
     same width needs the same; QwQ-32B's GPTQ pass at 8192 tokens needs about 13 GB, its imatrix about 3."""
-    from qwqq.quantize.calibrate import peak_memory
+    from qwqq.calib.engine import peak_memory
 
     qwq = {"hidden_size": 5120, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
            "intermediate_size": 27648, "vocab_size": 152064, "num_hidden_layers": 64}

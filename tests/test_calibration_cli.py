@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwqq.quantize.imatrix_file import read_imatrix
+from qwqq.gguf.imatrix_file import read_imatrix
 from tests.conftest import one_line_error, run_qwqq
 from tests.fixtures import smollm2_gguf, tiny_model_dir
 
@@ -42,7 +42,7 @@ def test_calib_implies_imatrix_auto(qwen2, tmp_path):
     text.write_text("def add(a, b):\n    return a + b\n" * 40 + "The sum of 2 and 3 is 5. " * 40)
     r = run_qwqq("quantize", qwen2, "--type", "Q2_K", "--calib", text, "-o", tmp_path / "q2.gguf", *FAST)
     assert r.returncode == 0, r.stderr
-    from qwqq.gguf_file import read_gguf
+    from qwqq.gguf.reader import read_gguf
 
     meta = read_gguf(tmp_path / "q2.gguf").metadata
     assert "mine.txt" in str(meta.get("quantize.imatrix.dataset", ""))
@@ -109,8 +109,9 @@ BAD = {
 def truncated_gptq(tmp_path_factory, qwen2):
     import torch
 
-    from qwqq.quantize.gptq import rtn_quantize
-    from qwqq.quantize.gptq_format import pack, write_gptq
+    from qwqq.gptq.solver import rtn_quantize
+    from qwqq.gptq.checkpoint import write_gptq
+    from qwqq.gptq.packing import pack
 
     def q(lin, w):
         r = rtn_quantize(torch.from_numpy(w), bits=4, group_size=128)
@@ -130,8 +131,9 @@ def bits_mismatch_gptq(tmp_path_factory, truncated_gptq, qwen2):
 
     import torch
 
-    from qwqq.quantize.gptq import rtn_quantize
-    from qwqq.quantize.gptq_format import pack, write_gptq
+    from qwqq.gptq.solver import rtn_quantize
+    from qwqq.gptq.checkpoint import write_gptq
+    from qwqq.gptq.packing import pack
 
     def q(lin, w):
         r = rtn_quantize(torch.from_numpy(w), bits=4, group_size=128)
@@ -159,7 +161,7 @@ def mlx_folders(tmp_path_factory, qwen2):
     pytest.importorskip("mlx.core")
     import shutil
 
-    from qwqq.quantize.mlx_writer import quantize_to_mlx
+    from qwqq.mlx.writer import quantize_to_mlx
 
     base = tmp_path_factory.mktemp("mlx")
     whole = quantize_to_mlx(qwen2, bits=4, out=base / "whole", progress=False).path

@@ -8,8 +8,8 @@ import itertools
 import pytest
 from rich.console import Console
 
-from qwqq.chat import (
-    FAMILY_SAMPLING,
+from qwqq.archs import sampling_table
+from qwqq.run.chat import (
     Conversation,
     Printer,
     ThinkSplitter,
@@ -140,7 +140,7 @@ def test_family_defaults(metadata, name, expected):
 
 
 def test_family_table_covers_the_documented_families():
-    assert [label for _, label, _ in FAMILY_SAMPLING] == ["QwQ", "DeepSeek-R1-Distill", "Qwen3 thinking"]
+    assert [s.label for s in sampling_table()] == ["QwQ", "DeepSeek-R1-Distill", "Qwen3 thinking"]
 
 
 def test_model_generation_config_in_gguf_beats_family():

@@ -91,7 +91,7 @@ def test_a_model_against_itself_and_ppl_against_transformers(tmp_path, monkeypat
 
 def test_gguf_against_its_source(tmp_path, monkeypatch):
     """F16 in llama.cpp is nearly the reference; Q2_K is far from it; the order is the quality order."""
-    from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 
     monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
     model_dir = tiny_model_dir("qwen3")
@@ -115,7 +115,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
     from mlx_lm.utils import dequantize_model
 
     from qwqq.eval.logits import open_logits
-    from qwqq.quantize.mlx_writer import quantize_to_mlx
+    from qwqq.mlx.writer import quantize_to_mlx
 
     folder = quantize_to_mlx(tiny_model_dir(arch), out=tmp_path / "m", progress=False, **opts).path
     windows = np.random.default_rng(0).integers(0, 151000, (2, 32))
@@ -132,7 +132,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
 
 
 def test_mlx_quality_follows_the_bits(tmp_path, monkeypatch):
-    from qwqq.quantize.mlx_writer import quantize_to_mlx
+    from qwqq.mlx.writer import quantize_to_mlx
 
     pytest.importorskip("mlx.core")
     monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))

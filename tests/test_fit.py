@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from qwqq.errors import QwqqError
-from qwqq.gguf_file import read_gguf
-from qwqq.profiles import fit as F
-from qwqq.profiles import hardware as H
-from qwqq.profiles import memory as M
-from qwqq.profiles import models
-from qwqq.quantize.pipeline import GGUF_TYPES, plan_checkpoint, quantize_to_gguf
-from qwqq.quantize.plan import MIXTURES, make_plan
+from qwqq.gguf.reader import read_gguf
+from qwqq.fit import search as F
+from qwqq.fit import hardware as H
+from qwqq.fit import memory as M
+from qwqq.fit import subject as models
+from qwqq.gguf.quantize import GGUF_TYPES, plan_checkpoint, quantize_to_gguf
+from qwqq.gguf.plan import MIXTURES, make_plan
 from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.conftest import run_qwqq

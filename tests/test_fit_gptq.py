@@ -7,10 +7,10 @@ import json
 import pytest
 
 from qwqq.errors import QwqqError
-from qwqq.profiles import fit as F
-from qwqq.profiles import gptq_fit
-from qwqq.profiles import models
-from qwqq.quantize.gptq_format import gptq_bytes, plan_gptq
+from qwqq.fit import search as F
+from qwqq.fit import gptq as gptq_fit
+from qwqq.fit import subject as models
+from qwqq.gptq.checkpoint import gptq_bytes, plan_gptq
 from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.conftest import run_qwqq
@@ -21,8 +21,8 @@ GPU24 = dict(vram=24, ram=64)
 def _rtn(bits: int, group_size: int):
     import torch
 
-    from qwqq.quantize.gptq import rtn_quantize
-    from qwqq.quantize.gptq_format import pack
+    from qwqq.gptq.solver import rtn_quantize
+    from qwqq.gptq.packing import pack
 
     def quantize(lin, w):
         r = rtn_quantize(torch.from_numpy(w), bits=bits, group_size=group_size)
@@ -47,7 +47,7 @@ def test_predicted_bytes_equal_written_folder(arch, bits, tmp_path):
     """The GPTQ weights fit predicts, from config.json alone and from the folder, = the tensor data
     write_gptq writes (round to nearest + pack), to the byte."""
     pytest.importorskip("torch")
-    from qwqq.quantize.gptq_format import write_gptq
+    from qwqq.gptq.checkpoint import write_gptq
 
     root = fixtures.tiny_model_dir(arch)
     config = json.loads((root / "config.json").read_text())

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from qwqq.profiles.fit import calibration
-from qwqq.profiles.memory import MiB, compute_bytes, cpu_repack_bytes, kv_bytes
-from qwqq.profiles.models import resolve
+from qwqq.fit.search import calibration
+from qwqq.fit.memory import MiB, compute_bytes, cpu_repack_bytes, kv_bytes
+from qwqq.fit.subject import resolve
 from tests.test_fit import quantized
 
 pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "qwqq[llama]"')

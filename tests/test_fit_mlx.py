@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from qwqq.profiles import fit as F
-from qwqq.profiles import mlx_fit
-from qwqq.profiles import models
-from qwqq.quantize.mlx_writer import plan_mlx
+from qwqq.fit import search as F
+from qwqq.fit import mlx as mlx_fit
+from qwqq.fit import subject as models
+from qwqq.mlx.writer import plan_mlx
 from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.conftest import run_qwqq
@@ -35,7 +35,7 @@ def test_config_only_plan_equals_writer_plan(arch, bits, recipe):
 def test_predicted_bytes_equal_written_folder(arch, tmp_path):
     """The weights fit predicts = the safetensors data quantize_to_mlx writes (file sizes less headers)."""
     pytest.importorskip("mlx.core", reason='needs mlx: pip install "qwqq[mlx]"')
-    from qwqq.quantize.mlx_writer import quantize_to_mlx
+    from qwqq.mlx.writer import quantize_to_mlx
 
     root = fixtures.tiny_model_dir(arch)
     cand = next(c for c in F.fit_model(models.resolve(str(root)), F.machine(unified=36), F.Request())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 from tests import fixtures
 from tests.conftest import run_qwqq
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qwqq.gguf_file import LazyArray, read_gguf
-from qwqq.quantize.pipeline import quantize_to_gguf, resolve_mixture
+from qwqq.gguf.reader import LazyArray, read_gguf
+from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 from tests import fixtures
 from tests.reference import tensor_table
 

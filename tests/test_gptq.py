@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from qwqq.quantize import calibrate
-from qwqq.quantize.gptq_blocks import GPTQOptions, gptq_model, quantize_to_gptq
-from qwqq.quantize.gptq_format import dequantize, pack, write_gptq
-from qwqq.quantize.gptq import rtn_quantize
+from qwqq.calib import engine as calibrate
+from qwqq.gptq.quantize import GPTQOptions, gptq_model, quantize_to_gptq
+from qwqq.gptq.checkpoint import write_gptq
+from qwqq.gptq.packing import dequantize, pack
+from qwqq.gptq.solver import rtn_quantize
 from qwqq.source import open_checkpoint
 from tests.fixtures import convert_hf_to_gguf, tiny_model_dir
 

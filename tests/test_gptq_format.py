@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from qwqq.errors import OutputError
-from qwqq.quantize import gptq_format as gf
+from qwqq.gptq import checkpoint as gf
+from qwqq.gptq import packing
 from qwqq.source import open_checkpoint
 from tests import fixtures
 
@@ -37,8 +38,8 @@ def rtn(w: np.ndarray, bits: int, group_size: int, sym: bool, g_idx: np.ndarray 
     sym: range [-absmax, absmax], zero = 2^(bits-1)."""
     w = torch.as_tensor(w, dtype=torch.float32)
     out_f, in_f = w.shape
-    g_idx = gf.default_g_idx(in_f, group_size) if g_idx is None else g_idx
-    G = gf.n_groups(in_f, group_size)
+    g_idx = packing.default_g_idx(in_f, group_size) if g_idx is None else g_idx
+    G = packing.n_groups(in_f, group_size)
     maxq = 2**bits - 1
     gi = torch.as_tensor(g_idx, dtype=torch.long)
     lo = torch.full((out_f, G), float("inf")).scatter_reduce(1, gi.expand(out_f, -1), w, "amin")
@@ -62,7 +63,7 @@ def rtn_packer(bits: int, group_size: int, sym: bool, act_order: bool):
         if act_order:
             g_idx = act_order_g_idx(lin.in_features, group_size, RNG.permutation(lin.in_features))
         q, s, z, g = rtn(w, bits, group_size, sym, g_idx)
-        return gf.pack(q, s, z, g, bits)
+        return packing.pack(q, s, z, g, bits)
     return quantize
 
 
@@ -78,26 +79,26 @@ def reference_dequant(q, scales, zeros, g_idx) -> np.ndarray:
 # --------------------------------------------------------------------------- packing
 @pytest.mark.parametrize("act_order", [False, True], ids=["static", "act-order"])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
-@pytest.mark.parametrize("bits", gf.GPTQ_BITS)
+@pytest.mark.parametrize("bits", packing.GPTQ_BITS)
 def test_pack_round_trip(bits, group_size, act_order):
     out_f, in_f = 96, 384
     maxq = 2**bits - 1
-    G = gf.n_groups(in_f, group_size)
+    G = packing.n_groups(in_f, group_size)
     q = RNG.integers(0, maxq + 1, (out_f, in_f), dtype=np.uint8)
     scales = RNG.uniform(0.001, 0.1, (out_f, G)).astype(np.float32)
     zeros = RNG.integers(1, maxq + 1, (out_f, G))
-    g_idx = act_order_g_idx(in_f, group_size, RNG.permutation(in_f)) if act_order else gf.default_g_idx(in_f, group_size)
-    p = gf.pack(q, scales, zeros, g_idx, bits)
+    g_idx = act_order_g_idx(in_f, group_size, RNG.permutation(in_f)) if act_order else packing.default_g_idx(in_f, group_size)
+    p = packing.pack(q, scales, zeros, g_idx, bits)
     assert {k: (v.dtype, v.shape) for k, v in p.items()} == {
         "qweight": (np.int32, (in_f * bits // 32, out_f)),
         "qzeros": (np.int32, (G, out_f * bits // 32)),
         "scales": (np.float16, (G, out_f)),
         "g_idx": (np.int32, (in_f,)),
     }
-    q2, s2, z2, g2 = gf.unpack(p, bits)
+    q2, s2, z2, g2 = packing.unpack(p, bits)
     assert np.array_equal(q2, q) and np.array_equal(z2, zeros) and np.array_equal(g2, g_idx)
     assert np.array_equal(s2, scales.astype(np.float16).astype(np.float32))
-    assert np.array_equal(gf.dequantize(p, bits), reference_dequant(q, scales, zeros, g_idx))
+    assert np.array_equal(packing.dequantize(p, bits), reference_dequant(q, scales, zeros, g_idx))
 
 
 def test_short_last_group():
@@ -105,13 +106,13 @@ def test_short_last_group():
     q = RNG.integers(0, 16, (64, 576), dtype=np.uint8)
     scales = RNG.uniform(0.01, 0.1, (64, 5)).astype(np.float32)
     zeros = RNG.integers(1, 16, (64, 5))
-    p = gf.pack(q, scales, zeros, None, 4, group_size=128)
+    p = packing.pack(q, scales, zeros, None, 4, group_size=128)
     assert p["scales"].shape == (5, 64) and p["qzeros"].shape == (5, 8)
     assert np.array_equal(p["g_idx"], np.arange(576) // 128)
-    assert {k: s for k, (_, s) in gf.packed_shapes(64, 576, 4, 128).items()} == {k: v.shape for k, v in p.items()}
-    assert np.array_equal(gf.dequantize(p, 4), reference_dequant(q, scales, zeros, np.arange(576) // 128))
+    assert {k: s for k, (_, s) in packing.packed_shapes(64, 576, 4, 128).items()} == {k: v.shape for k, v in p.items()}
+    assert np.array_equal(packing.dequantize(p, 4), reference_dequant(q, scales, zeros, np.arange(576) // 128))
     with pytest.raises(ValueError, match="make 5 groups"):
-        gf.pack(q, scales[:, :4], zeros[:, :4], None, 4, group_size=128)
+        packing.pack(q, scales[:, :4], zeros[:, :4], None, 4, group_size=128)
 
 
 def _spec_pack_column(values: list[int], bits: int) -> list[int]:
@@ -131,12 +132,12 @@ def _spec_pack_column(values: list[int], bits: int) -> list[int]:
     return words
 
 
-@pytest.mark.parametrize("bits", gf.GPTQ_BITS)
+@pytest.mark.parametrize("bits", packing.GPTQ_BITS)
 def test_bit_layout_matches_the_word_by_word_spec(bits):
     out_f, in_f = 32, 64
     q = RNG.integers(0, 2**bits, (out_f, in_f), dtype=np.uint8)
     zeros = RNG.integers(1, 2**bits, (out_f, 2))
-    p = gf.pack(q, np.ones((out_f, 2), np.float32), zeros, None, bits)
+    p = packing.pack(q, np.ones((out_f, 2), np.float32), zeros, None, bits)
     qweight = p["qweight"].view(np.uint32)
     for o in range(out_f):  # qweight column o packs row o of q along in_features
         assert qweight[:, o].tolist() == _spec_pack_column([int(x) for x in q[o]], bits)
@@ -152,40 +153,40 @@ def test_v1_zero_points_read_alike_per_code_and_per_word(bits):
     zeros = RNG.integers(1, 2**bits, (64, 3))
     zeros[0, :] = 2**bits - 1
     zeros[1, :] = 1
-    p = gf.pack(np.zeros((64, 64), np.uint8), np.ones((64, 3), np.float32), zeros, np.arange(64) % 3, bits)
+    p = packing.pack(np.zeros((64, 64), np.uint8), np.ones((64, 3), np.float32), zeros, np.arange(64) % 3, bits)
     word = sum(1 << (bits * j) for j in range(32 // bits))
     v2_words = ((p["qzeros"].view(np.uint32).astype(np.int64) + word) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
-    assert np.array_equal(gf.unpack_rows(v2_words, bits).T, zeros)
-    assert np.array_equal(gf.unpack(p, bits)[2], zeros)
+    assert np.array_equal(packing.unpack_rows(v2_words, bits).T, zeros)
+    assert np.array_equal(packing.unpack(p, bits)[2], zeros)
 
 
 def test_v1_refuses_a_zero_point_of_zero_v2_keeps_it():
     q = np.zeros((32, 32), np.uint8)
     zeros = np.zeros((32, 1), np.int64)
     with pytest.raises(ValueError, match="zero point of 0"):
-        gf.pack(q, np.ones((32, 1)), zeros, None, 4)
-    p = gf.pack(q, np.ones((32, 1)), zeros, None, 4, checkpoint_format="gptq_v2")
-    assert np.array_equal(gf.unpack(p, 4, "gptq_v2")[2], zeros)
+        packing.pack(q, np.ones((32, 1)), zeros, None, 4)
+    p = packing.pack(q, np.ones((32, 1)), zeros, None, 4, checkpoint_format="gptq_v2")
+    assert np.array_equal(packing.unpack(p, 4, "gptq_v2")[2], zeros)
 
 
 def test_pack_checks_its_inputs():
     ok = dict(scales=np.ones((32, 2)), zeros=np.ones((32, 2), np.int64), g_idx=None, bits=4)
     with pytest.raises(ValueError, match="q must lie"):
-        gf.pack(np.full((32, 64), 16), **ok)
+        packing.pack(np.full((32, 64), 16), **ok)
     with pytest.raises(ValueError, match="multiple of 32"):
-        gf.pack(np.zeros((32, 48), np.uint8), np.ones((32, 1)), np.ones((32, 1), np.int64), None, 3)
+        packing.pack(np.zeros((32, 48), np.uint8), np.ones((32, 1)), np.ones((32, 1), np.int64), None, 3)
     with pytest.raises(ValueError, match="g_idx must lie"):
-        gf.pack(np.zeros((32, 64), np.uint8), **{**ok, "g_idx": np.full(64, 2)})
+        packing.pack(np.zeros((32, 64), np.uint8), **{**ok, "g_idx": np.full(64, 2)})
     with pytest.raises(ValueError, match="bits"):
-        gf.pack(np.zeros((32, 64), np.uint8), **{**ok, "bits": 5})
+        packing.pack(np.zeros((32, 64), np.uint8), **{**ok, "bits": 5})
 
 
 def test_torch_in_torch_out():
     q = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
-    p = gf.pack(q, torch.rand(64, 1) + 0.1, torch.full((64, 1), 8), torch.zeros(128, dtype=torch.int32), 4)
+    p = packing.pack(q, torch.rand(64, 1) + 0.1, torch.full((64, 1), 8), torch.zeros(128, dtype=torch.int32), 4)
     assert all(isinstance(v, torch.Tensor) for v in p.values())
     assert p["qweight"].dtype == torch.int32 and p["scales"].dtype == torch.float16
-    assert np.array_equal(gf.unpack(p, 4)[0], q.numpy())
+    assert np.array_equal(packing.unpack(p, 4)[0], q.numpy())
 
 
 def test_pack_is_fast_enough_for_a_real_layer():
@@ -196,7 +197,7 @@ def test_pack_is_fast_enough_for_a_real_layer():
     s = RNG.uniform(0.01, 0.1, (1536, 70)).astype(np.float32)
     z = np.full((1536, 70), 8)
     t = time.perf_counter()
-    gf.pack(q, s, z, None, 4)
+    packing.pack(q, s, z, None, 4)
     assert time.perf_counter() - t < 1.0
 
 
@@ -217,7 +218,7 @@ def test_gptq_bytes_counts_fused_experts_as_per_expert():
                   for e in range(4) for p in ("gate", "up", "down")}
     fused = {"model.layers.0.mlp.experts.gate_up_proj": (4, 512, 512),
              "model.layers.0.mlp.experts.down_proj": (4, 512, 256)}
-    for bits in gf.GPTQ_BITS:
+    for bits in packing.GPTQ_BITS:
         assert gf.gptq_bytes(per_expert, bits, 128) == gf.gptq_bytes(fused, bits, 128)
 
 
@@ -280,7 +281,7 @@ def _expected_gguf(ckpt_dir, arch: str, bits: int) -> dict[str, np.ndarray]:
             continue
         if name.endswith(".qweight"):
             base = name.removesuffix(".qweight")
-            w = gf.dequantize({k: tensors[f"{base}.{k}"] for k in gf.PACKED}, bits)
+            w = packing.dequantize({k: tensors[f"{base}.{k}"] for k in packing.PACKED}, bits)
             hf = base + ".weight"
         else:
             w, hf = tensors[name].astype(np.float32), name
@@ -322,12 +323,12 @@ def test_dequantized_weights_are_close_to_the_source(case, built):
     with RowReader() as reader, safe_open(str(res.path / "model.safetensors"), "np") as st:
         for lin in res.plan.linears[:8]:
             w = gf.read_weight(reader, lin)
-            p = {k: st.get_tensor(f"{lin.name}.{k}") for k in gf.PACKED}
+            p = {k: st.get_tensor(f"{lin.name}.{k}") for k in packing.PACKED}
             step = p["scales"].astype(np.float32).max()
-            assert np.abs(gf.dequantize(p, bits) - w).max() <= 0.5 * step * 1.01 + 1e-3, lin.name
+            assert np.abs(packing.dequantize(p, bits) - w).max() <= 0.5 * step * 1.01 + 1e-3, lin.name
 
 
-@pytest.mark.parametrize("bits", gf.GPTQ_BITS)
+@pytest.mark.parametrize("bits", packing.GPTQ_BITS)
 def test_checkpoint_as_the_safetensors_library_sees_it(bits, tmp_path):
     src = fixtures.tiny_model_dir("qwen3")
     res = gf.write_gptq(src, tmp_path / "out", rtn_packer(bits, 128, True, False), bits=bits, group_size=128)
@@ -424,8 +425,8 @@ def test_unwritten_tensors_leave_nothing(tmp_path):
     with pytest.raises(OutputError, match="never written"):
         with gf.gptq_output(src, out, bits=4, group_size=128) as w:
             lin = w.plan.linears[0]
-            G = gf.n_groups(lin.in_features, 128)
-            w.write_linear(lin.name, gf.pack(np.zeros((lin.out_features, lin.in_features), np.uint8),
+            G = packing.n_groups(lin.in_features, 128)
+            w.write_linear(lin.name, packing.pack(np.zeros((lin.out_features, lin.in_features), np.uint8),
                                              np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8), None, 4))
     assert not out.exists() and not list(tmp_path.iterdir())
 
@@ -445,15 +446,15 @@ def test_writer_refuses_wrong_shapes_and_silent_act_order(tmp_path):
         with gf.gptq_output(src, tmp_path / "a", bits=4, group_size=128) as w:
             lin = w.plan.linears[0]
             q = np.zeros((lin.out_features, lin.in_features), np.uint8)
-            G = gf.n_groups(lin.in_features, 128)
-            w.write_linear(lin.name, gf.pack(q, np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8),
+            G = packing.n_groups(lin.in_features, 128)
+            w.write_linear(lin.name, packing.pack(q, np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8),
                                              act_order_g_idx(lin.in_features, 128, RNG.permutation(lin.in_features)), 4))
     with pytest.raises(ValueError, match="shape"):
         with gf.gptq_output(src, tmp_path / "b", bits=4, group_size=128, desc_act=True) as w:
             lin = w.plan.linears[0]
             q = np.zeros((lin.out_features, lin.in_features), np.uint8)
-            G = gf.n_groups(lin.in_features, 128) + 1
-            w.write_linear(lin.name, gf.pack(q, np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8),
+            G = packing.n_groups(lin.in_features, 128) + 1
+            w.write_linear(lin.name, packing.pack(q, np.ones((lin.out_features, G)), np.full((lin.out_features, G), 8),
                                              np.arange(lin.in_features) % G, 4))
     assert not list(tmp_path.iterdir())
 

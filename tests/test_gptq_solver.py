@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwqq.quantize.gptq import gptq_quantize, grid, rtn_quantize
+from qwqq.gptq.solver import gptq_quantize, grid, rtn_quantize
 
 
 def _problem(out=256, inn=512, n=2048, seed=0):
@@ -88,8 +88,8 @@ def test_grid_symmetric_and_asymmetric():
 
 
 def test_gptq_model_on_moe_reports_starved_experts():
-    from qwqq.quantize.calibrate import open_block_model
-    from qwqq.quantize.gptq_blocks import GPTQOptions, gptq_model
+    from qwqq.calib.engine import open_block_model
+    from qwqq.gptq.quantize import GPTQOptions, gptq_model
     from qwqq.source import open_checkpoint
     from tests.fixtures import tiny_model_dir
 
@@ -119,7 +119,7 @@ def test_a_short_last_group():
 def test_group_aware_order():
     """Groups by decreasing peak diag(H), columns within a group by decreasing diag(H); a group's positions
     are contiguous, so every group keeps its static columns."""
-    from qwqq.quantize.gptq import column_order
+    from qwqq.gptq.solver import column_order
 
     diag = torch.rand(576, generator=torch.Generator().manual_seed(1))
     perm, group_of = column_order(diag, 128, desc_act=False, group_aware=True)
@@ -136,7 +136,7 @@ def test_group_aware_order():
 def test_group_aware_is_plain_gptq_on_the_reordered_columns(cols):
     """The identity that defines it: GAR on (W, H) equals natural-order GPTQ on the columns in GAR's order, put
     back; g_idx stays the identity (static groups: desc_act false, every loader reads it)."""
-    from qwqq.quantize.gptq import column_order
+    from qwqq.gptq.solver import column_order
 
     w, x, h = _problem(64, cols, 2048)
     perm, _ = column_order(torch.diag(h), 128, desc_act=False, group_aware=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from qwqq.gguf_file import read_gguf
+from qwqq.gguf.reader import read_gguf
 from tests import fixtures
 from tests.conftest import run_qwqq
 

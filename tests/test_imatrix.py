@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from qwqq.errors import SourceError, UnsupportedError
-from qwqq.gguf_file import read_gguf
+from qwqq.gguf.reader import read_gguf
 from qwqq.outputs import journal_path, temp_path
-from qwqq.quantize.imatrix_file import Imatrix, read_imatrix, write_imatrix
-from qwqq.quantize.pipeline import IMATRIX_GGUF_TYPES, quantize_to_gguf, resolve_mixture
-from qwqq.quantize.plan import MIXTURES
+from qwqq.gguf.imatrix_file import Imatrix, read_imatrix, write_imatrix
+from qwqq.gguf.quantize import IMATRIX_GGUF_TYPES, quantize_to_gguf, resolve_mixture
+from qwqq.gguf.plan import MIXTURES
 from tests import fixtures
 from tests.conftest import run_qwqq
 from tests.reference import tensor_table
@@ -289,7 +289,7 @@ def test_every_iq_mixture_plans_as_llama_quantize(arch, bf16, imatrix_of, tools)
     """All nine IQ mixtures of the issue: qwqq's plan gives every tensor the type llama-quantize's own rules
     give it (its --dry-run, with the same imatrix). The bytes follow from the type (ggml's own kernels; held
     byte for byte above for IQ2_XS and IQ3_S)."""
-    from qwqq.quantize.pipeline import plan_checkpoint
+    from qwqq.gguf.quantize import plan_checkpoint
     from qwqq.source import open_checkpoint
 
     src, gguf_bf16 = bf16(arch)

@@ -12,7 +12,7 @@ import gguf
 import pytest
 
 from qwqq.errors import QwqqError
-from qwqq.inspect_gguf import inspect
+from qwqq.gguf.inspect import inspect
 from tests.conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from tests.conftest import run_qwqq
 mx = pytest.importorskip("mlx.core", reason='needs mlx: pip install "qwqq[mlx]"')
 pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 
-from qwqq.quantize import mlx_writer  # noqa: E402
-from qwqq.quantize.mlx_writer import quantize_to_mlx  # noqa: E402
-from qwqq.quantize.plan import MLX_RECIPES, make_mlx_plan, mlx_more_bits  # noqa: E402
+from qwqq.mlx import writer as mlx_writer  # noqa: E402
+from qwqq.mlx.writer import quantize_to_mlx  # noqa: E402
+from qwqq.gguf.plan import MLX_RECIPES, make_mlx_plan, mlx_more_bits  # noqa: E402
 
 TOKENS = [151644, 872, 198]  # "<|im_start|>user\n": few, since mlx's quantized matmul on a CPU is slow
 
@@ -242,8 +242,8 @@ def test_run_refuses_an_mlx_folder_whose_config_does_not_match_its_tensors(hub_s
 
 
 def test_backend_choice(hub_sources, tmp_path, monkeypatch):
-    from qwqq.backends import mlx as mlx_backend
-    from qwqq.backends import pick_backend
+    from qwqq.run.backends import mlx as mlx_backend
+    from qwqq.run.backends import pick_backend
     from qwqq.errors import QwqqError
 
     folder = quantize_to_mlx(hub_sources["qwen2"], out=tmp_path / "m", progress=False).path

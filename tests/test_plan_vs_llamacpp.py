@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwqq.quantize.pipeline import GGUF_TYPES, plan_checkpoint, quantize_to_gguf, resolve_mixture
+from qwqq.gguf.quantize import GGUF_TYPES, plan_checkpoint, quantize_to_gguf, resolve_mixture
 from qwqq.source import open_checkpoint
 from tests.reference import llamacpp_quantize, tensor_table
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qwqq.backends import Backend, LoadOptions, backends, detect_format, pick_backend
-from qwqq.chat import ChatSession, RunOptions, Sampling
+from qwqq.formats import detect_format
+from qwqq.run.backends import Backend, LoadOptions, backends, pick_backend
+from qwqq.run.chat import ChatSession, RunOptions, Sampling
 from qwqq.errors import QwqqError
 from tests.conftest import one_line_error
 
@@ -118,12 +119,12 @@ def test_entry_point_declared():
     from importlib.metadata import PackageNotFoundError, entry_points
 
     try:
-        eps = {ep.name: ep.value for ep in entry_points(group="qwqq.backends")}
+        eps = {ep.name: ep.value for ep in entry_points(group="qwqq.run.backends")}
     except PackageNotFoundError:  # pragma: no cover
         eps = {}
     if not eps:
         pytest.skip("qwqq is not installed (pip install -e .): entry points not visible")
-    assert eps["llama.cpp"] == "qwqq.backends.llamacpp:backend"
+    assert eps["llama.cpp"] == "qwqq.run.backends.llamacpp:backend"
 
 
 def test_model_renders_its_own_template_and_streams(model):
@@ -171,7 +172,7 @@ def test_same_seed_same_text_and_seeds_differ(model):
 
 
 def test_template_is_sandboxed(tmp_path):
-    from qwqq.chat_template import ChatTemplate
+    from qwqq.run.template import ChatTemplate
 
     def render(source, messages=()):
         return ChatTemplate(source, "", "", tmp_path).render(list(messages))
@@ -220,7 +221,7 @@ def test_pick_backend_says_what_to_do(gguf_path, tmp_path, monkeypatch):
     assert pick_backend("auto", gguf_path).name == "llama.cpp"
     assert pick_backend("llamacpp", gguf_path).name == "llama.cpp"
     mlx = write_config(tmp_path / "mlx", {"quantization": {"bits": 4}})
-    from qwqq.backends import mlx as mlx_backend  # as if mlx-lm were not installed
+    from qwqq.run.backends import mlx as mlx_backend  # as if mlx-lm were not installed
 
     monkeypatch.setattr(mlx_backend.MLXBackend, "unavailable_reason",
                         lambda self: 'mlx-lm not installed; install it with: pip install "qwqq[mlx]"')

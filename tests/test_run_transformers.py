@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwqq.backends import LoadOptions, backends, pick_backend
-from qwqq.chat import ChatSession, RunOptions, Sampling
+from qwqq.run.backends import LoadOptions, backends, pick_backend
+from qwqq.run.chat import ChatSession, RunOptions, Sampling
 from qwqq.errors import QwqqError
 from tests import fixtures
 from tests.conftest import one_line_error, run_qwqq
@@ -21,9 +21,10 @@ from tests.conftest import one_line_error, run_qwqq
 torch = pytest.importorskip("torch", reason='needs torch: pip install "qwqq[gptq]"')
 pytest.importorskip("transformers", reason='needs transformers: pip install "qwqq[gptq]"')
 
-from qwqq.backends import transformers as tb  # noqa: E402
-from qwqq.quantize import gptq_format as gf  # noqa: E402
-from qwqq.quantize.gptq import rtn_quantize  # noqa: E402
+from qwqq.run.backends import transformers as tb  # noqa: E402
+from qwqq.gptq import checkpoint as gf  # noqa: E402
+from qwqq.gptq import packing
+from qwqq.gptq.solver import rtn_quantize  # noqa: E402
 
 HAVE_KERNELS = not tb.missing_kernels()
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -46,13 +47,13 @@ def write_rtn_gptq(case: str, out: Path) -> Path:
         if not act:
             r = rtn_quantize(torch.from_numpy(w), bits=bits, group_size=gs, sym=sym)
             zeros = r.zeros.clamp(min=1) if fmt == "gptq" else r.zeros  # v1 cannot store a zero point of 0
-            return gf.pack(r.q, r.scales, zeros, r.g_idx, bits, checkpoint_format=fmt)
+            return packing.pack(r.q, r.scales, zeros, r.g_idx, bits, checkpoint_format=fmt)
         # act-order: columns in a random order fill the groups, so g_idx is a permutation of groups
         perm = rng.permutation(lin.in_features)
         r = rtn_quantize(torch.from_numpy(np.ascontiguousarray(w[:, perm])), bits=bits, group_size=gs, sym=sym)
         q, g_idx = np.empty_like(r.q.numpy()), np.empty(lin.in_features, np.int32)
         q[:, perm], g_idx[perm] = r.q.numpy(), r.g_idx.numpy()
-        return gf.pack(q, r.scales.numpy(), r.zeros.numpy(), g_idx, bits, checkpoint_format=fmt)
+        return packing.pack(q, r.scales.numpy(), r.zeros.numpy(), g_idx, bits, checkpoint_format=fmt)
 
     return gf.write_gptq(fixtures.tiny_model_dir(arch), out, quantize, bits=bits, group_size=gs, sym=sym,
                          desc_act=act, checkpoint_format=fmt).path
@@ -81,11 +82,11 @@ def dequantized_reference(folder: Path, arch: str):
     stored: dict[str, np.ndarray] = {}
     for f in folder.glob("*.safetensors"):
         stored.update(load_file(f))
-    state = {k: v.astype(np.float32) for k, v in stored.items() if not k.endswith(gf.PACKED)}
+    state = {k: v.astype(np.float32) for k, v in stored.items() if not k.endswith(packing.PACKED)}
     for k in [k for k in stored if k.endswith(".qweight")]:
         module = k.removesuffix(".qweight")
-        packed = {s: stored[f"{module}.{s}"] for s in gf.PACKED}
-        state[f"{module}.weight"] = gf.dequantize(packed, qcfg["bits"], qcfg["checkpoint_format"])
+        packed = {s: stored[f"{module}.{s}"] for s in packing.PACKED}
+        state[f"{module}.weight"] = packing.dequantize(packed, qcfg["bits"], qcfg["checkpoint_format"])
     model = AutoModelForCausalLM.from_pretrained(str(fixtures.tiny_model_dir(arch)), dtype=torch.float32,
                                                  attn_implementation="sdpa")
     sd = model.state_dict()
@@ -232,8 +233,8 @@ def test_backend_choice(gptq_dirs, tmp_path):
 def test_entry_point_declared():
     import tomllib
 
-    eps = tomllib.loads((fixtures.REPO / "pyproject.toml").read_text())["project"]["entry-points"]["qwqq.backends"]
-    assert eps["transformers"] == "qwqq.backends.transformers:backend"
+    eps = tomllib.loads((fixtures.REPO / "pyproject.toml").read_text())["project"]["entry-points"]["qwqq.run.backends"]
+    assert eps["transformers"] == "qwqq.run.backends.transformers:backend"
 
 
 # ---------------------------------------------------------------- sampling, stopping, context

@@ -11,15 +11,37 @@ from typing import Iterator
 
 import numpy as np
 
-from qwqq.quantize.calibrate import batch_size, blocks, ffn_size, open_block_model, run_block
-from qwqq.source import Checkpoint
+from qwqq.archs.tensors import EMBEDDING, LM_HEAD
+from qwqq.calib.engine import batch_size, blocks, ffn_size, open_block_model, run_block
+from qwqq.gptq import reader as gptq_reader
+from qwqq.mlx import reader as mlx_reader
+from qwqq.source import Checkpoint, RowReader
+
+
+def quantized_weights(ckpt: Checkpoint, reader: RowReader):
+    """The block engine's `dequantize` for a folder qwqq (or mlx-lm, or GPTQModel) quantized: an MLX module
+    (uint32 weight beside its scales) through mx.dequantize, a GPTQ linear (qweight, config's gptq
+    quantization_config) as the kernels dequantize it; None for a weight stored as it is."""
+    gptq = ckpt.config.get("quantization_config") or {}
+
+    def read(hf_name: str, rows: np.ndarray | None) -> np.ndarray | None:
+        ref, module = ckpt.tensors.get(hf_name), hf_name.removesuffix(".weight")
+        if ref is not None and ref.dtype == "U32" and f"{module}.scales" in ckpt.tensors:
+            return mlx_reader.dequantized(ckpt, reader, module, rows)
+        if ref is None and f"{module}.qweight" in ckpt.tensors and gptq.get("quant_method") == "gptq":
+            w = gptq_reader.dequantized(ckpt, reader, module, gptq)
+            return w if rows is None else w[rows]
+        return None
+
+    return read
 
 
 class BlockLogits:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.model = open_block_model(ckpt)
-        head = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else "model.embed_tokens.weight"
+        self.model.dequantize = quantized_weights(ckpt, self.model.reader)
+        head = LM_HEAD if LM_HEAD in ckpt.tensors else EMBEDDING
         self.head_ref = ckpt.tensors[head]
         self.n_vocab = self.head_ref.shape[0]
 

@@ -52,7 +52,7 @@ def default_text() -> str:
 def read_text(path: Path | str | None) -> str:
     if path is None:
         return default_text()
-    from qwqq.quantize.calibrate import read_text as read_utf8
+    from qwqq.calib.engine import read_text as read_utf8
 
     return read_utf8(path, "evaluation text")
 

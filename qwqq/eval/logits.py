@@ -7,7 +7,7 @@ asked for), and ``.close()``. One provider per format, in a table:
 
     gguf         llama.cpp through llama-cpp-python (a window a batch, logits at the scored positions only)
     safetensors  the unquantized Hugging Face checkpoint, one decoder block at a time (bounded memory:
-                 qwqq.quantize.calibrate's engine, exact against transformers)
+                 qwqq.calib.engine's engine, exact against transformers)
     gptq         the same engine, each linear dequantized from qweight/qzeros/scales/g_idx
     mlx          mlx-lm on a Mac's GPU; on mlx's CPU backend the block engine, each module dequantized by mlx
 """
@@ -78,7 +78,7 @@ def _gguf(path: Path, ctx: int, threads: int) -> LogitsModel:
 
 
 def _safetensors(path: Path, ctx: int, threads: int) -> LogitsModel:
-    from qwqq.quantize.calibrate import ensure_torch, threads_for_torch
+    from qwqq.calib.engine import ensure_torch, threads_for_torch
     from qwqq.source import open_checkpoint
 
     ensure_torch("evaluating an unquantized checkpoint")
@@ -138,7 +138,7 @@ PROVIDERS: dict[str, Callable[[Path, int, int], LogitsModel]] = {
 def check_logits_source(path: str | Path) -> str:
     """The format of `path`, checked as far as is cheap (it exists, its headers parse, eval reads it):
     run before the reference pass so a bad model path fails at once, not after minutes of work."""
-    from qwqq.backends import detect_format
+    from qwqq.formats import detect_format
 
     path = Path(path)
     fmt = detect_format(path)

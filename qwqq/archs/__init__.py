@@ -1,0 +1,58 @@
+"""The architectures qwqq knows, one module per family, found by config.json's class name or model_type.
+
+Each module (qwen2.py, qwen3.py, qwen3_moe.py, llama.py, deepseek_v3.py) builds one `Arch`: the names it
+answers to, its GGUF architecture and metadata, the tensor shapes a config implies, what a runtime keeps
+per token, its sampling recommendation. The generic machinery every family shares lives beside them:
+base.py (the Arch record, config checks, the llama-style decoder's shapes and dims), tensors.py (a
+checkpoint under GGUF names, through gguf-py's TensorNameMap), experts.py (how experts are stored and
+the one splitter of fused expert tensors). Adding a family: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from qwqq.archs import deepseek_v3, llama, qwen2, qwen3, qwen3_moe
+from qwqq.archs.base import COMMON, MOE, Arch, Dims, Meta, Sampling, cfg, check_config, head_dim, rope_params, short
+from qwqq.archs.experts import EXPERT, FUSED_EXPERT
+from qwqq.archs.tensors import LAYER, LINEAR, SKIPPED, GGUFTensor, Part, gguf_tensors, hub_shapes, mlx_name
+from qwqq.errors import SourceError, UnsupportedError
+
+FAMILIES = (qwen2, qwen3, qwen3_moe, llama, deepseek_v3)  # sampling patterns are tried in this order
+KNOWN: dict[str, Arch] = {m.ARCH.hf_class: m.ARCH for m in FAMILIES}
+ARCHS: dict[str, Arch] = {name: a for name, a in KNOWN.items() if a.quantizable}  # what quantize accepts
+BY_MODEL_TYPE: dict[str, Arch] = {t: m.ARCH for m in FAMILIES for t in m.ARCH.model_types}
+
+
+def find_arch(config: dict, where=None) -> Arch:
+    """The family of a config.json by its architectures[0] (fit-only families included); unknown or
+    missing: one line naming what qwqq supports."""
+    names = config.get("architectures")
+    if not names:
+        raise UnsupportedError(f"config.json names no architecture; supported: {', '.join(ARCHS)}", where)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SourceError(f"malformed architectures {short(names)}: expected a list of class names", where)
+    if names[0] not in KNOWN:
+        raise UnsupportedError(f"architecture {short(names[0])} is not supported; supported: {', '.join(ARCHS)}", where)
+    return KNOWN[names[0]]
+
+
+def arch_for_model_type(model_type: str) -> Arch | None:
+    """The family a config.json's model_type (an MLX or GPTQ folder's, say) belongs to, if any."""
+    return BY_MODEL_TYPE.get(model_type)
+
+
+def arch_of(config: dict, where=None) -> Arch:
+    """The family quantize, calibration and the runtimes work with: a supported one, else one line."""
+    arch = find_arch(config, where)
+    if not arch.quantizable:
+        raise UnsupportedError(f"architecture {arch.hf_class} is not supported; supported: {', '.join(ARCHS)}", where)
+    return arch
+
+
+def sampling_table() -> tuple[Sampling, ...]:
+    """Every family's sampling recommendations, in the order they are tried."""
+    return tuple(s for m in FAMILIES for s in m.ARCH.sampling)
+
+
+__all__ = ["ARCHS", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
+           "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_for_model_type", "arch_of", "cfg", "check_config", "find_arch",
+           "gguf_tensors", "head_dim", "hub_shapes", "mlx_name", "rope_params", "sampling_table", "short"]

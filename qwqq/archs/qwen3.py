@@ -1,0 +1,19 @@
+"""Qwen3 dense (0.6B to 32B): q/k RMS norms per head, an explicit head_dim (128 whatever the width), no biases."""
+
+import gguf
+
+from qwqq.archs.base import Arch, Sampling, decoder_dims, decoder_shapes
+
+THINKING = Sampling("qwen3", "Qwen3 thinking", dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0))
+
+ARCH = Arch(
+    hf_class="Qwen3ForCausalLM",
+    model_types=("qwen3",),
+    gguf_arch=gguf.MODEL_ARCH.QWEN3,
+    family="qwen3",
+    shapes=lambda config, output_tensor=False: decoder_shapes(
+        config, attn_bias=bool(config.get("attention_bias")), attn_out_bias=True, qk_norm=True,
+        mlp_bias=bool(config.get("mlp_bias")), output_tensor=output_tensor),
+    dims=decoder_dims,
+    sampling=(THINKING,),
+)

@@ -1,0 +1,170 @@
+"""A checkpoint's tensors under GGUF names: mapped with gguf-py's TensorNameMap (the table llama.cpp's
+converter uses, so no GGUF tensor name is typed here), experts stacked, shapes checked against config.json."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from math import prod
+
+import gguf
+
+from qwqq.archs.base import Arch, cfg, check_config, head_dim, short
+from qwqq.archs.experts import EXPERT, FUSED_EXPERT, expert_weight, fused_rows, merged
+from qwqq.errors import SourceError, UnsupportedError
+from qwqq.source import FLOAT_DTYPES, Checkpoint, TensorRef
+
+SKIPPED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# The Hugging Face weights that are linears of a decoder block (what GPTQ quantizes): attention, MLP,
+# per-expert and shared-expert MLP projections. The MoE router `mlp.gate`, shared_expert_gate, embeddings
+# and lm_head are not.
+LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
+                    r"|mlp\.experts\.\d+\.(?:gate|up|down)_proj|mlp\.shared_expert\.(?:gate|up|down)_proj)\.weight$")
+EMBEDDING = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows [row0, row1) of a source tensor seen as a 2-D [rows, cols] matrix."""
+
+    ref: TensorRef
+    row0: int
+    row1: int
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order, e.g. (rows, cols) or (experts, rows, cols)
+    parts: tuple[Part, ...]  # concatenated along rows
+    permute_heads: int = 0  # llama q/k: number of heads to re-order rows within (0: none)
+
+    @property
+    def rows(self) -> int:
+        return prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+
+def gguf_tensors(ckpt: Checkpoint, arch: Arch) -> list[GGUFTensor]:
+    """Every tensor the GGUF will hold, mapped from the checkpoint's names, experts stacked."""
+    c = ckpt.config
+    check_config(c, arch, ckpt.root / "config.json")
+    for ref in ckpt.tensors.values():
+        if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
+            raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
+    n_layer = int(c["num_hidden_layers"])
+    layers = {int(m.group(1)) for n in ckpt.tensors if (m := LAYER.match(n))}
+    if layers != set(range(n_layer)):  # checked before any per-layer work a hostile count could make huge
+        held = len(layers) if layers == set(range(len(layers))) else f"layers {short(sorted(layers))}"
+        raise SourceError(f"says {n_layer} layers, the weights hold {held}", ckpt.root / "config.json")
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_layer)
+    out: list[GGUFTensor] = []
+    experts: dict[tuple[int, str], dict[int, TensorRef]] = {}
+    n_head = int(c["num_attention_heads"])
+    n_kv = int(cfg(c, "num_key_value_heads", default=n_head))
+    if arch.moe and (c.get("mlp_only_layers") or (c.get("decoder_sparse_step") or 1) != 1):
+        raise UnsupportedError(f"{arch.hf_class} with dense layers (mlp_only_layers / decoder_sparse_step) is not "
+                               "supported", ckpt.root)
+
+    def stacked(layer: int, proj: str) -> str:
+        return name_map.get_name(expert_weight(layer, 0, proj).replace(".experts.0.", ".experts."),
+                                 try_suffixes=(".weight",))
+
+    for hf_name, ref in ckpt.tensors.items():
+        if SKIPPED.search(hf_name):
+            continue
+        if arch.moe and (m := EXPERT.match(hf_name)):
+            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = ref
+            continue
+        if arch.moe and (m := FUSED_EXPERT.match(hf_name)):
+            for proj, ranges in fused_rows(ref, m.group(2)).items():
+                shape = (ref.shape[0], ranges[0][1] - ranges[0][0], ref.shape[2])
+                parts = tuple(Part(ref, r0, r1) for r0, r1 in merged(ranges))
+                out.append(GGUFTensor(stacked(int(m.group(1)), proj), shape, parts))
+            continue
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise SourceError(f"unexpected tensor {hf_name} for {arch.hf_class}", ref.file)
+        heads = 0
+        if arch.permute_qk and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+            heads = n_head if ".q_proj." in hf_name else n_kv
+        out.append(GGUFTensor(name, ref.shape, (Part(ref, 0, ref.rows),), heads))
+
+    n_expert = arch.n_expert(c)
+    for (layer, proj), by_id in sorted(experts.items()):
+        if len(by_id) != n_expert or sorted(by_id) != list(range(n_expert)):  # len first: n_expert may be huge
+            raise SourceError(f"layer {layer} {proj}_proj has experts {len(by_id)} of {n_expert}", ckpt.root)
+        refs = [by_id[e] for e in range(n_expert)]
+        shape0 = refs[0].shape
+        if any(r.shape != shape0 for r in refs):
+            raise SourceError(f"layer {layer} {proj}_proj experts disagree on shape", ckpt.root)
+        out.append(GGUFTensor(stacked(layer, proj), (n_expert, *shape0), tuple(Part(r, 0, r.rows) for r in refs)))
+    _check_shapes(out, c, ckpt)
+    return out
+
+
+def _check_shapes(tensors: list[GGUFTensor], c: dict, ckpt: Checkpoint) -> None:
+    """Catch a config that does not match its tensors before writing anything."""
+    by = {t.name: t for t in tensors}
+    where = ckpt.root / "config.json"
+    hidden, vocab = int(c["hidden_size"]), int(c.get("vocab_size") or 0)
+    emb = by.get("token_embd.weight")
+    if emb is None:
+        raise SourceError(f"no token embedding ({EMBEDDING})", ckpt.root)
+    if emb.shape[-1] != hidden or (vocab and emb.shape[0] != vocab):
+        raise SourceError(f"tensor {emb.parts[0].ref.name} is {list(emb.shape)} but config.json says vocab {vocab} x "
+                          f"hidden {hidden}", ckpt.root)
+    n_head, hd = int(c["num_attention_heads"]), head_dim(c)
+    n_kv = int(cfg(c, "num_key_value_heads", default=n_head))
+    for key, heads in (("attn_q", n_head), ("attn_k", n_kv), ("attn_v", n_kv)):
+        t = by.get(f"blk.0.{key}.weight")
+        if t is not None and t.shape[0] != heads * hd:
+            raise SourceError(f"tensor {t.parts[0].ref.name} is {list(t.shape)} but config.json says {heads} heads x "
+                              f"head_dim {hd}", where)
+    n_layer = int(c["num_hidden_layers"])
+    blocks = {int(n.split(".")[1]) for n in by if n.startswith("blk.")}
+    if blocks != set(range(n_layer)):
+        raise SourceError(f"says {n_layer} layers, the weights hold {len(blocks)}", where)
+
+
+# --------------------------------------------------------------------------- GGUF names -> Hugging Face names
+# For a model known only by its config (fit): the llama-style block's GGUF tensors under the names mlx-lm
+# and the hub give them, so MLX and GPTQ sizes can be planned from the same shapes.
+GLOBAL_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_HF = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj", "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+}
+STACKED_EXPERTS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
+_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def mlx_name(gguf_name: str) -> str:
+    """The mlx-lm parameter a GGUF tensor of a llama-style decoder comes from."""
+    if m := _BLK.match(gguf_name):
+        return f"model.layers.{m.group(1)}.{BLOCK_HF[m.group(2)]}.{m.group(3)}"
+    base, suffix = gguf_name.rsplit(".", 1)
+    return f"{GLOBAL_HF[base]}.{suffix}"
+
+
+def hub_shapes(shapes) -> dict[str, tuple[int, ...]]:
+    """GGUF (name, shape)s mapped back to the hub's tensors: stacked experts split into per-expert weights."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes:
+        parts = name.split(".")
+        if parts[0] == "blk" and parts[2] in STACKED_EXPERTS:
+            for e in range(shape[0]):
+                out[expert_weight(parts[1], e, STACKED_EXPERTS[parts[2]])] = tuple(shape[1:])
+        else:
+            out[mlx_name(name)] = tuple(shape)
+    return out

@@ -1,0 +1,328 @@
+"""What fit sizes: a model (catalog entry, hub id, local folder or GGUF file) and its GGUF builds.
+
+For a model given by its config.json (catalog, hub, or a folder without weights) the GGUF tensor
+list is synthesized from the config by `tensor_shapes`; for a folder with weights it comes from
+the checkpoint itself (`plan_checkpoint`, as quantize does); either way the per-tensor types and
+sizes come from `make_plan`, the same plan quantize executes. An existing .gguf is read as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from math import prod
+from pathlib import Path
+
+from gguf import LlamaFileType
+
+from qwqq.archs import arch_of, find_arch, gguf_tensors
+from qwqq.errors import QwqqError, SourceError, UnsupportedError
+from qwqq.fit.memory import Dims, Weights, WeightTensor, padded, split_weights
+from qwqq.gguf.plan import MIXTURES, ModelFacts, make_plan, model_facts
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# Metadata bytes per vocabulary entry of a Qwen-style BPE tokenizer (token string, token type,
+# merge), measured on the files qwqq writes: used for the header of a model known only by config.
+HEADER_BYTES_PER_TOKEN = 39.1
+HEADER_FIXED = 16 * 1024  # chat template, scalar keys
+
+
+# --------------------------------------------------------------------------- what a config implies
+def tensor_shapes(config: dict, output_tensor: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """The GGUF tensors (name, numpy-order shape) a config.json describes, in no particular order: its
+    family's own shape function (qwqq/archs/<family>.py)."""
+    return find_arch(config).shapes(config, output_tensor)
+
+
+def dims_from_config(config: dict) -> Dims:
+    arch = find_arch(config)
+    return arch.dims(config, arch)
+
+
+def facts_from_config(config: dict) -> ModelFacts:
+    return model_facts(config, find_arch(config))
+
+
+def dims_from_gguf(meta: dict, tensors) -> Dims:
+    a = meta.get("general.architecture")
+
+    def key(k, default=None):
+        v = meta.get(f"{a}.{k}", default)
+        if isinstance(v, list):  # per-layer arrays (some architectures): the largest
+            v = max(v) if v else default
+        return v
+
+    try:
+        n_layer, n_embd, n_head = int(key("block_count")), int(key("embedding_length")), int(key("attention.head_count"))
+    except (TypeError, ValueError):
+        raise UnsupportedError(f"GGUF architecture {a!r}: no block_count / embedding_length / head_count") from None
+    n_kv = int(key("attention.head_count_kv", n_head))
+    hd_k = int(key("attention.key_length", n_embd // max(1, n_head)))
+    hd_v = int(key("attention.value_length", hd_k))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = getattr(tokens, "count", None) or (len(tokens) if isinstance(tokens, list) else 0)
+    emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
+    if emb is not None:
+        vocab = emb.shape[0] if len(emb.shape) > 1 else vocab  # numpy order: (vocab, hidden)
+    n_k, n_v, n_q = n_kv * hd_k, n_kv * hd_v, n_head * hd_k
+    if key("attention.kv_lora_rank"):  # MLA (deepseek2): the cache holds the compressed latent
+        kv_lora, rope = int(key("attention.kv_lora_rank")), int(key("rope.dimension_count", 64))
+        n_kv, n_k, n_v, n_q = 1, kv_lora + rope, kv_lora, n_head * (kv_lora + rope)
+    return Dims(a, n_layer, n_embd, n_head, n_kv, n_k, n_v, n_q, int(key("feed_forward_length", 0) or 0), int(vocab),
+                int(key("expert_count", 0) or 0), int(key("expert_used_count", 0) or 0),
+                int(key("expert_feed_forward_length", 0) or 0), int(key("context_length", 0) or 0))
+
+
+# --------------------------------------------------------------------------- catalog
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    hub: tuple[str, ...]
+    family: str
+    config: dict
+    approximate: bool = False
+    output_tensor: bool = False  # GGUF: the checkpoint ships lm_head.weight although config.json says tied
+
+
+@cache
+def catalog() -> tuple[CatalogEntry, ...]:
+    data = tomllib.loads(resources.files("qwqq.fit").joinpath("data/catalog.toml").read_text(encoding="utf-8"))
+    return tuple(CatalogEntry(m["name"], tuple(m.get("hub", ())), m.get("family", ""), m["config"],
+                              bool(m.get("approximate", False)), bool(m.get("output_tensor", False)))
+                 for m in data["model"])
+
+
+def find_catalog(spec: str) -> CatalogEntry | None:
+    s = spec.strip().lower()
+    for e in catalog():
+        keys = {e.name.lower(), *(h.lower() for h in e.hub), *(h.split("/")[-1].lower() for h in e.hub)}
+        if s in keys:
+            return e
+    return None
+
+
+# --------------------------------------------------------------------------- models and builds
+@dataclass
+class Build:
+    """One concrete GGUF: a mixture of a model, or an existing file."""
+
+    type_name: str
+    tensors: list[WeightTensor]
+    header_bytes: int
+    header_exact: bool
+    n_params: int
+    _split: Weights | None = field(default=None, repr=False)
+
+    def split(self, n_layer: int) -> Weights:
+        """The tensor bytes grouped by layer (cached: fit places one build many times)."""
+        if self._split is None or self._split.n_layer != n_layer:
+            self._split = split_weights(self.tensors, n_layer)
+        return self._split
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(padded(t.nbytes) for t in self.tensors)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.header_bytes + self.tensor_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * sum(t.nbytes for t in self.tensors) / max(1, self.n_params)
+
+
+@dataclass
+class Model:
+    name: str
+    source: str  # "catalog" | "hub" | "local" | "gguf"
+    ref: str  # hub id or path to show in commands
+    dims: Dims
+    config: dict | None = None
+    shapes: list[tuple[str, tuple[int, ...]]] | None = None
+    facts: ModelFacts | None = None
+    approximate: bool = False
+    gguf_build: Build | None = None
+    checkpoint: object = None  # qwqq.source.Checkpoint for a local folder with weights
+    _builds: dict[str, Build] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_params(self) -> int:
+        if self.gguf_build is not None:
+            return self.gguf_build.n_params
+        return sum(prod(s) for _, s in self.shapes)
+
+    @property
+    def quantizable(self) -> bool:
+        return self.source in ("catalog", "hub", "local") and not self.approximate
+
+    @property
+    def has_source_shapes(self) -> bool:
+        """Whether its safetensors tensor shapes are known (not a GGUF): what MLX and GPTQ sizes need."""
+        return self.quantizable and self.source != "gguf" and self.shapes is not None
+
+    def build(self, type_name: str) -> Build:
+        """The GGUF quantize would write for this mixture (or the file itself)."""
+        if self.gguf_build is not None:
+            return self.gguf_build
+        name = type_name.upper()
+        if name not in MIXTURES:
+            raise QwqqError(f"unknown --type {type_name!r}; choose one of {', '.join(MIXTURES)}")
+        if name not in self._builds:
+            if self.checkpoint is not None:  # a folder with weights: exactly what quantize plans
+                from qwqq.gguf.quantize import plan_checkpoint
+
+                plan = plan_checkpoint(self.checkpoint, MIXTURES[name])[2]
+            else:
+                plan = make_plan(self.shapes, self.facts, MIXTURES[name])
+            tensors = [WeightTensor(t.name, t.shape, t.type, t.nbytes) for t in plan.tensors]
+            header, exact = self._header(plan)
+            self._builds[name] = Build(name, tensors, header, exact, plan.n_params)
+        return self._builds[name]
+
+    def _header(self, plan) -> tuple[int, bool]:
+        if self.checkpoint is not None:
+            exact = exact_header_bytes(self.checkpoint, plan)
+            if exact is not None:
+                return exact, True
+        return estimate_header_bytes(plan.tensors, self.dims.n_vocab), False
+
+
+def estimate_header_bytes(tensors, n_vocab: int) -> int:
+    """GGUF header for a model known only by config: tensor infos exactly, metadata estimated
+    from the vocabulary size (tokens, token types and merges dominate)."""
+    infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
+    return padded(24 + infos + int(HEADER_BYTES_PER_TOKEN * n_vocab) + HEADER_FIXED)
+
+
+def exact_header_bytes(ckpt, plan, imatrix=None) -> int | None:
+    """The header qwqq's GGUF writer produces for this checkpoint and plan, with the quantize.imatrix.*
+    keys of `imatrix` when given (None if the writer's internals are not what this expects)."""
+    try:
+        import numpy as np
+
+        from qwqq.gguf import writer as gw
+        from qwqq.gguf.vocab import build_vocab
+
+        arch = arch_of(ckpt.config)
+        w = gw._Writer(path=None, arch=arch.name)
+        gw.write_metadata(w, ckpt, arch, plan, _vocab(ckpt, build_vocab), imatrix)
+        for tp in plan.tensors:
+            w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
+        return len(gw.header_bytes(w))
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+_VOCABS: dict[str, object] = {}
+
+
+def _vocab(ckpt, build_vocab):
+    key = str(ckpt.root)
+    if key not in _VOCABS:
+        _VOCABS[key] = build_vocab(ckpt)
+    return _VOCABS[key]
+
+
+# --------------------------------------------------------------------------- resolving a spec
+def resolve(spec: str) -> Model:
+    """A .gguf file, a local Hugging Face folder, a catalog model or a hub id (config.json only)."""
+    p = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        return from_gguf(p)
+    if p.is_dir():
+        return from_folder(p)
+    entry = find_catalog(spec)
+    if entry is not None:
+        return from_catalog(entry)
+    if HUB_ID.match(spec):
+        return from_config(hub_config(spec), spec.split("/")[-1], "hub", spec)
+    names = ", ".join(e.name for e in catalog())
+    raise QwqqError(f"unknown model {spec!r}: not a .gguf file, a folder, a hub id (owner/name) or a catalog model ({names})")
+
+
+def from_catalog(e: CatalogEntry) -> Model:
+    return from_config(e.config, e.name, "catalog", e.hub[0] if e.hub else e.name, approximate=e.approximate,
+                       output_tensor=e.output_tensor)
+
+
+def from_config(config: dict, name: str, source: str, ref: str, approximate: bool = False,
+                output_tensor: bool = False) -> Model:
+    try:
+        shapes = tensor_shapes(config, output_tensor)
+        approximate = approximate or not find_arch(config).quantizable  # a shape model; qwqq cannot quantize it
+        return Model(name, source, ref, dims_from_config(config), config, shapes, facts_from_config(config),
+                     approximate=approximate)
+    except KeyError as e:
+        raise SourceError(f"config.json of {name} lacks {e.args[0]}") from None
+
+
+def from_folder(root: Path) -> Model:
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise SourceError("no config.json in this folder", root)
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot read config.json: {e}", cfg_path) from None
+    if not isinstance(config, dict):
+        raise SourceError("config.json is not a JSON object", cfg_path)
+    has_weights = any(root.glob("*.safetensors"))
+    if not has_weights:
+        return from_config(config, root.name, "local", str(root))
+    from qwqq.source import open_checkpoint
+
+    ckpt = open_checkpoint(root)
+    arch = arch_of(ckpt.config, cfg_path)
+    shapes = [(t.name, t.shape) for t in gguf_tensors(ckpt, arch)]
+    return Model(root.name, "local", str(root), dims_from_config(ckpt.config), ckpt.config, shapes,
+                 model_facts(ckpt.config, arch), checkpoint=ckpt)
+
+
+def from_gguf(path: Path) -> Model:
+    from qwqq.gguf.reader import read_gguf
+
+    g = read_gguf(path)
+    tensors = [WeightTensor(t.name, tuple(reversed(t.shape)), t.type, t.nbytes) for t in g.tensors]
+    dims = dims_from_gguf(g.metadata, tensors)
+    header = g.data_offset
+    ftype = g.get("general.file_type")
+    try:
+        type_name = LlamaFileType(ftype).name.replace("MOSTLY_", "").replace("ALL_", "") if ftype is not None else "?"
+    except ValueError:
+        type_name = "?"
+    n_params = sum(t.n_elements for t in g.tensors)
+    build = Build(type_name, tensors, header, True, n_params)
+    # file_bytes of an existing file is its size, whatever the padding after the last tensor
+    build.header_bytes = g.file_bytes - build.tensor_bytes
+    return Model(path.stem, "gguf", str(path), dims, gguf_build=build)
+
+
+def hub_config(repo_id: str) -> dict:
+    """config.json only, through huggingface_hub (honours HF_HUB_OFFLINE and the local cache)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, "config.json")
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types; all mean "not available"
+        why = type(e).__name__
+        offline = "offline (HF_HUB_OFFLINE) and not in the local cache" if _offline() else why
+        raise SourceError(f"cannot read config.json of {repo_id} from the Hugging Face hub: {offline}") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"config.json of {repo_id} is not a JSON object")
+    return config
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+__all__ = ["Build", "CatalogEntry", "Model", "catalog", "dims_from_config", "dims_from_gguf", "find_catalog",
+           "from_config", "from_folder", "from_gguf", "hub_config", "resolve", "tensor_shapes"]

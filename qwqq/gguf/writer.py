@@ -1,0 +1,396 @@
+"""GGUF writer: metadata and tokenizer through the gguf package's GGUFWriter, tensor data streamed.
+
+The header (metadata + every tensor's name, shape, type and offset) is fully known from the plan,
+so it is written first; then each tensor is read from the safetensors source in row chunks,
+quantized by ggml's kernels on several threads, and appended. No tensor is ever whole in memory
+(unless it is smaller than one chunk) and there is no intermediate F16 file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from qwqq import __version__
+from qwqq.archs import Arch, GGUFTensor, cfg, head_dim, rope_params
+from qwqq.errors import SourceError
+from qwqq.gguf import kernels as ggml
+from qwqq.gguf.vocab import Vocab
+from qwqq.gguf.plan import Plan, row_bytes
+from qwqq.source import Checkpoint, RowReader
+
+if TYPE_CHECKING:
+    from qwqq.gguf.imatrix_file import Imatrix
+
+ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
+CHUNK_FLOATS = 4 * 2**20  # 16 MiB of float32 per chunk: the unit of reading and of progress
+JOURNAL_EVERY_S = float(os.environ.get("QWQQ_JOURNAL_EVERY_S", "2"))  # how often resumable progress is recorded
+SAMPLING_KEYS = {  # generation_config.json -> general.sampling.*
+    "temperature": ("general.sampling.temp", "f32"),
+    "top_p": ("general.sampling.top_p", "f32"),
+    "top_k": ("general.sampling.top_k", "i32"),
+    "min_p": ("general.sampling.min_p", "f32"),
+    "repetition_penalty": ("general.sampling.penalty_repeat", "f32"),
+}
+
+
+# --------------------------------------------------------------------------- metadata
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter with a fast path for long arrays: the stock packer builds one bytes object per
+    element (about 2 s for Qwen's 300k tokens and merges); the bytes written are the same."""
+
+    _ARRAY_NUMPY = {gguf.GGUFValueType.INT32: "<i4", gguf.GGUFValueType.UINT32: "<u4",
+                    gguf.GGUFValueType.FLOAT32: "<f4"}
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        V = gguf.GGUFValueType
+        if (vtype != V.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or not isinstance(val, (list, tuple))
+                or len(val) < 64):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        ltype = sub_type if sub_type is not None else V.get_type(val[0])
+        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
+        if ltype == V.STRING and all(isinstance(v, str) for v in val):
+            enc = [v.encode("utf-8") for v in val]
+            lengths = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc)).tobytes()
+            return head + b"".join(lengths[8 * i:8 * i + 8] + e for i, e in enumerate(enc))
+        if ltype in self._ARRAY_NUMPY and all(type(v) is type(val[0]) for v in val):
+            return head + np.asarray(val, dtype=self._ARRAY_NUMPY[ltype]).tobytes()
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def _put(w: gguf.GGUFWriter, key: str, kind: str, value) -> None:
+    {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "str": w.add_string, "bool": w.add_bool}[kind](
+        key, int(value) if kind in ("u32", "i32") else float(value) if kind == "f32" else value)
+
+
+def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab,
+                   imatrix: "Imatrix | None" = None) -> None:
+    c, a = ckpt.config, arch.name
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(ckpt.name)
+    w.add_quantized_by(f"qwqq {__version__}")
+    if ckpt.hub_id:
+        w.add_source_url(f"https://huggingface.co/{ckpt.hub_id}")
+    for k, (key, kind) in SAMPLING_KEYS.items():
+        if isinstance(ckpt.generation_config.get(k), (int, float)) and not isinstance(ckpt.generation_config.get(k), bool):
+            _put(w, key, kind, ckpt.generation_config[k])
+
+    for m in arch.meta:
+        v = cfg(c, *m.fields)
+        if v is None:
+            if m.required:
+                raise SourceError(f"config.json lacks {' or '.join(m.fields)}", ckpt.root / "config.json")
+            continue
+        _put(w, f"{a}.{m.key}", m.kind, v)
+    rp = rope_params(c)
+    _put(w, f"{a}.rope.freq_base", "f32", rp["rope_theta"])
+    if arch.rope_dims_key:
+        _put(w, f"{a}.rope.dimension_count", "u32", head_dim(c))
+        _put(w, f"{a}.vocab_size", "u32", len(vocab.tokens))
+    kind = rp["rope_type"]
+    if kind in ("yarn", "linear") and rp.get("factor"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN if kind == "yarn" else gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        if kind == "yarn":
+            orig = rp.get("original_max_position_embeddings")
+            if not orig:
+                raise SourceError("yarn rope_scaling lacks original_max_position_embeddings", ckpt.root / "config.json")
+            w.add_rope_scaling_orig_ctx_len(int(orig))
+
+    w.add_file_type(int(plan.mixture.ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if imatrix is not None:  # the keys llama-quantize adds (tools/quantize/quantize.cpp; strings cut to 127 bytes)
+        if imatrix.path:
+            w.add_string("quantize.imatrix.file", _cut(imatrix.path))
+        if imatrix.datasets:
+            w.add_string("quantize.imatrix.dataset", _cut(imatrix.datasets[0]))
+        w.add_uint32("quantize.imatrix.entries_count", len(imatrix))
+        if imatrix.chunk_count > 0:
+            w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
+              "sep": w.add_sep_token_id, "pad": w.add_pad_token_id}
+    for kind_, tid in vocab.special_ids.items():
+        adders[kind_](tid)
+    if vocab.add_bos is not None:
+        w.add_add_bos_token(vocab.add_bos)
+    if vocab.add_eos is not None:
+        w.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+
+
+def _cut(s: str) -> str:
+    """strncpy into llama_model_kv_override's 128-byte val_str: at most 127 bytes."""
+    return s.encode("utf-8")[:127].decode("utf-8", "ignore")
+
+
+# --------------------------------------------------------------------------- tensor data
+@dataclass
+class Job:
+    """One planned tensor with where its rows come from.
+
+    `imatrix`: the per-column importance llama-quantize would use, float32 [n_mat, cols]; row r of
+    the tensor (counted across experts) takes row r // (rows / n_mat) of it, as llama-quant.cpp's
+    imatrix_for_row does.
+    """
+
+    src: GGUFTensor
+    type: T
+    nbytes: int
+    imatrix: np.ndarray | None = None
+
+    def imatrix_span(self, g0: int, g1: int):
+        """(start, stop, weights) runs of rows [g0, g1) that share one imatrix row (one expert)."""
+        if self.imatrix is None:
+            yield g0, g1, None
+            return
+        per = self.src.rows // self.imatrix.shape[0]
+        while g0 < g1:
+            e = g0 // per
+            stop = min(g1, (e + 1) * per)
+            yield g0, stop, self.imatrix[e]
+            g0 = stop
+
+
+def _permute_rows(rows: np.ndarray, head_dim_: int) -> np.ndarray:
+    """HF rotate-half order -> GGUF interleaved pairs, within each head (llama q/k)."""
+    n, cols = rows.shape
+    return rows.reshape(n // head_dim_, 2, head_dim_ // 2, cols).swapaxes(1, 2).reshape(n, cols)
+
+
+def _chunks(job: Job, cols: int):
+    """(part, r0, r1, g0) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors;
+    g0 is the chunk's first row in the GGUF tensor (counted across experts)."""
+    align = job.src.rows // job.src.permute_heads if job.src.permute_heads else 1
+    step = max(align, (CHUNK_FLOATS // max(cols, 1)) // align * align)
+    base = 0
+    for part in job.src.parts:
+        for r0 in range(part.row0, part.row1, step):
+            yield part, r0, min(r0 + step, part.row1), base + r0 - part.row0
+        base += part.row1 - part.row0
+
+
+class TensorStreamer:
+    """Reads, converts, checks and quantizes tensors chunk by chunk, keeping every core busy.
+
+    One I/O thread reads chunk k+1 (pread, then bf16/f16 -> f32 with ggml's own converters) while
+    the kernel threads work through chunk k, cut into small row blocks so no thread waits on
+    another; chunk k-1 is written out meanwhile, in order. Each block is checked for NaN/Inf by the
+    thread that quantizes it. Three reusable buffer sets: memory stays at a few chunks.
+    """
+
+    SLOTS = 3  # chunk being read, chunk in the kernels, chunk being written
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads)
+        self.io = ThreadPoolExecutor(1)
+        self.reader = RowReader()
+        self.slots = [self._slot(CHUNK_FLOATS) for _ in range(self.SLOTS)]
+
+    @staticmethod
+    def _slot(n_floats: int) -> dict:
+        return {"f32": np.empty(n_floats, np.float32), "raw": np.empty(n_floats * 2, np.uint8),
+                "out": np.empty(0, np.uint8)}
+
+    def close(self):
+        self.io.shutdown(cancel_futures=True)
+        self.pool.shutdown(cancel_futures=True)
+        self.reader.close()
+
+    def _read(self, k: int, job: Job, part, r0: int, r1: int) -> np.ndarray:
+        cols, ref = job.src.cols, part.ref
+        n = (r1 - r0) * cols
+        if n > self.slots[k % self.SLOTS]["f32"].size:  # one row wider than a chunk
+            self.slots[k % self.SLOTS] = self._slot(n)
+        slot = self.slots[k % self.SLOTS]
+        rows = self.reader.read_f32(ref, r0, r1, slot["f32"], slot["raw"], widen=ggml.to_f32)
+        if job.src.permute_heads:
+            rows = np.ascontiguousarray(_permute_rows(rows, job.src.rows // job.src.permute_heads))
+        return rows
+
+    @staticmethod
+    def _block(t: T, rows: np.ndarray, dst: np.ndarray, part, imatrix: np.ndarray | None) -> None:
+        total = np.add.reduce(rows, axis=None, dtype=np.float32) if rows.size else 0.0
+        if not np.isfinite(total) and not np.isfinite(rows).all():  # the sum may overflow; then look closer
+            raise SourceError(f"tensor {part.ref.name} holds NaN or Inf values: refusing to quantize it", part.ref.file)
+        ggml.quantize_rows(int(t), rows, dst, imatrix)
+
+    def _submit(self, k: int, job: Job, part, rows: np.ndarray, g0: int) -> tuple[np.ndarray, list]:
+        n, rb = rows.shape[0], row_bytes(job.type, job.src.cols)
+        slot = self.slots[k % self.SLOTS]
+        if slot["out"].size < n * rb:
+            slot["out"] = np.empty(n * rb, np.uint8)
+        out = slot["out"][: n * rb]
+        ggml.init(int(job.type))
+        per = max(1, -(-n // (4 * self.threads)))  # small blocks: the last one finishes soon after the others
+        futs = []
+        for a, b, weights in job.imatrix_span(g0, g0 + n):  # blocks never straddle two experts
+            for i in range(a - g0, b - g0, per):
+                j = min(b - g0, i + per)
+                futs.append(self.pool.submit(self._block, job.type, rows[i:j], out[i * rb:j * rb], part, weights))
+        return out, futs
+
+    def stream(self, jobs: list[Job], write: Callable[[Job, memoryview], None], tick: Callable[[Job, int], None]) -> None:
+        items = [(job, part, r0, r1, g0) for job in jobs for part, r0, r1, g0 in _chunks(job, job.src.cols)]
+        if not items:
+            return
+        reading = self.io.submit(self._read, 0, *items[0][:4])
+        in_kernels = None  # (job, out, futures, n_elements) of the previous chunk
+        for k, (job, part, r0, r1, g0) in enumerate(items):
+            rows = reading.result()
+            current = (job, *self._submit(k, job, part, rows, g0), (r1 - r0) * job.src.cols)
+            if k + 1 < len(items):
+                reading = self.io.submit(self._read, k + 1, *items[k + 1][:4])
+            if in_kernels is not None:
+                self._finish(in_kernels, write, tick)
+            in_kernels = current
+        self._finish(in_kernels, write, tick)
+
+    @staticmethod
+    def _finish(chunk, write, tick) -> None:
+        job, out, futs, n_elements = chunk
+        for f in futs:
+            f.result()
+        write(job, memoryview(out))
+        tick(job, n_elements)
+
+
+def header_bytes(w: gguf.GGUFWriter) -> bytes:
+    """Everything before the first tensor's data: header, metadata, tensor infos, padding."""
+    buf = io.BytesIO()
+    w.fout, w.state = [buf], gguf.gguf_writer.WriterState.EMPTY  # write into memory, not a file
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.fout = None
+    data = buf.getvalue()
+    return data + b"\0" * ((-len(data)) % ALIGN)
+
+
+def _padded(n: int) -> int:
+    return n + (-n) % ALIGN
+
+
+def _resume_point(path: Path, journal: Path, header: bytes, jobs: list[Job], imatrix_id: str | None = None) -> int:
+    """How many leading tensors of an interrupted run can be kept (0: start over).
+
+    Only tensors recorded in the journal count: the journal is written after the data it
+    describes is fsynced, so a torn write after a SIGKILL is never trusted.
+    """
+    try:
+        rec = json.loads(journal.read_text())
+        with open(path, "rb") as f:
+            same_header = f.read(len(header)) == header
+    except (OSError, ValueError):
+        return 0
+    if not same_header or rec.get("header_sha256") != hashlib.sha256(header).hexdigest():
+        return 0
+    if rec.get("imatrix") != imatrix_id:  # other importance data: other bytes in every tensor
+        return 0
+    done = rec.get("done", [])
+    names = [j.src.name for j in jobs]
+    if not isinstance(done, int) or not 0 <= done <= len(jobs):
+        return 0
+    end = len(header) + sum(_padded(j.nbytes) for j in jobs[:done])
+    if path.stat().st_size < end or rec.get("names") != names[:done][-1:]:
+        return 0
+    return done
+
+
+def _record(journal: Path, header: bytes, jobs: list[Job], done: int, imatrix_id: str | None = None) -> None:
+    tmp = journal.with_name(journal.name + ".tmp")
+    tmp.write_text(json.dumps({"header_sha256": hashlib.sha256(header).hexdigest(), "done": done,
+                               "names": [jobs[done - 1].src.name] if done else [], "imatrix": imatrix_id}))
+    os.replace(tmp, journal)
+
+
+def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, sources: dict[str, GGUFTensor],
+               threads: int, progress: Callable[[str, int], None] | None = None, *, resume: bool = False,
+               journal: Path | None = None, on_resume: Callable[[int, int], None] | None = None,
+               imatrix: "Imatrix | None" = None, imatrix_rows: dict[str, np.ndarray] | None = None) -> int:
+    """Write the whole GGUF to `path` (a temporary name; the caller renames). Returns bytes written.
+
+    With a journal, progress is recorded (after an fsync of the data) every few seconds, and with
+    `resume` the leading tensors an interrupted run finished are kept instead of redone.
+
+    With an `imatrix`, `imatrix_rows` maps a quantized tensor's name to the float32 [n_mat, cols]
+    weights its rows are quantized with (pipeline.imatrix_rows checks and builds it, as
+    llama-quantize does); the file records the imatrix as llama-quantize does, and a resume
+    only keeps tensors made with the very same importance data.
+    """
+    w = _Writer(path=None, arch=arch.name)
+    write_metadata(w, ckpt, arch, plan, vocab, imatrix)
+    rows = imatrix_rows or {}
+    imatrix_id = imatrix.digest() if imatrix is not None else None
+    jobs = []
+    for tp in plan.tensors:
+        w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
+        jobs.append(Job(sources[tp.name], tp.type, tp.nbytes, rows.get(tp.name) if tp.quantized else None))
+    header = header_bytes(w)
+
+    skip = _resume_point(path, journal, header, jobs, imatrix_id) if (resume and journal and path.is_file()) else 0
+    keep = len(header) + sum(_padded(j.nbytes) for j in jobs[:skip])
+    if resume and on_resume:
+        on_resume(skip, len(jobs))
+    streamer = TensorStreamer(threads)
+    try:
+        with open(path, "r+b" if skip else "wb") as f:
+            if skip:
+                f.truncate(keep)
+                f.seek(keep)
+                if progress:
+                    for j in jobs[:skip]:
+                        progress(j.src.name, 4 * j.src.rows * j.src.cols)
+            else:
+                f.write(header)
+            written: dict[str, int] = {}
+            state = {"done": skip, "last": time.monotonic()}
+
+            def write(job: Job, data: memoryview) -> None:
+                f.write(data)
+                got = written[job.src.name] = written.get(job.src.name, 0) + len(data)
+                if got == job.nbytes:
+                    _pad(f)
+                    state["done"] += 1
+                    if journal is not None and time.monotonic() - state["last"] > JOURNAL_EVERY_S:
+                        f.flush()
+                        os.fsync(f.fileno())
+                        _record(journal, header, jobs, state["done"], imatrix_id)
+                        state["last"] = time.monotonic()
+
+            streamer.stream(jobs[skip:], write, lambda job, n: progress(job.src.name, 4 * n) if progress else None)
+            for job in jobs[skip:]:
+                if written.get(job.src.name, 0) != job.nbytes:
+                    raise RuntimeError(f"{job.src.name}: wrote {written.get(job.src.name, 0)} bytes, planned {job.nbytes}")
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+    finally:
+        streamer.close()
+
+
+def _pad(f) -> None:
+    n = f.tell()
+    pad = (-n) % ALIGN
+    if pad:
+        f.write(b"\0" * pad)

@@ -1,0 +1,350 @@
+"""MLX writer: a Hugging Face checkpoint -> the folder mlx-lm loads, in one streaming pass.
+
+What mlx_lm.convert writes, array for array: the same parameter names (experts stacked per
+projection, a tied lm_head dropped), the same (bits, group size) per module (the plan in
+qwqq.gguf.plan.make_mlx_plan), packed weights, scales and biases computed by mlx's own
+`mx.quantize`, unquantized tensors in the dtype mlx_lm.convert keeps (config "torch_dtype" when it
+names a float type, else each tensor's own), and config.json with the "quantization" block mirrored
+as "quantization_config".
+
+Unlike mlx_lm.convert, which builds the whole quantized model in memory before saving, the output is
+laid out first (every array's name, dtype, shape, shard and offset follow from the plan), the
+safetensors headers are written, and then each tensor is read in row chunks, quantized and written at
+its offset. Peak memory is a few chunks, whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import math
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from qwqq.archs import EXPERT, FUSED_EXPERT, LAYER, SKIPPED, Arch, Part, arch_of, gguf_tensors
+from qwqq.archs.experts import fused_rows, merged, mlx_stacked
+from qwqq.errors import QwqqError, SourceError, UnsupportedError
+from qwqq.outputs import atomic_output, fsync_dir
+from qwqq.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards, pwrite_all,
+                                     side_files, write_json)
+from qwqq.progress import tensor_progress
+from qwqq.gguf.plan import MLX_BITS, MLX_GROUP_SIZES, MLX_RECIPES, MLXPlan, make_mlx_plan
+from qwqq.source import Checkpoint, RowReader, TensorRef, open_checkpoint
+
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB = 5, counted in GiB
+CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk: the unit of reading, quantizing and progress
+INSTALL_HINT = 'install it with: pip install "qwqq[mlx]"'
+CONVERSION_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # mlx_lm.convert's choices
+
+
+# --------------------------------------------------------------------------- the tensors mlx-lm holds
+@dataclass(frozen=True)
+class MLXSource:
+    """One mlx-lm parameter and where its rows come from (several parts: stacked experts)."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    dtype: str  # the source's safetensors dtype
+    parts: tuple[Part, ...]  # concatenated along rows
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+
+
+def is_tied(ckpt: Checkpoint) -> bool:
+    """tie_word_embeddings as config.json says; absent, whether the checkpoint lacks an lm_head."""
+    tied = ckpt.config.get("tie_word_embeddings")
+    return bool(tied) if tied is not None else "lm_head.weight" not in ckpt.tensors
+
+
+def _order(name: str) -> tuple[int, str]:
+    """Embedding first, then layer by layer, then the final norm and lm_head; by name within."""
+    if name.startswith("model.embed_tokens."):
+        return (-1, name)
+    m = LAYER.match(name)
+    return (int(m.group(1)) if m else 1 << 30, name)
+
+
+def mlx_sources(ckpt: Checkpoint, arch: Arch) -> list[MLXSource]:
+    """The parameters of mlx-lm's model for this checkpoint, as its `sanitize` leaves them."""
+    c, tied = ckpt.config, is_tied(ckpt)
+    out: list[MLXSource] = []
+    experts: dict[tuple[int, str], dict[int, TensorRef]] = {}
+    for name, ref in ckpt.tensors.items():
+        if SKIPPED.search(name) or (tied and name == "lm_head.weight"):
+            continue
+        if arch.moe and (m := EXPERT.match(name)):
+            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = ref
+            continue
+        if arch.moe and (m := FUSED_EXPERT.match(name)):
+            out.extend(_fused_experts(int(m.group(1)), m.group(2), ref))
+            continue
+        out.append(MLXSource(name, ref.shape, ref.dtype, (Part(ref, 0, ref.rows),)))
+    n_expert = arch.n_expert(c)
+    for (layer, proj), by_id in sorted(experts.items()):
+        if sorted(by_id) != list(range(n_expert)):
+            raise SourceError(f"layer {layer} {proj}_proj has experts {len(by_id)} of {n_expert}", ckpt.root)
+        refs = [by_id[e] for e in range(n_expert)]
+        if any(r.shape != refs[0].shape or r.dtype != refs[0].dtype for r in refs):
+            raise SourceError(f"layer {layer} {proj}_proj experts disagree on shape or dtype", ckpt.root)
+        out.append(MLXSource(mlx_stacked(layer, proj), (n_expert, *refs[0].shape),
+                             refs[0].dtype, tuple(Part(r, 0, r.rows) for r in refs)))
+    if not tied and not any(s.name == "lm_head.weight" for s in out):
+        raise SourceError("tie_word_embeddings is false but there is no lm_head.weight", ckpt.root)
+    return sorted(out, key=lambda s: _order(s.name))
+
+
+def _fused_experts(layer: int, which: str, ref: TensorRef) -> list[MLXSource]:
+    """transformers 5's fused layout, stacked per projection as mlx-lm holds it."""
+    return [MLXSource(mlx_stacked(layer, proj), (ref.shape[0], r[0][1] - r[0][0], ref.shape[2]), ref.dtype,
+                      tuple(Part(ref, r0, r1) for r0, r1 in merged(r)))
+            for proj, r in fused_rows(ref, which).items()]
+
+
+def target_dtype(config: dict) -> str | None:
+    """The dtype mlx_lm.convert casts every float tensor to: config "torch_dtype" (or text_config
+    "dtype") when it names one of its three float types; None keeps each tensor's own."""
+    dtype = config.get("torch_dtype")
+    if dtype is None and isinstance(config.get("text_config"), dict):
+        dtype = config["text_config"].get("dtype")
+    return CONVERSION_DTYPES.get(dtype) if isinstance(dtype, str) else None
+
+
+def plan_mlx(ckpt: Checkpoint, bits: int = 4, group_size: int = 64, recipe: str | None = None,
+             overrides: dict | None = None) -> tuple[Arch, list[MLXSource], MLXPlan]:
+    """Validate the checkpoint (the GGUF path's checks) and plan its MLX folder."""
+    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    gguf_tensors(ckpt, arch)  # config values, dtypes, names, shapes and layer count checked, nothing read
+    sources = mlx_sources(ckpt, arch)
+    cast = target_dtype(ckpt.config)
+    plan = make_mlx_plan([(s.name, s.shape, cast or s.dtype) for s in sources],
+                         n_layer=int(ckpt.config["num_hidden_layers"]), bits=bits, group_size=group_size,
+                         recipe=recipe, moe_router=arch.moe, overrides=overrides)
+    return arch, sources, plan
+
+
+# --------------------------------------------------------------------------- config.json
+def _tag_floats(obj):
+    """Non-finite floats written as transformers and mlx-lm tag them, so config.json stays JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: _tag_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tag_floats(v) for v in obj]
+    return obj
+
+
+def mlx_config(ckpt: Checkpoint, arch: Arch, plan: MLXPlan) -> dict:
+    """config.json as mlx_lm.convert writes it, plus the keys its model classes need but a
+    transformers-5 config spells differently (added only when absent, so a hub config is untouched)."""
+    c = dict(ckpt.config)
+    eos = ckpt.generation_config.get("eos_token_id")
+    if eos:  # mlx-lm's load_config takes it from generation_config.json and saves it
+        c["eos_token_id"] = eos
+    rp = c.get("rope_parameters")
+    if isinstance(rp, dict):
+        if "full_attention" in rp and isinstance(rp["full_attention"], dict):
+            rp = rp["full_attention"]
+        if c.get("rope_theta") is None and rp.get("rope_theta") is not None:
+            c["rope_theta"] = rp["rope_theta"]
+        if c.get("rope_scaling") is None and (rp.get("rope_type") or rp.get("type") or "default") != "default":
+            c["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if arch.moe and c.get("num_experts") is None and c.get("num_local_experts") is not None:
+        c["num_experts"] = c["num_local_experts"]
+    if c.get("tie_word_embeddings") is None:
+        c["tie_word_embeddings"] = is_tied(ckpt)
+    c.pop("_name_or_path", None)
+    c.pop("vision_config", None)
+    c["quantization"] = plan.quantization
+    c["quantization_config"] = plan.quantization
+    return _tag_floats(dict(sorted(c.items())))
+
+
+# --------------------------------------------------------------------------- layout
+def layout(plan: MLXPlan, max_shard_bytes: int | None = None) -> Layout:
+    """Shards filled in plan order, a new one when the next array would pass the limit (mlx-lm's
+    make_shards rule); see hf_folder.layout_shards."""
+    max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    return layout_shards(plan.arrays(), max_shard_bytes, "mlx")
+
+
+def index_json(plan: MLXPlan, lay: Layout) -> dict:
+    """model.safetensors.index.json, as mlx-lm writes it (even for one shard)."""
+    return {
+        "metadata": {"total_size": plan.tensor_bytes, "total_parameters": plan.n_params},
+        "weight_map": {name: lay.files[s.shard] for name, s in sorted(lay.slots.items())},
+    }
+
+
+# --------------------------------------------------------------------------- data
+_MX_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_RAW_VIEW = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}
+
+
+def _chunks(src: MLXSource) -> Iterator[tuple[int, Part, int, int]]:
+    """(first output row, part, row0, row1): row ranges of at most CHUNK_ELEMENTS elements."""
+    step = max(1, CHUNK_ELEMENTS // max(1, src.cols))
+    out_row = 0
+    for part in src.parts:
+        for r0 in range(part.row0, part.row1, step):
+            r1 = min(part.row1, r0 + step)
+            yield out_row, part, r0, r1
+            out_row += r1 - r0
+
+
+def _to_mx(raw: np.ndarray, dtype: str, nrows: int, cols: int):
+    import mlx.core as mx
+
+    arr = mx.array(raw.view(_RAW_VIEW[dtype]).reshape(nrows, cols))
+    return arr.view(mx.bfloat16) if dtype == "BF16" else arr
+
+
+def _to_bytes(arr) -> memoryview:
+    """An evaluated mlx array's bytes (bfloat16 through a uint16 view: numpy has no bfloat16)."""
+    import mlx.core as mx
+
+    if arr.dtype == mx.bfloat16:
+        arr = arr.view(mx.uint16)
+    return memoryview(np.asarray(arr)).cast("B")
+
+
+def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay: Layout,
+                      progress: Callable[[str, int], None] | None = None) -> None:
+    """Quantize and write every array into the shards laid out in `folder`."""
+    import mlx.core as mx
+
+    jobs = list(zip(sources, plan.tensors))
+    if len(sources) != len(plan.tensors) or any(src.name != tp.name for src, tp in jobs):
+        raise RuntimeError("the plan and the sources disagree")
+    written = {name: 0 for name in lay.slots}
+    files = ShardFiles(folder, lay)
+
+    def read(job_chunk):
+        (src, _tp), (_o, part, r0, r1) = job_chunk
+        return reader.read_raw(part.ref, r0, r1)
+
+    chunks = [((src, tp), ch) for src, tp in jobs for ch in _chunks(src)]
+    try:
+        with RowReader() as reader, ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(read, chunks[0]) if chunks else None
+            for i, ((src, tp), (out_row, part, r0, r1)) in enumerate(chunks):
+                raw = ahead.result()
+                ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
+                nrows = r1 - r0
+                arrays = tp.arrays()
+                if tp.quantized or tp.dtype != src.dtype:
+                    w = _to_mx(raw, src.dtype, nrows, src.cols)
+                    if tp.dtype != src.dtype:
+                        w = w.astype(getattr(mx, _MX_DTYPES[tp.dtype]))
+                    outs = mx.quantize(w, tp.group_size, tp.bits, mode="affine") if tp.quantized else (w,)
+                    mx.eval(*outs)
+                    pieces = [_to_bytes(o) for o in outs]
+                else:
+                    pieces = [memoryview(raw)]
+                for (name, _dt, _shape), data in zip(arrays, pieces):
+                    slot = lay.slots[name]
+                    pwrite_all(files.fds[slot.shard], data, slot.offset + out_row * slot.row_bytes)
+                    written[name] += len(data)
+                del raw, pieces
+                if progress:
+                    progress(src.name, nrows * src.cols * part.ref.itemsize)
+        for name, slot in lay.slots.items():
+            if written[name] != slot.nbytes:
+                raise RuntimeError(f"{name}: wrote {written[name]} bytes, planned {slot.nbytes}")
+        files.sync()
+    finally:
+        files.close()
+
+
+# --------------------------------------------------------------------------- the whole folder
+@dataclass
+class MLXResult:
+    path: Path
+    file_bytes: int
+    n_params: int
+    seconds: float
+    plan: MLXPlan
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.plan.tensor_bytes / max(1, self.plan.n_params)
+
+
+def resolve_mlx_options(bits: int | None, group_size: int | None, mixed: str | None) -> tuple[int, int, str | None]:
+    """--bits, --group-size and --mixed checked and defaulted (4 bits, group 64; --mixed 3_6 means 3 bits)."""
+    recipe = None
+    if mixed is not None:
+        recipe = mixed.lower().removeprefix("mixed_").removeprefix("mixed-")
+        if recipe not in MLX_RECIPES:
+            raise QwqqError(f"unknown --mixed {mixed!r}; choose one of {', '.join(MLX_RECIPES)}")
+        low = MLX_RECIPES[recipe][0]
+        if bits is not None and bits != low:
+            raise QwqqError(f"--mixed {recipe} quantizes with {low} and {MLX_RECIPES[recipe][1]} bits: "
+                            f"drop --bits or give --bits {low}")
+        bits = low
+    bits = 4 if bits is None else bits
+    if bits not in MLX_BITS:
+        raise QwqqError(f"unknown --bits {bits} for MLX; choose one of {', '.join(map(str, MLX_BITS))}")
+    group_size = 64 if group_size is None else group_size
+    if group_size not in MLX_GROUP_SIZES:
+        raise QwqqError(f"unknown --group-size {group_size}; choose one of {', '.join(map(str, MLX_GROUP_SIZES))}")
+    return bits, group_size, recipe
+
+
+def default_output(ckpt: Checkpoint, bits: int, group_size: int, recipe: str | None, tag: str | None = None) -> Path:
+    tag = tag or (f"mixed_{recipe}" if recipe else f"{bits}bit")
+    if group_size != 64:
+        tag += f"-g{group_size}"
+    return Path.cwd() / f"{ckpt.name}-mlx-{tag}"
+
+
+def _mlx_available() -> None:
+    try:
+        importlib.import_module("mlx.core")
+    except ImportError as e:
+        raise UnsupportedError(f"writing MLX needs the mlx package ({e}); {INSTALL_HINT}") from None
+
+
+def quantize_to_mlx(source: str | Path, *, bits: int | None = None, group_size: int | None = None,
+                    mixed: str | None = None, out: Path | None = None, force: bool = False,
+                    progress: bool = True, overrides: dict | None = None, tag: str | None = None) -> MLXResult:
+    """An MLX folder of `source`. `overrides` (module -> (bits, group size)) come first, as from
+    qwqq.budget.mlx; `tag` names the default output folder (<model>-mlx-<tag>)."""
+    t0 = time.perf_counter()
+    bits, group_size, recipe = resolve_mlx_options(bits, group_size, mixed)
+    ckpt = open_checkpoint(source)
+    arch, sources, plan = plan_mlx(ckpt, bits, group_size, recipe, overrides)
+    config = mlx_config(ckpt, arch, plan)
+    lay = layout(plan)
+    out = Path(out) if out is not None else default_output(ckpt, bits, group_size, recipe, tag)
+    check_folder_output(out, ckpt.root, "MLX")
+    _mlx_available()
+    copies = side_files(ckpt.root)
+    planned = lay.total_bytes + sum(p.stat().st_size for p in copies) + 2**20
+    src_bytes = sum(s.rows * s.cols * s.parts[0].ref.itemsize for s in sources)
+
+    with atomic_output(out, force=force, planned_bytes=planned) as tmp:
+        if tmp.exists():  # left by a killed run
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        tmp.mkdir()
+        with tensor_progress(progress, src_bytes, len(plan.tensors), label="quantize mlx") as tick:
+            write_mlx_weights(tmp, sources, plan, lay, tick)
+        write_json(tmp / "model.safetensors.index.json", index_json(plan, lay))
+        write_json(tmp / "config.json", config)
+        copy_side_files(copies, tmp)
+        fsync_dir(tmp)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return MLXResult(out, size, plan.n_params, time.perf_counter() - t0, plan)

@@ -1,0 +1,423 @@
+"""`qwqq run`: sampling defaults, the <think> block splitter, and the chat loop.
+
+Output streams: the answer goes to stdout (plain text, nothing else), the thinking
+and every status line to stderr, so `qwqq run m.gguf -p "..." > answer.txt`
+keeps only the answer while the terminal still shows the reasoning (dimmed).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from rich.console import Console
+
+from qwqq.archs import sampling_table
+from qwqq.errors import QwqqError
+
+
+# ---------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20  # 0: off
+    min_p: float = 0.0  # 0: off
+    seed: int | None = None  # None: random
+    greedy: bool = False
+    source: str = "generic defaults"  # where the values came from, for the status line
+
+    def describe(self) -> str:
+        if self.greedy:
+            return "greedy"
+        return f"temp {self.temperature:g}, top_p {self.top_p:g}, top_k {self.top_k}, min_p {self.min_p:g} ({self.source})"
+
+
+# Recommended settings by model family: each family's own (qwqq/archs/<family>.py), first match wins.
+# Patterns are matched against the model's name and architecture, lower-cased with spaces, "-" and "_" removed.
+GENERIC_SAMPLING = ("generic", dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0))
+
+# Sampling field <- (GGUF key qwqq writes from generation_config.json, generation_config.json key)
+SAMPLING_KEYS = {
+    "temperature": ("general.sampling.temp", "temperature"),
+    "top_p": ("general.sampling.top_p", "top_p"),
+    "top_k": ("general.sampling.top_k", "top_k"),
+    "min_p": ("general.sampling.min_p", "min_p"),
+}
+NAME_KEYS = ("general.name", "general.basename", "general.finetune", "_name_or_path", "general.architecture", "model_type")
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[\s\-_./]", "", s.lower())
+
+
+def family_of(metadata: dict, name: str = "") -> tuple[str, dict]:
+    text = " ".join([name, *(str(metadata.get(k, "")) for k in NAME_KEYS)])
+    norm = _norm(text)
+    for rec in sampling_table():
+        if re.search(rec.pattern, norm):
+            return rec.label, rec.values
+    return GENERIC_SAMPLING
+
+
+def default_sampling(metadata: dict, name: str = "") -> Sampling:
+    """The model's own values (GGUF general.sampling.* or generation_config keys) where
+    present, else its family's recommendation. Never greedy."""
+    label, values = family_of(metadata, name)
+    values = dict(values)
+    own = []
+    for fld, keys in SAMPLING_KEYS.items():
+        for key in keys:
+            if metadata.get(key) not in (None, ""):
+                try:
+                    values[fld] = type(values[fld])(float(metadata[key]))
+                except (TypeError, ValueError):
+                    continue
+                own.append(fld)
+                break
+    source = f"{label} defaults" if not own else ("model's generation config" if len(own) == len(SAMPLING_KEYS) else f"model's generation config + {label} defaults")
+    return Sampling(**values, source=source)
+
+
+def resolve_sampling(metadata: dict, name: str, *, temperature=None, top_p=None, top_k=None, min_p=None, seed=None, greedy=False) -> Sampling:
+    """default_sampling with the command-line flags on top."""
+    base = default_sampling(metadata, name)
+    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    given = {k: v for k, v in flags.items() if v is not None}
+    source = base.source + (" + flags" if given else "")
+    return replace(base, **given, seed=seed, greedy=greedy, source=source)
+
+
+# ---------------------------------------------------------------- <think> splitting
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def prompt_opens_think(prompt: str) -> bool:
+    """True when the chat template already opened the think block (QwQ, newer R1-Distill)."""
+    return prompt.rstrip(" \n").endswith(THINK_OPEN)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `tag`."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ThinkSplitter:
+    """Streaming parser: feed text pieces, get (kind, text) with kind "think" or "answer".
+
+    - `<think>` is only recognised at the very start (after whitespace); the first
+      `</think>` ends thinking; after that everything is answer, tags included.
+    - Tags split across pieces are held back until they can be decided.
+    - `in_think=True`: the prompt already opened the block, so output starts as
+      thinking (a repeated `<think>` at the start is dropped).
+    - Leading whitespace of the thinking and of the answer is dropped.
+    """
+
+    def __init__(self, in_think: bool = False):
+        self.state = "start"  # start -> think -> answer, or start -> answer
+        self.after_start = "think" if in_think else "answer"
+        self.fresh = True  # at the start of a segment: drop leading whitespace
+        self.buf = ""
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        self.buf += piece
+        out: list[tuple[str, str]] = []
+        while self.buf:
+            if self.fresh:
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    break
+                self.fresh = self.state == "start"
+            if self.state == "start":
+                if self.buf.startswith(THINK_OPEN):
+                    self.buf = self.buf[len(THINK_OPEN):]
+                    self.state, self.fresh = "think", True
+                    continue
+                if THINK_OPEN.startswith(self.buf):
+                    break  # could still become <think>
+                self.state, self.fresh = self.after_start, False
+                continue
+            if self.state == "think":
+                at = self.buf.find(THINK_CLOSE)
+                if at >= 0:
+                    if self.buf[:at]:
+                        out.append(("think", self.buf[:at]))
+                    self.buf = self.buf[at + len(THINK_CLOSE):]
+                    self.state, self.fresh = "answer", True
+                    continue
+                keep = _partial_suffix(self.buf, THINK_CLOSE)
+                text, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+                if text:
+                    out.append(("think", text))
+                break
+            out.append(("answer", self.buf))
+            self.buf = ""
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """Whatever is held back, at the end of the stream."""
+        text, self.buf = self.buf, ""
+        if not text or (self.fresh and not text.strip()):
+            return []
+        kind = self.after_start if self.state == "start" else self.state
+        return [(kind, text)]
+
+
+def split_stream(pieces: Iterable[str], in_think: bool = False) -> Iterator[tuple[str, str]]:
+    splitter = ThinkSplitter(in_think)
+    for piece in pieces:
+        yield from splitter.feed(piece)
+    yield from splitter.flush()
+
+
+# ---------------------------------------------------------------- one exchange
+@dataclass
+class Turn:
+    thinking: str = ""
+    answer: str = ""
+    finish_reason: str | None = None
+    interrupted: bool = False
+
+
+def consume(parts: Iterable[tuple[str, str]], sink: Callable[[str, str], None] | None = None) -> Turn:
+    """Collect split output into a Turn, passing each part to `sink` as it comes."""
+    turn = Turn()
+    for kind, text in parts:
+        if kind == "think":
+            turn.thinking += text
+        else:
+            turn.answer += text
+        if sink:
+            sink(kind, text)
+    before, closed, after = turn.answer.partition(THINK_CLOSE)
+    if not turn.thinking and closed and THINK_OPEN not in before:  # reasoning whose <think> we never saw
+        turn.thinking, turn.answer = before, after
+    turn.thinking, turn.answer = turn.thinking.strip(), turn.answer.strip()
+    return turn
+
+
+@dataclass
+class Conversation:
+    """The messages sent to the model. Only answers go back in: never the thinking."""
+
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def with_user(self, text: str) -> list[dict]:
+        return [*self.messages, {"role": "user", "content": text}]
+
+    def add(self, user: str, turn: Turn) -> None:
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.answer}]
+
+
+# ---------------------------------------------------------------- rendering
+class Printer:
+    """Thinking dimmed on stderr, set apart; answer plain on stdout."""
+
+    def __init__(self, err: Console, hide_thinking: bool):
+        self.err, self.hide = err, hide_thinking
+        self.last: str | None = None
+
+    def __call__(self, kind: str, text: str) -> None:
+        if kind == "think":
+            if self.hide:
+                if self.last != "think" and self.err.is_terminal:
+                    self.err.print("thinking… (hidden)", style="dim italic")
+                self.last = kind
+                return
+            if self.last != "think":
+                self.err.print("thinking…", style="dim italic")
+            self.err.print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True)
+            self.err.file.flush()
+        else:
+            if self.last == "think" and not self.hide:
+                self.err.print()
+                self.err.rule(style="dim")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        self.last = kind
+
+    def end(self, turn: Turn, max_tokens: int) -> None:
+        if self.last == "answer":
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        elif self.last == "think" and not self.hide:
+            self.err.print()
+        if turn.interrupted:
+            self.err.print("[stopped]", style="yellow", markup=False)
+        elif turn.finish_reason == "length":
+            what = "while thinking, no answer yet" if not turn.answer else "answer cut short"
+            self.err.print(f"[reached --max-tokens {max_tokens}: {what}]", style="yellow", markup=False)
+        self.last = None
+
+
+# ---------------------------------------------------------------- run
+@dataclass
+class RunOptions:
+    model: Path
+    prompt: str | None = None
+    backend: str = "auto"
+    ctx: int | None = None  # None: fitted to the machine (or --profile)
+    n_gpu_layers: int | None = None  # None: fitted; -1: all
+    max_tokens: int = 2048
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    greedy: bool = False
+    hide_thinking: bool = False
+    system: str | None = None
+    threads: int = 0
+    debug: bool = False
+    profile: str | None = None  # a hardware profile to fit ctx / KV / GPU layers for
+    kv: str | None = None  # f16, q8_0, q4_0; None: fitted
+    flash_attn: bool = True
+    load_in_4bit: bool = False  # bitsandbytes NF4 on load (transformers backend, unquantized folders)
+
+
+class ChatSession:
+    def __init__(self, model, sampling: Sampling, opts: RunOptions, err: Console):
+        self.model, self.sampling, self.opts = model, sampling, opts
+        self.conversation = Conversation(opts.system)
+        self.printer = Printer(err, opts.hide_thinking)
+
+    def ask(self, text: str, *, stop_on_interrupt: bool = True) -> Turn:
+        """Stream one answer. Ctrl-C stops this answer (and it stays out of the history)."""
+        messages = self.conversation.with_user(text)
+        in_think = prompt_opens_think(self.model.render(messages))
+        stream = self.model.stream_chat(messages, self.sampling, self.opts.max_tokens)
+        parts: list[tuple[str, str]] = []
+        try:
+            for part in split_stream(stream, in_think):
+                parts.append(part)
+                self.printer(*part)
+        except KeyboardInterrupt:
+            turn = consume(parts)
+            turn.interrupted = True
+            self.printer.end(turn, self.opts.max_tokens)
+            if not stop_on_interrupt:
+                raise
+            return turn
+        finally:
+            close = getattr(stream, "close", None)
+            if close:
+                close()
+        turn = consume(parts)
+        turn.finish_reason = self.model.finish_reason
+        self.printer.end(turn, self.opts.max_tokens)
+        self.conversation.add(text, turn)
+        return turn
+
+
+HELP = "/exit or Ctrl-D quits, /reset forgets the conversation, Ctrl-C stops an answer"
+
+
+def interactive(session: ChatSession, err: Console) -> None:
+    err.print(HELP, style="dim")
+    while True:
+        try:
+            line = err.input("[bold green]>>> [/]")
+        except EOFError:
+            err.print()
+            return
+        except KeyboardInterrupt:
+            err.print(f"\n{HELP}", style="dim")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            session.conversation.reset()
+            err.print("conversation cleared", style="dim")
+            continue
+        if text in ("/help", "/?"):
+            err.print(HELP, style="dim")
+            continue
+        try:
+            session.ask(text)
+        except QwqqError as e:  # e.g. the conversation outgrew --ctx: say so and go on
+            err.print(f"error: {e}", style="red", markup=False)
+
+
+def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
+    """ctx, KV type, GPU layers and flash attention for the load: what the user gave, the rest
+    from `qwqq fit` for this file on the named profile (or on this machine)."""
+    given = {"ctx": opts.ctx, "kv_type": opts.kv, "n_gpu_layers": opts.n_gpu_layers}
+    out = {"ctx": 4096 if opts.ctx is None else opts.ctx, "kv_type": opts.kv or "f16", "flash_attn": opts.flash_attn,
+           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers}
+    if backend != "llama.cpp" or (opts.profile is None and None not in given.values()):
+        return out
+    from qwqq.fit import search as fitting
+
+    hw = fitting.machine(profile=opts.profile)
+    req = fitting.Request(ctx=opts.ctx or None, kv=opts.kv or "auto", min_ctx=min(opts.ctx or 2048, 2048),
+                          flash_attn=opts.flash_attn)
+    report = fitting.run_fit(str(opts.model), hw, req)
+    best = next((c for c in report.candidates if c.fits), None)
+    if best is None:
+        err.print(f"warning: this model does not fit {hw.name} with the requested settings; "
+                  "see `qwqq fit` for what would", style="yellow", markup=False)
+        return out
+    if opts.ctx is None:
+        out["ctx"] = best.ctx
+    if opts.kv is None:
+        out["kv_type"] = best.kv
+    if opts.n_gpu_layers is None:
+        out["n_gpu_layers"] = best.ngl_flag if best.gpus and best.mode != "cpu" else (0 if hw.gpus else -1)
+    if err.is_terminal or opts.debug:
+        layers = "no GPU" if not hw.gpus else f"GPU layers {'all' if out['n_gpu_layers'] < 0 else out['n_gpu_layers']}"
+        err.print(f"fitted to {hw.name}: ctx {out['ctx']}, {out['kv_type']} KV cache, {layers}", style="dim", markup=False)
+    return out
+
+
+def run_chat(opts: RunOptions) -> None:
+    from qwqq.run.backends import LoadOptions, canonical_name, pick_backend
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if opts.max_tokens < 1:
+        raise QwqqError("--max-tokens must be at least 1")
+    if opts.ctx is not None and opts.ctx < 0:
+        raise QwqqError("--ctx must be positive (0: the model's own context length)")
+    if opts.kv is not None and opts.kv not in ("f16", "q8_0", "q4_0"):
+        raise QwqqError(f"unknown --kv {opts.kv!r}; choose f16, q8_0 or q4_0")
+    if opts.kv not in (None, "f16") and not opts.flash_attn:
+        raise QwqqError("a quantized KV cache needs flash attention in llama.cpp (drop --no-flash-attn)")
+    if opts.load_in_4bit and canonical_name(opts.backend) not in ("auto", "transformers"):
+        raise QwqqError(f"--load-in-4bit quantizes an unquantized folder with bitsandbytes as the transformers backend "
+                        f"loads it; it does not apply to --backend {opts.backend}")
+    backend = pick_backend("transformers" if opts.load_in_4bit else opts.backend, opts.model)
+    settings = fitted_settings(opts, backend.name, err)
+    load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug,
+                               load_in_4bit=opts.load_in_4bit, **settings)
+    name = Path(opts.model).name
+    with err.status(f"loading {name} with {backend.name}…"):  # shown on a terminal only
+        model = backend.load(Path(opts.model), load_options)
+    try:
+        sampling = resolve_sampling(
+            model.metadata, Path(opts.model).stem, temperature=opts.temperature, top_p=opts.top_p,
+            top_k=opts.top_k, min_p=opts.min_p, seed=opts.seed, greedy=opts.greedy,
+        )
+        if err.is_terminal or opts.debug:
+            err.print(f"{name} ({backend.name}), sampling: {sampling.describe()}", style="dim", markup=False)
+        session = ChatSession(model, sampling, opts, err)
+        if opts.prompt is not None:
+            session.ask(opts.prompt, stop_on_interrupt=False)
+        else:
+            interactive(session, err)
+    finally:
+        model.close()
