@@ -12,6 +12,8 @@ every step a child process whose peak RSS is read by os.wait4 (bench/gguf_vs_lla
 
 The formula column is the runtime floor plus peak_memory()'s parts.
 
+Run from the repository root::
+
     .venv/bin/python -m bench.calib_memory [--models smollm2,qwen25] [--methods imatrix,gptq,gptqmodel]
         [--calib-tokens 8192] [--cut smollm2=10,qwen25=7] [--full-depth-methods qwen25=imatrix]
 
@@ -27,18 +29,14 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import (BENCH_CACHE, DOCS, GPTQMODEL_VENV, MB, MODELS, RESULTS_DIR, Launcher, machine, prog,
+                          qwqq_command, replace_section)
+from bench.gptq_vs_gptqmodel import COMMON, GPTQMODEL
 
-from bench.gguf_vs_llamacpp import MB, Launcher, machine, qwqq_command, replace_section  # noqa: E402
-from bench.gptq_vs_gptqmodel import COMMON, DEFAULT_VENV, GPTQMODEL  # noqa: E402
-
-OUT = REPO / ".cache" / "bench" / "calib_memory"
-RESULTS = REPO / "bench" / "results" / "calib_memory.json"
-DOC = REPO / "docs" / "calibration.md"
+OUT = BENCH_CACHE / "calib_memory"
+RESULTS = RESULTS_DIR / "calib_memory.json"
+DOC = DOCS / "calibration.md"
 HEADING = "## Peak memory, measured"
-MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"), "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir")}
 RUNTIME = "import torch, transformers, qwqq.calib.engine, qwqq.gptq.quantize"
 
 
@@ -73,18 +71,19 @@ def cut_depth(src: Path, layers: int, out: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog=prog(__spec__))
     ap.add_argument("--models", default="smollm2,qwen25")
     ap.add_argument("--methods", default="imatrix,gptq,gptqmodel")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--cut", default="smollm2=10,qwen25=7", help="model=layers: the shallow copy of each model")
-    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--venv", type=Path, default=GPTQMODEL_VENV)
     ap.add_argument("--full-depth-methods", default="",
                     help="model=m1+m2: only these passes on that model's full depth (its GPTQ run is long: "
                          "bench.gptq_vs_gptqmodel measures it)")
     args = ap.parse_args(argv)
     import tests.fixtures as fx
     from qwqq.calib import engine as calibrate
+    from qwqq.calib import text as calib_text
     from qwqq.source import open_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
             for layers, src in ((int(cuts[key]), cut_depth(full, int(cuts[key]), OUT / f"{key}-{cuts[key]}layers")),
                                 (n_full, full)):
                 ckpt = open_checkpoint(src)
-                toks = calibrate.tokenize(ckpt, calibrate.default_text(), args.calib_tokens, 512)
+                toks = calib_text.tokenize(ckpt, calib_text.default_text(), args.calib_tokens, 512)
                 win = OUT / f"{key}-windows.json"
                 win.write_text(json.dumps(toks.tolist()))
                 full_only = dict(kv.split("=") for kv in args.full_depth_methods.split(",") if kv)

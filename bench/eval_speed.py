@@ -16,6 +16,8 @@ REF is a Q8_0 GGUF that qwqq quantizes from the bf16 source (a stand-in referenc
 scoring of MODEL, and the reference pass is done once, before, and reported apart). The steps alternate
 (--repeat times) so that slow drift of the machine hits all of them alike.
 
+Run from the repository root::
+
     .venv/bin/python -m bench.eval_speed [--tokens 32768] [--threads 2] [--repeat 2]
 
 Results: bench/results/eval_speed.json and docs/eval.md's "Speed" section (rewritten in place).
@@ -31,15 +33,11 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import BENCH_CACHE, DOCS, MB, RESULTS_DIR, Launcher, machine, prog, qwqq_command, replace_section
 
-from bench.gguf_vs_llamacpp import MB, Launcher, machine, qwqq_command, replace_section  # noqa: E402
-
-OUT = REPO / ".cache" / "bench" / "eval_speed"
-RESULTS = REPO / "bench" / "results" / "eval_speed.json"
-DOC = REPO / "docs" / "eval.md"
+OUT = BENCH_CACHE / "eval_speed"
+RESULTS = RESULTS_DIR / "eval_speed.json"
+DOC = DOCS / "eval.md"
 HEADING = "## Speed"
 CTX = 512
 TARGET = 1.2  # qwqq eval wall / the llama-cpp-python perplexity pass's wall
@@ -70,7 +68,7 @@ def bench_text(tokens_needed: int, tokenize) -> str:
     """The shipped eval and calibration texts, repeated until they hold `tokens_needed` tokens (for speed
     alone: windows are scored independently, so repetition costs what new text would)."""
     from qwqq.eval.harness import default_text
-    from qwqq.calib.engine import default_text as calibration_text
+    from qwqq.calib.text import default_text as calibration_text
 
     base = default_text() + "\n\n" + calibration_text()
     text = base
@@ -80,7 +78,7 @@ def bench_text(tokens_needed: int, tokenize) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog=prog(__spec__))
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)

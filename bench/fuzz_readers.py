@@ -32,8 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+from bench.common import REPO, RESULTS_DIR, prog, version
+
 TARGETS = ("safetensors", "gguf", "config")
 PROMISE = {"safetensors": "SourceError", "gguf": "GGUFError", "config": "QwqqError"}
 
@@ -148,7 +148,7 @@ def atheris_child(target: str, seconds: int, workdir: Path, artifacts: Path) -> 
 def run_atheris(target: str, seconds: float, workroot: Path) -> dict:
     workdir = workroot / target
     workdir.mkdir(parents=True)
-    artifacts = RESULTS / "fuzz-crashes"
+    artifacts = RESULTS_DIR / "fuzz-crashes"
     artifacts.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "bench.fuzz_readers", "--child", target, "--seconds", str(int(seconds)),
            "--workdir", str(workdir)]
@@ -175,7 +175,7 @@ def run_atheris(target: str, seconds: float, workroot: Path) -> dict:
 
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog(__spec__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=180, help="total time budget, split among the targets")
     ap.add_argument("--engine", choices=["auto", "atheris", "hypothesis"], default="auto")
     ap.add_argument("--targets", default=",".join(TARGETS))
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.child:
-        atheris_child(args.child, int(args.seconds), args.workdir, RESULTS / "fuzz-crashes")
+        atheris_child(args.child, int(args.seconds), args.workdir, RESULTS_DIR / "fuzz-crashes")
         return 0
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + r["failure"].replace("\n", "\n  "), flush=True)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
-        crashes_dir = RESULTS / "fuzz-crashes"
+        crashes_dir = RESULTS_DIR / "fuzz-crashes"
         if crashes_dir.is_dir() and not any(crashes_dir.iterdir()):
             crashes_dir.rmdir()
 
@@ -226,27 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([".venv/bin/python -m bench.fuzz_readers", *(argv if argv is not None else sys.argv[1:])]),
         "engine": engine,
         "versions": {"python": sys.version.split()[0], "hypothesis": hypothesis.__version__,
-                     **({"atheris": _version("atheris")} if engine == "atheris" else {})},
+                     **({"atheris": version("atheris", "?")} if engine == "atheris" else {})},
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "results": results,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"fuzz_readers_{engine}.json"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"fuzz_readers_{engine}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     total = sum(r["cases"] for r in results)
     crashes = sum(r["crashes"] for r in results)
     print(f"total: {total} cases, {crashes} target(s) with an escaped exception; "
           f"written to {out.relative_to(REPO)}")
     return 1 if crashes else 0
-
-
-def _version(dist: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
 
 
 if __name__ == "__main__":

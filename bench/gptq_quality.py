@@ -9,6 +9,8 @@ bench/gguf_vs_llamacpp.py):
 Then `qwqq eval`'s harness scores each output against the bf16 source on the shipped evaluation
 text (held apart from the calibration sample), and the table goes to docs/bench-gptq.md.
 
+Run from the repository root::
+
     .venv/bin/python -m bench.gptq_quality [--model qwen25|smollm2] [--calib-tokens 2048] [--eval-tokens 4096]
 """
 
@@ -18,18 +20,12 @@ import argparse
 import datetime as dt
 import json
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import BENCH_CACHE, DOCS, MB, MODELS, RESULTS_DIR, Launcher, machine, prog
 
-from bench.gguf_vs_llamacpp import MB, Launcher, machine  # noqa: E402
-
-OUT = REPO / ".cache" / "bench" / "gptq"
-RESULTS = REPO / "bench" / "results" / "gptq_quality.json"
-DOC = REPO / "docs" / "bench-gptq.md"
-MODELS = {"qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir"), "smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir")}
+OUT = BENCH_CACHE / "gptq"
+RESULTS = RESULTS_DIR / "gptq_quality.json"
+DOC = DOCS / "bench-gptq.md"
 
 GPTQ = """
 import sys; from qwqq.gptq.quantize import quantize_to_gptq
@@ -38,18 +34,19 @@ r = quantize_to_gptq(sys.argv[1], out=sys.argv[2], bits=4, group_size=128, calib
 print(len(r.rtn_fallbacks), "fallbacks")
 """
 RTN = """
-import sys, torch; from qwqq.gptq.solver import rtn_quantize; from qwqq.gptq.checkpoint import pack, write_gptq
+import sys, torch; from qwqq.gptq.solver import rtn_quantize; from qwqq.gptq.packing import pack; from qwqq.gptq.checkpoint import write_gptq
 def q(lin, w):
     r = rtn_quantize(torch.from_numpy(w), bits=4, group_size=128)
     return pack(r.q, r.scales, r.zeros, r.g_idx, 4)
 write_gptq(sys.argv[1], sys.argv[2], q, bits=4, group_size=128, force=True)
 """
 IMATRIX = """
-import sys; from qwqq.calib import engine as calibrate; from qwqq.gguf.imatrix_file import write_imatrix
+import sys; from qwqq.calib.text import default_text, tokenize; from qwqq.calib.imatrix import compute_imatrix
+from qwqq.gguf.imatrix_file import write_imatrix
 from qwqq.source import open_checkpoint
 ck = open_checkpoint(sys.argv[1])
-toks = calibrate.tokenize(ck, calibrate.default_text(), int(sys.argv[3]), 512)
-write_imatrix(calibrate.compute_imatrix(ck, toks, dataset="qwqq calibration.txt"), sys.argv[2], force=True)
+toks = tokenize(ck, default_text(), int(sys.argv[3]), 512)
+write_imatrix(compute_imatrix(ck, toks, dataset="qwqq calibration.txt"), sys.argv[2], force=True)
 """
 GGUF = """
 import sys; from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
@@ -61,7 +58,7 @@ quantize_to_gguf(sys.argv[1], resolve_mixture(type_name=sys.argv[3], has_imatrix
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog=prog(__spec__))
     ap.add_argument("--model", default="qwen25", choices=sorted(MODELS))
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--eval-tokens", type=int, default=4096)

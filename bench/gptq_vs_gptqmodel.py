@@ -7,7 +7,7 @@ Launcher):
   qwqq-gar   the same with qwqq's default --act-group-aware (like-for-like with GPTQModel's "gar")
   rtn        round-to-nearest on the same grid, written by the same writer (bench/gptq_quality.py's snippet)
   gptqmodel  GPTQModel 7.7 (its own venv, docs/gptq.md) on the CPU with GPTQMODEL_CPU_WORKERS = cores,
-             calibrated on exactly the windows qwqq uses (`calibrate.tokenize(...)`, passed as
+             calibrated on exactly the windows qwqq uses (`calib_text.tokenize(...)`, passed as
              {"input_ids", "attention_mask"} rows), in variants (--variants):
                like     bits 4, group 128, sym, desc_act off, damp 0.01, true_sequential off (qwqq's GPTQ
                         is not true-sequential inside a block), act_group_aware off, mse 0, static_groups off
@@ -22,6 +22,8 @@ Then qwqq's eval harness scores every output against the bf16 source (shipped ev
 from the calibration sample; windows of 512, second halves scored). --diagnose (after a run): per
 linear, tr(D H D^T) / tr(W H W^T) of every output, H from the bf16 model's inputs on the calibration
 windows and on the eval windows.
+
+Run from the repository root::
 
     .venv/bin/python -m bench.gptq_vs_gptqmodel [--model smollm2|qwen25] [--calib-tokens 2048]
         [--eval-tokens 4096] [--variants like,default] [--skip qwqq,rtn,gptqmodel] [--qwqq-damp05]
@@ -41,20 +43,16 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import (BENCH_CACHE, DOCS, GPTQMODEL_VENV, MB, MODELS, RESULTS_DIR, Launcher, machine, prog,
+                          qwqq_command)
+from bench.gptq_quality import RTN
 
-from bench.gguf_vs_llamacpp import MB, Launcher, machine, qwqq_command  # noqa: E402
-from bench.gptq_quality import MODELS, RTN  # noqa: E402
-
-OUT = REPO / ".cache" / "bench" / "gptq_vs_gptqmodel"
-RESULTS = REPO / "bench" / "results" / "gptq_vs_gptqmodel.json"
-DOC = REPO / "docs" / "bench-gptq.md"
+OUT = BENCH_CACHE / "gptq_vs_gptqmodel"
+RESULTS = RESULTS_DIR / "gptq_vs_gptqmodel.json"
+DOC = DOCS / "bench-gptq.md"
 HEADING = "## qwqq GPTQ vs GPTQModel"
 ORDER = ["qwqq", "qwqq-gar", "qwqq-damp05", "qwqq-gar-damp05", "rtn", "gptqmodel-like", "gptqmodel-f32", "gptqmodel-seq", "gptqmodel-gar",
          "gptqmodel-damp05", "gptqmodel-default"]
-DEFAULT_VENV = Path.home() / ".cache" / "qwqq" / "gptqmodel-venv"
 
 COMMON = {"bits": 4, "group_size": 128, "sym": True, "desc_act": False}
 LIKE = {**COMMON, "damp_percent": 0.01, "true_sequential": False, "act_group_aware": False, "mse": 0.0,
@@ -114,7 +112,7 @@ def check_readable(info: dict) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=prog(__spec__), description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -123,13 +121,13 @@ def main(argv=None) -> int:
     ap.add_argument("--qwqq-damp05", action="store_true", help="also qwqq with --damp 0.05 (GPTQModel's default)")
     ap.add_argument("--qwqq-gar-damp05", action="store_true", help="also qwqq (act-group-aware) with --damp 0.05")
     ap.add_argument("--reuse", action="store_true", help="score outputs already under .cache/bench (no quantizing)")
-    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--venv", type=Path, default=GPTQMODEL_VENV)
     ap.add_argument("--diagnose", action="store_true",
                     help="only the per-layer errors of the outputs already under .cache/bench (into the results)")
     args = ap.parse_args(argv)
     import tests.fixtures as fx
     from qwqq.eval.harness import evaluate
-    from qwqq.calib import engine as calibrate
+    from qwqq.calib import text as calib_text
     from qwqq.source import open_checkpoint
 
     name, fixture = MODELS[args.model]
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown variant {v!r}")
     cores = len(os.sched_getaffinity(0))
 
-    windows = calibrate.tokenize(open_checkpoint(src), calibrate.default_text(), args.calib_tokens, 512)
+    windows = calib_text.tokenize(open_checkpoint(src), calib_text.default_text(), args.calib_tokens, 512)
     win_file = OUT / f"{tag}-calib-{args.calib_tokens}.json"
     win_file.write_text(json.dumps(windows.tolist()))
     print(f"{name}: calibration {windows.shape[0]} x {windows.shape[1]} tokens; {cores} cores; "

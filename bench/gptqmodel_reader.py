@@ -20,8 +20,10 @@ not bring the CUDA build of torch 2.15):
     $V/pip install --no-deps gptqmodel==7.7.0
     $V/pip install optimum==2.3.0          # for --loader transformers only
 
-Run: .venv/bin/python -m bench.gptqmodel_reader [--venv DIR] [--cases NAME,...] [--loader gptqmodel|transformers]
-     [--backend gptq_torch] [--dtype float16]
+Run from the repository root::
+
+    .venv/bin/python -m bench.gptqmodel_reader [--venv DIR] [--cases NAME,...] [--loader gptqmodel|transformers]
+        [--backend gptq_torch] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_VENV = Path.home() / ".cache" / "qwqq" / "gptqmodel-venv"
+from bench.common import GPTQMODEL_VENV, prog
+
 TOKENS = [151644, 872, 198, 9707, 11, 1879, 0, 3555, 374, 220, 17, 10, 17, 30, 151645, 198]
 
 CASES = {  # name: arch, bits, group size, sym, act-order, checkpoint_format
@@ -154,8 +156,8 @@ def ours(case: str, ckpt: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap = argparse.ArgumentParser(prog=prog(__spec__), description=__doc__.splitlines()[0])
+    ap.add_argument("--venv", type=Path, default=GPTQMODEL_VENV)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--backend", default="gptq_torch", help="GPTQModel backend (auto, gptq_torch, ...)")
     ap.add_argument("--loader", choices=["gptqmodel", "transformers"], default="gptqmodel",

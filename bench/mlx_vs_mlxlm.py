@@ -20,29 +20,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import (BENCH_CACHE, DOCS, MB, MODELS, REPO, RESULTS_DIR, Launcher, fmt_mb, machine, prog,
+                          qwqq_command, qwqq_git, source_files, version, warm)
 
-from bench.gguf_vs_llamacpp import MB, Launcher, machine, qwqq_command, source_files, warm  # noqa: E402
-
-OUT_DIR = REPO / ".cache" / "bench" / "mlx-out"
-RESULTS_JSON = REPO / "bench" / "results" / "mlx_vs_mlxlm.json"
-DOC = REPO / "docs" / "bench-mlx.md"
-MODELS = {  # name -> (display name, fixture function in tests.fixtures)
-    "smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"),
-    "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir"),
-}
+OUT_DIR = BENCH_CACHE / "mlx-out"
+RESULTS_JSON = RESULTS_DIR / "mlx_vs_mlxlm.json"
+DOC = DOCS / "bench-mlx.md"
 BITS, GROUP = 4, 64
 TARGET_WALL = 1.0  # qwqq wall / anchor wall
 TARGET_RSS = 0.5  # qwqq peak RSS / anchor peak RSS
@@ -114,18 +105,9 @@ def compare(anchor: Path, ours: Path) -> dict:
 
 
 def versions() -> dict:
-    def v(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    out = {d: v(d) for d in ("qwqq", "mlx", "mlx-cpu", "mlx-lm", "transformers", "numpy")}
+    out = {d: version(d) for d in ("qwqq", "mlx", "mlx-cpu", "mlx-lm", "transformers", "numpy")}
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qwqq"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-        out["qwqq git"] = head + (" (qwqq/ modified)" if dirty else "")
+        out["qwqq git"] = qwqq_git()
     except OSError:
         pass
     return out
@@ -141,10 +123,6 @@ def summarize(runs: list[dict]) -> dict:
     return {"steps": steps, "wall_ratio": steps["qwqq"]["wall_s"] / steps["anchor"]["wall_s"],
             "cpu_ratio": steps["qwqq"]["cpu_s"] / steps["anchor"]["cpu_s"],
             "rss_ratio": steps["qwqq"]["peak_rss"] / steps["anchor"]["peak_rss"]}
-
-
-def fmt_mb(b: float) -> str:
-    return f"{b / MB:,.0f} MB"
 
 
 def write_doc(res: dict) -> None:
@@ -225,7 +203,7 @@ def write_doc(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog(__spec__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help=f"keep the outputs in {OUT_DIR.relative_to(REPO)}")

@@ -8,6 +8,8 @@ in bench/results/pareto-<model>.json) is not scored again. All GGUFs (stock and 
 importance matrix, computed by qwqq from the shipped calibration sample, so the comparison is
 between type choices only. Output: docs/bench-pareto.md (table) and docs/pareto-<model>.png.
 
+Run from the repository root::
+
     .venv/bin/python -m bench.pareto [--model smollm2|qwen25] [--eval-tokens 4096] [--calib-tokens 4096] [--skip-mlx]
 """
 
@@ -19,13 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench.common import BENCH_CACHE, DOCS, MODELS, RESULTS_DIR, prog
 
-OUT = REPO / ".cache" / "bench" / "pareto"
-DOC = REPO / "docs" / "bench-pareto.md"
-MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "smollm2_dir"), "qwen25": ("Qwen2.5-Coder-1.5B-Instruct", "qwen25_coder_dir")}
+OUT = BENCH_CACHE / "pareto"
+DOC = DOCS / "bench-pareto.md"
 STOCK = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 IQ = ["IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_M", "IQ4_XS"]
 BUDGET_ALWAYS = ["Q3_K_M", "Q4_K_M", "Q5_K_M"]  # and every stock mixture from 2.5 to 5 bits per weight
@@ -39,7 +38,7 @@ def size_of(p: Path) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog=prog(__spec__))
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=4096)
@@ -50,8 +49,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import tests.fixtures as fx
     from qwqq.eval.harness import evaluate
-    from qwqq.calib import engine as calibrate
-    from qwqq.budget.allocate import plan_for_budget
+    from qwqq.calib import imatrix as calib_imatrix
+    from qwqq.calib import text as calib_text
+    from qwqq.budget.gguf import plan_for_budget
     from qwqq.gguf.imatrix_file import read_imatrix, write_imatrix
     from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
     from qwqq.source import open_checkpoint
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     im_path = out / "imatrix.gguf"
     if not im_path.exists():
-        toks = calibrate.tokenize(ckpt, calibrate.default_text(), args.calib_tokens, 512)
-        write_imatrix(calibrate.compute_imatrix(ckpt, toks, dataset="qwqq calibration.txt"), im_path)
+        toks = calib_text.tokenize(ckpt, calib_text.default_text(), args.calib_tokens, 512)
+        write_imatrix(calib_imatrix.compute_imatrix(ckpt, toks, dataset="qwqq calibration.txt"), im_path)
     im = read_imatrix(im_path)
     iq = [t for t in args.iq.split(",") if t]
     from qwqq.gguf.quantize import plan_checkpoint
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         points += [("MLX qwqq budget", f"mlx budget @ {b}-bit size", lambda b=b: budget_mlx(b)) for b in MLX_BUDGET_AT]
     points += [("GGUF IQ", t, lambda t=t: gguf(t)) for t in iq]
 
-    results_file = REPO / "bench" / "results" / f"pareto-{args.model}.json"
+    results_file = RESULTS_DIR / f"pareto-{args.model}.json"
     before = json.loads(results_file.read_text()) if results_file.exists() else {}
     scored = {r["label"]: r for r in before.get("rows", [])} if before.get("eval_tokens") == args.eval_tokens else {}
     progress_file = out / f"scored-{args.eval_tokens}.json"  # rows scored by a run that did not finish
@@ -158,9 +158,9 @@ def main(argv=None) -> int:
             row["predicted_loss"] = predicted_loss(sens, {t.name: T(t.type) for t in read_gguf(p).tensors}, shapes)
     result = {"model": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "eval_tokens": args.eval_tokens, "calib_tokens": args.calib_tokens, "n_params": n_params, "rows": rows}
-    (REPO / "bench" / "results").mkdir(exist_ok=True)
-    (REPO / "bench" / "results" / f"pareto-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
-    chart(result, REPO / "docs" / f"pareto-{args.model}.png")
+    (RESULTS_DIR).mkdir(exist_ok=True)
+    (RESULTS_DIR / f"pareto-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    chart(result, DOCS / f"pareto-{args.model}.png")
     write_doc(result, args, argv)
     return 0
 

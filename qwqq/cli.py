@@ -19,7 +19,7 @@ from qwqq.errors import QwqqError
 
 app = typer.Typer(
     name="qwqq",
-    help="Quantize Qwen-family reasoning models (QwQ, Qwen3, R1-Distill) to GGUF, and run them.",
+    help="Quantize Qwen-family reasoning models (QwQ, Qwen3, R1-Distill) to GGUF, MLX or GPTQ; fit them to your hardware; chat with them and measure what quantization cost.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -102,7 +102,7 @@ def quantize(
     desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: act-order (columns by decreasing Hessian diagonal; g_idx becomes a permutation)."),
     group_aware: bool = typer.Option(True, "--act-group-aware/--no-act-group-aware", help="GPTQ: solve the groups in order of Hessian priority, columns too, keeping static groups (GPTQModel's act_group_aware; the checkpoint loads everywhere). On by default."),
     asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (default symmetric)."),
-    damp: float = typer.Option(0.01, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (raised automatically when needed)."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (default 0.01; raised automatically when needed)."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: a type per tensor (MLX: bits per module), chosen from measured sensitivity, that fills this size best (19.5GB, 800MB, 20GiB)."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF or MLX: the same, for an average of this many bits per weight."),
     fit_profile: Optional[str] = typer.Option(None, "--fit", help="GGUF: the same, for what a hardware profile (rtx-4090, m4-max-64, ...) leaves for weights after the KV cache of --ctx."),
@@ -114,124 +114,24 @@ def quantize(
 
     GGUF and MLX stream row chunks in one pass (no intermediate F16 file). GPTQ and --imatrix auto
     read the model one decoder block at a time to calibrate it on sample text."""
-    from qwqq.gguf.quantize import fallback_notes, imatrix_note, quantize_to_gguf, resolve_mixture
+    from qwqq.options import CalibOptions
+    from qwqq.gguf.options import Budget
+    from qwqq.quantize import Flags, quantize as run_quantize
 
-    calibration = dict(calib=calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen, device=device)
-
-    def body():
-        kind = fmt.lower()
-        if kind not in ("gguf", "mlx", "gptq"):
-            raise QwqqError(f"unknown --format {fmt!r}: choose gguf, mlx or gptq")
-        if kind != "gguf" and imatrix_file is not None:
-            raise QwqqError(f"--imatrix is for GGUF outputs (llama.cpp's importance matrix); {kind.upper()} does not use one")
-        if kind != "gptq" and (desc_act or asym or damp != 0.01 or not group_aware):
-            raise QwqqError("--desc-act, --act-group-aware, --asym and --damp are for --format gptq")
-        if kind != "gguf" and fit_profile is not None:
-            raise QwqqError("--fit sizes GGUF files for a profile; for MLX give --target-size or --target-bpw")
-        if kind == "gptq" and (target_size is not None or target_bpw is not None):
-            raise QwqqError("--target-size and --target-bpw are for GGUF and MLX; GPTQ has one width, --bits")
-        if kind == "mlx":
-            if calib is not None:
-                raise QwqqError("--calib is for --format gptq and GGUF importance matrices; MLX quantization is not calibrated")
-            return _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size,
-                                 target_bpw)
-        if kind == "gptq":
-            return _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads,
-                                  desc_act, group_aware, asym, damp, calibration)
-        if group_size is not None or mixed is not None:
-            raise QwqqError("--group-size and --mixed are for --format mlx or gptq; a GGUF mixture is chosen with --type")
-        from qwqq.calib.engine import resolve_imatrix
-
-        if out is not None and not resume and (calib is not None or (imatrix_file or "").lower() == "auto"):
-            from qwqq.outputs import check_target
-
-            check_target(out, force, None)  # before the calibration pass, not after it
-        budget = target_size is not None or target_bpw is not None or fit_profile is not None
-        if budget and (bits is not None or type_ is not None):
-            raise QwqqError("--target-size, --target-bpw and --fit choose the types themselves: drop --bits / --type")
-        if budget and resume:
-            raise QwqqError("--resume is not offered for budget quantization yet: run it again")
-        mixture = resolve_mixture(bits=bits, type_name=type_, has_imatrix=imatrix_file is not None or calib is not None)
-        imatrix = resolve_imatrix(source, imatrix_file, progress=not quiet, threads=threads, **calibration)
-        overrides = None
-        if budget:
-            from qwqq.budget.allocate import budget_from_options
-
-            mixture, overrides, note = budget_from_options(source, target_size, target_bpw, fit_profile, fit_ctx,
-                                                           fit_kv, imatrix, progress=not quiet)
-            err.print(f"[dim]budget: {_escape(note)}[/]")
-        result = quantize_to_gguf(source, mixture, out=out, force=force, resume=resume, threads=threads,
-                                  progress=not quiet, imatrix=imatrix, overrides=overrides)
-        for line in filter(None, [*fallback_notes(result.plan), imatrix_note(result)]):
-            err.print(f"[yellow]note:[/] {_escape(line)}")
-        Console(highlight=False).print(
-            f"wrote [bold]{result.path}[/] ({result.file_bytes / 2**30:.2f} GiB, "
-            f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s)"
-        )
-
-    _guard(body)
+    flags = Flags(source, fmt, bits, type_, out, force, resume, threads, group_size, mixed, imatrix_file,
+                  CalibOptions(calib, calib_tokens, calib_seqlen, device), calib is not None, desc_act, group_aware,
+                  asym, damp, Budget(target_size, target_bpw, fit_profile, fit_ctx, fit_kv), progress=not quiet)
+    written = _guard(run_quantize, flags, _say)
+    Console(highlight=False).print(f"wrote [bold]{_escape(str(written.path))}[/] {written.summary}")
 
 
-def _quantize_mlx(source, bits, type_, group_size, mixed, out, force, resume, quiet, target_size=None,
-                  target_bpw=None) -> None:
-    from qwqq.mlx.writer import quantize_to_mlx
-
-    if type_ is not None:
-        raise QwqqError("--type names a GGUF mixture; for --format mlx give --bits (and --group-size, --mixed)")
-    if resume:
-        raise QwqqError("--resume is for GGUF outputs; an interrupted MLX run leaves nothing, so run it again")
-    overrides = tag = None
-    if target_size is not None or target_bpw is not None:
-        from qwqq.budget.allocate import parse_size
-        from qwqq.budget.mlx import plan_mlx_budget
-        from qwqq.mlx.writer import _mlx_available, resolve_mlx_options
-        from qwqq.progress import step_progress
-
-        if bits is not None or mixed is not None:
-            raise QwqqError("--target-size and --target-bpw choose the bits themselves: drop --bits / --mixed")
-        _mlx_available()
-        group = resolve_mlx_options(None, group_size, None)[1]
-        with step_progress(not quiet, 1, "measuring sensitivity") as tick:
-            mb = plan_mlx_budget(source, group_size=group, target_bpw=target_bpw,
-                                 target_bytes=parse_size(target_size) if target_size is not None else None)
-            if tick:
-                tick()
-        from collections import Counter
-
-        mix = ", ".join(f"{n} x {b}-bit" for b, n in sorted(Counter(b for b, _ in mb.overrides.values()).items()))
-        err.print(f"[dim]budget: {_escape(mb.note)}: {mb.predicted_bytes / 1e9:.3f} GB, {mb.bits_per_weight:.2f} "
-                  f"bits/weight, modules {mix}; predicted loss {mb.allocation.loss:.4f}[/]")
-        overrides, tag, group_size = mb.overrides, f"{mb.bits_per_weight:.2f}bpw", group
-    result = quantize_to_mlx(source, bits=bits, group_size=group_size, mixed=mixed, out=out, force=force,
-                             progress=not quiet, overrides=overrides, tag=tag)
-    Console(highlight=False).print(
-        f"wrote [bold]{_escape(str(result.path))}[/] ({result.file_bytes / 2**30:.2f} GiB, "
-        f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s)"
-    )
-
-
-def _quantize_gptq(source, bits, type_, group_size, mixed, out, force, resume, quiet, threads, desc_act, group_aware,
-                   asym, damp, calibration) -> None:
-    from qwqq.gptq.quantize import quantize_to_gptq
-
-    if type_ is not None or mixed is not None:
-        raise QwqqError("--type and --mixed are for GGUF and MLX; for --format gptq give --bits and --group-size")
-    if resume:
-        raise QwqqError("--resume is for GGUF outputs; an interrupted GPTQ run leaves nothing, so run it again")
-    result = quantize_to_gptq(source, bits=4 if bits is None else bits, group_size=128 if group_size is None else group_size,
-                              sym=not asym, desc_act=desc_act, group_aware=group_aware, damp=damp, out=out, force=force, threads=threads,
-                              progress=not quiet, **calibration)
-    if result.undersampled:
-        err.print(f"[yellow]note:[/] {result.tokens} calibration tokens for inputs {result.widest_input} wide: GPTQ may "
-                  f"fit the sample rather than the model; --calib-tokens {4 * result.widest_input} or more (with a "
-                  f"longer --calib text) is safer, and --damp 0.05 helps (docs/bench-gptq.md)")
-    if result.rtn_fallbacks:
-        err.print(f"[yellow]note:[/] {len(result.rtn_fallbacks)} expert weights saw too few calibration tokens and were "
-                  f"rounded to nearest instead (first: {_escape(result.rtn_fallbacks[0])}); more --calib-tokens helps")
-    Console(highlight=False).print(
-        f"wrote [bold]{_escape(str(result.path))}[/] ({result.file_bytes / 2**30:.2f} GiB, "
-        f"calibrated on {result.tokens} tokens, {result.seconds:.1f} s)"
-    )
+def _say(line: str) -> None:
+    """A note from a command: budget lines dimmed, notes in yellow."""
+    kind, _, rest = line.partition(": ")
+    if kind == "budget":
+        err.print(f"[dim]budget: {_escape(rest)}[/]")
+    else:
+        err.print(f"[yellow]{kind}:[/] {_escape(rest)}")
 
 
 # ---------------------------------------------------------------- imatrix
@@ -250,15 +150,12 @@ def imatrix(
     """Compute llama.cpp's importance matrix (per-column mean squared activations) one decoder block at a time.
 
     The file is in llama-imatrix's GGUF format: llama-quantize --imatrix and qwqq quantize --imatrix both take it."""
-    from qwqq.calib.engine import imatrix_to_file
+    from qwqq.options import CalibOptions
+    from qwqq.quantize import imatrix as run_imatrix
 
-    def body():
-        path, im = imatrix_to_file(source, out, calib=calib, calib_tokens=calib_tokens, calib_seqlen=calib_seqlen,
-                                   device=device, threads=threads, force=force, progress=not quiet)
-        Console(highlight=False).print(f"wrote [bold]{_escape(str(path))}[/] ({len(im)} weights, "
-                                       f"{im.chunk_count} windows of {im.chunk_size} tokens)")
-
-    _guard(body)
+    written = _guard(run_imatrix, source, out, CalibOptions(calib, calib_tokens, calib_seqlen, device),
+                     threads=threads, force=force, progress=not quiet)
+    Console(highlight=False).print(f"wrote [bold]{_escape(str(written.path))}[/] {written.summary}")
 
 
 # ---------------------------------------------------------------- eval
@@ -369,16 +266,17 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output: a list of candidates."),
 ) -> None:
     """What runs on this machine (or a described one), with which type, context and KV cache, and how fast."""
-    from qwqq.fit import search as fitting
     from qwqq.fit import render
+    from qwqq.fit.candidate import Request
+    from qwqq.fit.search import machine, run_fit
 
     def body():
         if list_profiles:
             return render.print_profiles(Console(highlight=False), as_json)
-        hw = fitting.machine(vram=vram, ram=ram, unified=unified, gpus=gpus, profile=profile, bandwidth=bandwidth,
-                             ram_bandwidth=ram_bandwidth)
-        req = fitting.Request(ctx=ctx, kv=kv.lower(), min_ctx=min_ctx, flash_attn=not no_flash_attn, prefer=prefer.lower())
-        report = fitting.run_fit(model, hw, req, type_)
+        hw = machine(vram=vram, ram=ram, unified=unified, gpus=gpus, profile=profile, bandwidth=bandwidth,
+                     ram_bandwidth=ram_bandwidth)
+        req = Request(ctx=ctx, kv=kv.lower(), min_ctx=min_ctx, flash_attn=not no_flash_attn, prefer=prefer.lower())
+        report = run_fit(model, hw, req, type_)
         if as_json:
             import json
 

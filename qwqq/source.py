@@ -283,6 +283,11 @@ def _inside(root: Path, name: str, what: Path) -> Path:
     return root / name
 
 
+def checkpoint_of(source: "str | Path | Checkpoint") -> Checkpoint:
+    """An open checkpoint as it is; a folder or hub id opened."""
+    return source if isinstance(source, Checkpoint) else open_checkpoint(source)
+
+
 def open_checkpoint(spec: str | Path) -> Checkpoint:
     root, hub_id = resolve(spec)
     config = _read_json(root / "config.json", required=True)

@@ -8,8 +8,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from qwqq.errors import QwqqError
-from qwqq.budget.allocate import _hull, allocate, parse_size, plan_for_budget
-from qwqq.gguf.plan import tensor_bytes
+from qwqq.budget.allocate import _hull, allocate, parse_size
+from qwqq.budget.gguf import plan_for_budget
+from qwqq.gguf.types import tensor_bytes
 from qwqq.budget.sensitivity import LADDER, Sensitivity
 from qwqq.source import open_checkpoint
 from tests.conftest import one_line_error, run_qwqq
@@ -136,7 +137,7 @@ def test_fit_profile_leaves_the_kv_cache_room_and_the_file_fits(tmp_path):
     `qwqq fit` then places the written file wholly on that GPU at that context."""
     import json
 
-    from qwqq.budget.allocate import fit_weights_room
+    from qwqq.budget.gguf import fit_weights_room
 
     src = tiny_model_dir("qwen2")
     ckpt = open_checkpoint(src)
@@ -154,3 +155,29 @@ def test_fit_profile_leaves_the_kv_cache_room_and_the_file_fits(tmp_path):
     assert r.returncode == 0, r.stderr
     top = json.loads(r.stdout)[0]
     assert top["fits"] and top["mode"] == "gpu" and top["gpu_layers"] == top["n_layers"]
+
+
+@pytest.mark.slow
+def test_a_budgeted_calibrated_quantize_opens_and_plans_the_checkpoint_once(tmp_path, monkeypatch):
+    """--fit PROFILE with --imatrix auto: the imatrix, fit's room, the budget and the write share one prepared
+    source (one open, one mapping) and one plan per distinct mixture; the file is the one the budget predicted."""
+    from qwqq import quantize, source
+    from qwqq.gguf import plan, prepared
+    from qwqq.gguf.options import Budget
+    from qwqq.options import CalibOptions
+
+    opened, planned = [], []
+    real_open, real_plan = source.open_checkpoint, plan.make_plan
+    monkeypatch.setattr(source, "open_checkpoint", lambda spec: opened.append(spec) or real_open(spec))
+    monkeypatch.setattr(prepared, "open_checkpoint", source.open_checkpoint)
+    monkeypatch.setattr(prepared, "make_plan", lambda *a, **k: planned.append(
+        (k["has_imatrix"], tuple(sorted((k.get("overrides") or {}).items())))) or real_plan(*a, **k))
+    notes = []
+    flags = quantize.Flags(str(tiny_model_dir("qwen3_moe")), out=tmp_path / "m.gguf", imatrix="auto",
+                           calib=CalibOptions(tokens=256, seqlen=128), budget=Budget(fit_profile="rtx-4060", fit_ctx=4096),
+                           threads=2, progress=False)
+    written = quantize.quantize(flags, notes.append)
+    assert len(opened) == 1
+    # each distinct plan made once: fit's Q4_K_M (no imatrix), the budget's base (imatrix), the budget's choice
+    assert len(planned) == len(set(planned)) == 3
+    assert written.path.is_file() and any(n.startswith("budget: ") for n in notes)

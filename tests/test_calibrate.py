@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from qwqq.calib import engine as calibrate
+from qwqq.calib import imatrix as calib_imatrix
+from qwqq.calib import text as calib_text
 from qwqq.source import open_checkpoint
 from tests.fixtures import tiny_model_dir
 
@@ -61,7 +63,7 @@ def _direct_square_sums(model_dir, tokens):
 def test_square_sums_equal_direct_torch_computation(arch):
     model_dir = tiny_model_dir(arch)
     tokens = _tokens()
-    got = calibrate.collect_square_sums(open_checkpoint(model_dir), tokens, device=torch.device("cpu"))
+    got = calib_imatrix.collect_square_sums(open_checkpoint(model_dir), tokens, device=torch.device("cpu"))
     want, want_counts = _direct_square_sums(model_dir, tokens)
     assert set(got.sums) == set(want)
     for name, ref in want.items():
@@ -75,7 +77,7 @@ def test_square_sums_equal_direct_torch_computation(arch):
 def test_imatrix_entries_are_gguf_named_and_experts_stacked():
     ckpt = open_checkpoint(tiny_model_dir("qwen3_moe"))
     tokens = _tokens()
-    im = calibrate.compute_imatrix(ckpt, tokens, device=torch.device("cpu"), dataset="sample.txt")
+    im = calib_imatrix.compute_imatrix(ckpt, tokens, device=torch.device("cpu"), dataset="sample.txt")
     sums, counts = im.entries["blk.1.ffn_down_exps.weight"]
     assert sums.shape == (8, 256) and counts.shape == (8,)
     assert counts.sum() == 2 * tokens.size
@@ -83,7 +85,7 @@ def test_imatrix_entries_are_gguf_named_and_experts_stacked():
     assert s.shape == (1, 256) and c.tolist() == [tokens.size]
     assert "output.weight" in im.entries and "token_embd.weight" not in im.entries
     assert im.chunk_count == 3 and im.chunk_size == 48 and im.datasets == ["sample.txt"]
-    stats = calibrate.collect_square_sums(ckpt, tokens, device=torch.device("cpu"))
+    stats = calib_imatrix.collect_square_sums(ckpt, tokens, device=torch.device("cpu"))
     np.testing.assert_allclose(im.values("blk.0.attn_k.weight"),
                                stats.sums["model.layers.0.self_attn.k_proj.weight"] / tokens.size, rtol=1e-6)
 
@@ -109,15 +111,15 @@ def test_residual_stream_matches_the_whole_model():
 
 def test_tokenize_windows_and_short_text():
     ckpt = open_checkpoint(tiny_model_dir("qwen2"))
-    text = calibrate.default_text()
-    ids = calibrate.tokenize(ckpt, text, n_tokens=2048, seqlen=256)
+    text = calib_text.default_text()
+    ids = calib_text.tokenize(ckpt, text, n_tokens=2048, seqlen=256)
     assert ids.shape == (8, 256) and ids.dtype == np.int64
-    short = calibrate.tokenize(ckpt, " ".join(["word"] * 100), n_tokens=4096, seqlen=512)
+    short = calib_text.tokenize(ckpt, " ".join(["word"] * 100), n_tokens=4096, seqlen=512)
     assert short.shape == (1, 100)
     from qwqq.errors import QwqqError
 
     with pytest.raises(QwqqError, match="at least 64"):
-        calibrate.tokenize(ckpt, "too short", n_tokens=4096, seqlen=512)
+        calib_text.tokenize(ckpt, "too short", n_tokens=4096, seqlen=512)
 
 
 def test_peak_memory_formula_has_no_depth_term_and_sizes_qwq():

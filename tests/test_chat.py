@@ -9,16 +9,8 @@ import pytest
 from rich.console import Console
 
 from qwqq.archs import sampling_table
-from qwqq.run.chat import (
-    Conversation,
-    Printer,
-    ThinkSplitter,
-    consume,
-    default_sampling,
-    prompt_opens_think,
-    resolve_sampling,
-    split_stream,
-)
+from qwqq.run.chat import Conversation, Printer, ThinkSplitter, consume, prompt_opens_think, split_stream
+from qwqq.run.sampling import default_sampling, resolve_sampling
 
 
 def run(pieces, in_think=False):

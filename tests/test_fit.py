@@ -18,12 +18,14 @@ import pytest
 
 from qwqq.errors import QwqqError
 from qwqq.gguf.reader import read_gguf
+from qwqq.fit import candidate as C
 from qwqq.fit import search as F
 from qwqq.fit import hardware as H
 from qwqq.fit import memory as M
 from qwqq.fit import subject as models
 from qwqq.gguf.quantize import GGUF_TYPES, plan_checkpoint, quantize_to_gguf
-from qwqq.gguf.plan import MIXTURES, make_plan
+from qwqq.gguf.plan import make_plan
+from qwqq.gguf.types import MIXTURES
 from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.conftest import run_qwqq
@@ -43,7 +45,7 @@ def quantized(arch: str, mixture: str) -> Path:
     return out
 
 
-def best(report: F.Report) -> F.Candidate:
+def best(report: F.Report) -> C.Candidate:
     fitting = [c for c in report.candidates if c.fits]
     assert fitting, [c.to_json() for c in report.candidates]
     return fitting[0]
@@ -284,13 +286,13 @@ def test_detect_runs_here():
 
 # ---------------------------------------------------------------- the choice (the seed claims)
 def test_qwq_on_a_24gb_4090():
-    c = best(F.run_fit("QwQ-32B", H.profile("rtx-4090"), F.Request()))
+    c = best(F.run_fit("QwQ-32B", H.profile("rtx-4090"), C.Request()))
     assert (c.mode, c.build.type_name) == ("gpu", "Q4_K_M") and c.ctx >= 16384 and c.kv in ("f16", "q8_0")
     assert c.gpus[0].total <= c.gpus[0].budget and c.tokens_per_s > 15
 
 
 def test_qwq_on_an_8gb_card_offloads_layers():
-    report = F.run_fit("Qwen/QwQ-32B", F.machine(vram=8, ram=32), F.Request())
+    report = F.run_fit("Qwen/QwQ-32B", F.machine(vram=8, ram=32), C.Request())
     c = best(report)
     assert c.mode == "offload" and 0 < c.gpu_layers < 64
     assert c.host.layers == 64 - c.gpu_layers and c.host.weights > c.gpus[0].weights
@@ -301,30 +303,30 @@ def test_qwq_on_an_8gb_card_offloads_layers():
 
 
 def test_moe_on_an_8gb_card_keeps_experts_in_ram():
-    c = best(F.run_fit("Qwen/Qwen3-30B-A3B", F.machine(vram=8), F.Request(), ["Q4_K_M"]))
+    c = best(F.run_fit("Qwen/Qwen3-30B-A3B", F.machine(vram=8), C.Request(), ["Q4_K_M"]))
     assert c.mode == "offload" and c.gpu_layers == 48 and 0 < c.cpu_moe_layers <= 48
     assert "--n-cpu-moe" in c.commands()["llama_cpp"]
-    dense = best(F.run_fit("QwQ-32B", F.machine(vram=8), F.Request(), ["Q4_K_M"]))
+    dense = best(F.run_fit("QwQ-32B", F.machine(vram=8), C.Request(), ["Q4_K_M"]))
     assert c.tokens_per_s > 3 * dense.tokens_per_s  # only 8 of 128 experts are read per token
 
 
 @pytest.mark.parametrize("profile,fits", [("m4-max-36", "Q4_K_M"), ("m4-max-64", "Q8_0"), ("m4-max-128", "BF16")])
 def test_qwq_on_m4_max_macbooks(profile, fits):
-    report = F.run_fit("QwQ-32B", H.profile(profile), F.Request())
+    report = F.run_fit("QwQ-32B", H.profile(profile), C.Request())
     c = next(x for x in report.candidates if x.build.type_name == fits)
     assert c.fits and c.mode == "gpu"
     assert c.gpus[0].budget < H.profile(profile).ram_bytes * 0.8  # the working-set limit, not the RAM
 
 
 def test_qwq_full_precision_on_four_4090s():
-    c = best(F.run_fit("QwQ-32B", H.profile("4x-rtx-4090"), F.Request(), ["BF16"]))
+    c = best(F.run_fit("QwQ-32B", H.profile("4x-rtx-4090"), C.Request(), ["BF16"]))
     assert c.mode == "gpu" and len(c.gpus) == 4 and sum(g.layers for g in c.gpus) == 64
     assert all(g.layers > 0 and g.fits for g in c.gpus) and c.ctx >= 32768
     assert "-ts " in c.commands()["llama_cpp"]
 
 
 def test_deepseek_r1_on_8x_a100():
-    report = F.run_fit("deepseek-ai/DeepSeek-R1", H.profile("8x-a100-80gb"), F.Request())
+    report = F.run_fit("deepseek-ai/DeepSeek-R1", H.profile("8x-a100-80gb"), C.Request())
     by = {c.build.type_name: c for c in report.candidates}
     assert by["Q4_K_M"].fits and by["Q4_K_M"].mode == "gpu"
     assert by["Q8_0"].mode != "gpu"  # 713 GB of weights: not in 8 x 80 GiB
@@ -333,14 +335,14 @@ def test_deepseek_r1_on_8x_a100():
 
 
 def test_nothing_fits_says_so_and_offers_a_smaller_model():
-    report = F.run_fit("QwQ-32B", F.machine(vram=4, ram=8), F.Request())
+    report = F.run_fit("QwQ-32B", F.machine(vram=4, ram=8), C.Request())
     assert not report.fits
     text = " ".join(report.advice)
     assert "does not fit" in text and "GiB" in text and "Best smaller model that fits: Qwen3-" in text
 
 
 def test_catalog_ranking_for_24gb():
-    report = F.run_fit(None, F.machine(vram=24, ram=64), F.Request())
+    report = F.run_fit(None, F.machine(vram=24, ram=64), C.Request())
     names = [c.model.name for c in report.candidates]
     assert all(c.fits for c in report.candidates)
     assert names.index("QwQ-32B") < names.index("Qwen3-14B") < names.index("Qwen3-0.6B")
@@ -349,7 +351,7 @@ def test_catalog_ranking_for_24gb():
 
 def test_existing_gguf_with_a_context_says_which_kv_type(smollm2_gguf):
     hw = F.machine(vram=0.3, ram=16)
-    report = F.run_fit(str(smollm2_gguf), hw, F.Request(ctx=32768))
+    report = F.run_fit(str(smollm2_gguf), hw, C.Request(ctx=32768))
     assert {c.kv for c in report.candidates} == {"f16", "q8_0", "q4_0"}
     assert all(c.build.file_bytes == Path(smollm2_gguf).stat().st_size for c in report.candidates)
     assert all(c.ctx == 32768 for c in report.candidates)
@@ -359,30 +361,99 @@ def test_existing_gguf_with_a_context_says_which_kv_type(smollm2_gguf):
 
 def test_fitting_candidates_stay_within_budget():
     for hw in (H.profile("rtx-3090"), H.profile("m4-pro-24"), H.profile("cpu-only"), F.machine(gpus="2x12", ram=32)):
-        for c in F.run_fit("Qwen3-14B", hw, F.Request()).candidates:
+        for c in F.run_fit("Qwen3-14B", hw, C.Request()).candidates:
             if c.fits:
                 assert all(g.total <= g.budget for g in c.gpus) and c.host.total <= c.host.budget
 
 
 def test_speed_follows_bandwidth_and_prefer_speed():
-    slow = best(F.run_fit("Qwen3-8B", F.machine(vram=24, bandwidth=500), F.Request(), ["Q4_K_M"]))
-    fast = best(F.run_fit("Qwen3-8B", F.machine(vram=24, bandwidth=1000), F.Request(), ["Q4_K_M"]))
+    slow = best(F.run_fit("Qwen3-8B", F.machine(vram=24, bandwidth=500), C.Request(), ["Q4_K_M"]))
+    fast = best(F.run_fit("Qwen3-8B", F.machine(vram=24, bandwidth=1000), C.Request(), ["Q4_K_M"]))
     assert fast.tokens_per_s == pytest.approx(2 * slow.tokens_per_s, rel=0.05)
-    quick = F.run_fit("Qwen3-8B", F.machine(vram=24), F.Request(prefer="speed")).candidates
+    quick = F.run_fit("Qwen3-8B", F.machine(vram=24), C.Request(prefer="speed")).candidates
     assert quick[0].tokens_per_s == max(c.tokens_per_s for c in quick if c.fits and c.mode == "gpu")
 
 
 def test_bad_requests_are_one_clean_error():
     with pytest.raises(QwqqError, match="--kv"):
-        F.run_fit("QwQ-32B", F.machine(vram=24), F.Request(kv="q5"))
+        F.run_fit("QwQ-32B", F.machine(vram=24), C.Request(kv="q5"))
     with pytest.raises(QwqqError, match="flash attention"):
-        F.run_fit("QwQ-32B", F.machine(vram=24), F.Request(kv="q8_0", flash_attn=False))
+        F.run_fit("QwQ-32B", F.machine(vram=24), C.Request(kv="q8_0", flash_attn=False))
     with pytest.raises(QwqqError, match="unknown model"):
         models.resolve("not-a-model")
     with pytest.raises(QwqqError, match="unknown --type"):
-        F.run_fit("QwQ-32B", F.machine(vram=24), F.Request(), ["Q9_K"])
+        F.run_fit("QwQ-32B", F.machine(vram=24), C.Request(), ["Q9_K"])
     with pytest.raises(QwqqError, match="--profile"):
         F.machine(profile="rtx-4090", vram=24)
+
+
+# ---------------------------------------------------------------- the run line: what `qwqq run` applies
+def run_options() -> set[str]:
+    import typer.main
+
+    from qwqq.cli import app
+
+    cmd = typer.main.get_command(app).commands["run"]
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+
+
+def rendered(report: F.Report) -> str:
+    import io
+
+    from rich.console import Console
+
+    from qwqq.fit import render
+
+    out = io.StringIO()
+    render.render(report, Console(file=out, width=400, highlight=False))
+    return out.getvalue()
+
+
+def test_run_line_carries_a_quantized_kv_cache():
+    """QwQ-32B on a 4090 runs with a q8_0 KV cache; `qwqq run` has --kv, so the printed line says it."""
+    report = F.run_fit("QwQ-32B", H.profile("rtx-4090"), C.Request())
+    c = best(report)
+    assert c.kv == "q8_0" and c.flash_attn and c.mode == "gpu"
+    run = c.commands()["run"]
+    assert run == f"qwqq run QwQ-32B-{c.build.type_name}.gguf --ctx {c.ctx} --kv q8_0"
+    text = rendered(report)
+    assert f"  {run}\n" in text  # no note beside it: run applies everything fit chose
+    assert "cannot set" not in text and "flash attention" not in text
+
+
+def test_run_line_carries_no_flash_attn_and_gpu_layers():
+    c = best(F.run_fit("QwQ-32B", F.machine(vram=8, ram=32), C.Request(flash_attn=False), ["Q4_K_M"]))
+    assert c.mode == "offload" and c.kv == "f16" and not c.flash_attn
+    assert c.commands()["run"] == f"qwqq run QwQ-32B-Q4_K_M.gguf --ctx {c.ctx} --no-flash-attn --n-gpu-layers {c.ngl_flag}"
+    c = best(F.run_fit("QwQ-32B", F.machine(vram=8, ram=32), C.Request(kv="q4_0"), ["Q4_K_M"]))
+    assert c.commands()["run"] == f"qwqq run QwQ-32B-Q4_K_M.gguf --ctx {c.ctx} --kv q4_0 --n-gpu-layers {c.ngl_flag}"
+
+
+@pytest.mark.parametrize("machine", [dict(vram=24), dict(vram=8, ram=32), dict(unified=64), dict(gpus="2x24"),
+                                     dict(ram=64)])
+def test_no_printed_note_says_run_cannot_do_what_it_can(machine):
+    """Every option in a printed `qwqq run` line is one run takes, and no note claims run cannot set flash
+    attention, a KV cache type, the context or GPU layers; only --n-cpu-moe and a tensor split may be named."""
+    opts = run_options()
+    report = F.run_fit(None, F.machine(**machine), C.Request())
+    for c in report.candidates:
+        run = c.commands()["run"]
+        assert {w for w in run.split() if w.startswith("-")} <= opts, run
+        assert ("--kv " + c.kv in run) == (c.kv != "f16" and c.format == "gguf")
+        assert ("--no-flash-attn" in run) == (c.format == "gguf" and not c.flash_attn)
+        assert f"--ctx {c.ctx}" in run
+        assert set(C.unsupported_by_run(c)) <= {"experts in RAM (--n-cpu-moe)", "a tensor split (-ts)"}
+    text = " ".join(rendered(report).split())
+    for claim in ("flash attention", "KV cache yet", "cannot set a q", "cannot set the context"):
+        assert claim not in text
+
+
+def test_what_run_cannot_do_is_still_said():
+    report = F.run_fit("Qwen3-30B-A3B", F.machine(vram=8, ram=32), C.Request(ctx=32768))
+    c = best(report)
+    assert c.cpu_moe_layers and "--n-gpu-layers" not in c.commands()["run"]
+    assert C.unsupported_by_run(c) == ["experts in RAM (--n-cpu-moe)"]
+    assert "qwqq run cannot set experts in RAM (--n-cpu-moe) yet" in rendered(report)
 
 
 # ---------------------------------------------------------------- the command

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from qwqq.errors import QwqqError
+from qwqq.fit import candidate as C
 from qwqq.fit import search as F
 from qwqq.fit import gptq as gptq_fit
 from qwqq.fit import subject as models
@@ -116,14 +117,14 @@ def test_catalog_gptq_sizes():
 def test_memory_and_placement():
     m = models.resolve("QwQ-32B")
     hw = F.machine(**GPU24)
-    c = next(c for c in F.fit_model(m, hw, F.Request()) if c.build.type_name == "GPTQ-Int4")
+    c = next(c for c in F.fit_model(m, hw, C.Request()) if c.build.type_name == "GPTQ-Int4")
     g = c.gpus[0]
     assert c.format == "gptq" and c.mode == "gpu" and c.kv == "f16" and c.fits
     assert g.kv == gptq_fit.kv_cache_bytes(m, c.ctx) == 64 * 2 * 8 * 128 * c.ctx * 2
     assert g.total == c.build.tensor_bytes + g.kv + gptq_fit.settings().overhead
     assert c.ctx == 16384  # 24576 tokens of f16 KV (6 GiB) do not fit beside 18 GiB of weights
     # four GPUs: weights and KV split evenly (vLLM tensor parallelism)
-    c4 = F.fit_model(m, F.machine(profile="4x-rtx-4090"), F.Request(), ["GPTQ-Int8"])[0]
+    c4 = F.fit_model(m, F.machine(profile="4x-rtx-4090"), C.Request(), ["GPTQ-Int8"])[0]
     assert len(c4.gpus) == 4 and c4.fits and c4.ctx == 40960
     assert c4.gpus[0].weights == -(-c4.build.tensor_bytes // 4)
     assert "--tensor-parallel-size 4" in c4.commands()["vllm"]
@@ -132,28 +133,28 @@ def test_memory_and_placement():
 def test_ranked_after_fully_accounted_rows():
     """GPTQ memory is a lower bound (runtime overhead not measured): at equal tier its rows come after
     the GGUF rows, so the best row is never one fit cannot vouch for."""
-    cands = F.fit_model(models.resolve("QwQ-32B"), F.machine(**GPU24), F.Request())
+    cands = F.fit_model(models.resolve("QwQ-32B"), F.machine(**GPU24), C.Request())
     fitting_gpu = [c for c in cands if c.fits and c.mode == "gpu"]
     formats = [c.format for c in fitting_gpu]
     assert "gptq" in formats and formats == sorted(formats, key=lambda f: f == "gptq")
     assert cands[0].format == "gguf"
-    small = F.fit_model(models.resolve("Qwen3-8B"), F.machine(vram=80, ram=64), F.Request())
+    small = F.fit_model(models.resolve("Qwen3-8B"), F.machine(vram=80, ram=64), C.Request())
     assert small[0].format == "gguf"  # GPTQ-Int8 has more bits per weight than Q8_0 (fp16 embeddings) but ranks after
 
 
 def test_only_on_cuda_gpus():
     m = models.resolve("Qwen3-8B")
-    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(unified=64), F.Request()))
-    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(ram=64), F.Request()))
-    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(**GPU24), F.Request(kv="q8_0")))
-    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(**GPU24), F.Request(), ["Q4_K_M"]))
+    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(unified=64), C.Request()))
+    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(ram=64), C.Request()))
+    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(**GPU24), C.Request(kv="q8_0")))
+    assert not any(c.format == "gptq" for c in F.fit_model(m, F.machine(**GPU24), C.Request(), ["Q4_K_M"]))
     assert not any(c.format == "gptq" for c in F.fit_model(models.resolve("DeepSeek-R1"), F.machine(**GPU24),
-                                                           F.Request()))  # approximate: qwqq cannot write it
+                                                           C.Request()))  # approximate: qwqq cannot write it
     with pytest.raises(QwqqError, match="CUDA GPU"):
-        F.fit_model(m, F.machine(unified=64), F.Request(), ["GPTQ-Int4"])
-    names = {c.build.type_name for c in F.fit_model(m, F.machine(**GPU24), F.Request()) if c.format == "gptq"}
+        F.fit_model(m, F.machine(unified=64), C.Request(), ["GPTQ-Int4"])
+    names = {c.build.type_name for c in F.fit_model(m, F.machine(**GPU24), C.Request()) if c.format == "gptq"}
     assert names == {"GPTQ-Int4", "GPTQ-Int8"}
-    three = F.fit_model(m, F.machine(**GPU24), F.Request(), ["gptq-int3"])  # optional widths, by --type
+    three = F.fit_model(m, F.machine(**GPU24), C.Request(), ["gptq-int3"])  # optional widths, by --type
     assert [c.build.type_name for c in three] == ["GPTQ-Int3"] and three[0].build.bits == 3
 
 
@@ -166,7 +167,7 @@ def test_cli_table_and_json_agree():
     assert g4["memory_lower_bound"] is True and g4["runtime_overhead"] == "not measured"
     assert g4["total_bytes"] == g4["gpus"][0]["total_bytes"] + g4["ram"]["total_bytes"]
     assert g4["commands"]["quantize"] == "qwqq quantize Qwen/QwQ-32B --format gptq --bits 4 --group-size 128"
-    assert g4["commands"]["run"] == "qwqq run QwQ-32B-gptq-4bit-g128 --backend transformers"
+    assert g4["commands"]["run"] == f"qwqq run QwQ-32B-gptq-4bit-g128 --backend transformers --ctx {g4['ctx']}"
     assert g4["commands"]["vllm"] == f"vllm serve QwQ-32B-gptq-4bit-g128 --max-model-len {g4['ctx']}"
     assert any("not measured" in n for n in g4["notes"])
     assert rows[0]["format"] == "gguf"
@@ -190,17 +191,46 @@ def test_cli_local_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     g4 = next(d for d in json.loads(r.stdout) if d["type"] == "GPTQ-Int4")
     assert g4["file_bytes"] == plan_gptq(open_checkpoint(root), 4, 128).tensor_bytes
-    assert g4["commands"]["run"] == f"qwqq run {root.name}-gptq-4bit-g128 --backend transformers"
+    assert g4["commands"]["run"] == f"qwqq run {root.name}-gptq-4bit-g128 --backend transformers --ctx {g4['ctx']}"
 
 
 def test_catalog_with_a_gptq_type():
     """--type GPTQ-Int4 without a model: every catalog model qwqq can write a GPTQ folder for (not the
     approximate DeepSeek-R1); for DeepSeek-R1 alone it is a one-line error."""
-    report = F.run_fit(None, F.machine(**GPU24), F.Request(), ["GPTQ-Int4"])
+    report = F.run_fit(None, F.machine(**GPU24), C.Request(), ["GPTQ-Int4"])
     names = {c.model.name for c in report.candidates}
     assert "QwQ-32B" in names and "DeepSeek-R1" not in names
     assert all(c.format == "gptq" for c in report.candidates)
     with pytest.raises(QwqqError, match="cannot write a GPTQ folder"):
-        F.run_fit("DeepSeek-R1", F.machine(**GPU24), F.Request(), ["GPTQ-Int4"])
-    mixed = F.run_fit("DeepSeek-R1", F.machine(**GPU24), F.Request(), ["GPTQ-Int4", "Q4_K_M"])
+        F.run_fit("DeepSeek-R1", F.machine(**GPU24), C.Request(), ["GPTQ-Int4"])
+    mixed = F.run_fit("DeepSeek-R1", F.machine(**GPU24), C.Request(), ["GPTQ-Int4", "Q4_K_M"])
     assert [c.build.type_name for c in mixed.candidates] == ["Q4_K_M"]
+
+
+def test_without_torch_and_transformers_says_what_to_install(monkeypatch):
+    """`qwqq run --backend transformers` is built in; what it needs is torch and transformers importable.
+    Where they are not, the note and the line beside the run command name the extra that installs them."""
+    import importlib.util
+    import io
+
+    from rich.console import Console
+
+    from qwqq.fit import render
+
+    real = importlib.util.find_spec
+    gptq_fit.transformers_backend.cache_clear()
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+            assert gptq_fit.transformers_backend() is False
+            report = F.run_fit("QwQ-32B", F.machine(**GPU24), C.Request(), ["GPTQ-Int4"])
+            c = report.candidates[0]
+            assert c.to_json()["qwqq_run_backend_available"] is False
+            assert any('pip install "qwqq[gptq]"' in n for n in c.notes)
+            out = io.StringIO()
+            render.render(report, Console(file=out, width=400, highlight=False))
+            run_line = next(ln for ln in out.getvalue().splitlines() if ln.strip().startswith("qwqq run "))
+            assert 'pip install "qwqq[gptq]"' in run_line and "no transformers backend" not in out.getvalue()
+    finally:
+        gptq_fit.transformers_backend.cache_clear()
+    assert gptq_fit.transformers_backend() is True  # this test environment has both

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from qwqq.fit.search import calibration
+from qwqq.fit.constants import backend_constants
 from qwqq.fit.memory import MiB, compute_bytes, cpu_repack_bytes, kv_bytes
 from qwqq.fit.subject import resolve
 from tests.test_fit import quantized
@@ -70,12 +70,12 @@ def reports(smollm2_gguf) -> list[dict]:
 
 
 def _predict(rep: dict) -> dict:
-    m, cal = resolve(rep["path"]), calibration()
+    m, consts = resolve(rep["path"]), backend_constants()
     b = m.gguf_build
     return {
-        "model": (b.tensor_bytes + cpu_repack_bytes(b.tensors, cal.repack_types)) / MiB,
+        "model": (b.tensor_bytes + cpu_repack_bytes(b.tensors, consts.repack_types)) / MiB,
         "kv_size": kv_bytes(m.dims, rep["ctx"], rep["kv"]) / MiB,
-        "compute": compute_bytes(m.dims, rep["ctx"], rep["fa"], n_ubatch=rep["ub"], fragmentation=cal.fragmentation) / MiB,
+        "compute": compute_bytes(m.dims, rep["ctx"], rep["fa"], n_ubatch=rep["ub"], fragmentation=consts.fragmentation) / MiB,
     }
 
 

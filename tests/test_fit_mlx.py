@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from qwqq.fit import candidate as C
 from qwqq.fit import search as F
 from qwqq.fit import mlx as mlx_fit
 from qwqq.fit import subject as models
@@ -38,7 +39,7 @@ def test_predicted_bytes_equal_written_folder(arch, tmp_path):
     from qwqq.mlx.writer import quantize_to_mlx
 
     root = fixtures.tiny_model_dir(arch)
-    cand = next(c for c in F.fit_model(models.resolve(str(root)), F.machine(unified=36), F.Request())
+    cand = next(c for c in F.fit_model(models.resolve(str(root)), F.machine(unified=36), C.Request())
                 if c.build.type_name == "MLX-4bit")
     out = quantize_to_mlx(root, bits=4, out=tmp_path / "m", progress=False)
     data = 0
@@ -52,7 +53,7 @@ def test_kv_cache_and_memory():
     m = models.resolve("qwen3-8b")  # 36 layers, 8 KV heads x 128
     assert mlx_fit.kv_cache_bytes(m, 4096) == 36 * 8 * 128 * 4096 * 2 * 2
     assert mlx_fit.kv_cache_bytes(m, 4000) == mlx_fit.kv_cache_bytes(m, 4096)  # mlx-lm grows in 256-token steps
-    c = next(c for c in F.fit_model(m, F.machine(unified=36), F.Request()) if c.format == "mlx")
+    c = next(c for c in F.fit_model(m, F.machine(unified=36), C.Request()) if c.format == "mlx")
     g = c.gpus[0]
     assert g.total == c.build.tensor_bytes + mlx_fit.kv_cache_bytes(m, c.ctx) + mlx_fit._mlx_settings()[0]
     assert c.mode == "gpu" and c.kv == "f16"
@@ -60,10 +61,10 @@ def test_kv_cache_and_memory():
 
 def test_mlx_only_on_a_mac():
     m = models.resolve("qwen3-8b")
-    assert not any(c.format == "mlx" for c in F.fit_model(m, F.machine(vram=24, ram=64), F.Request()))
-    assert not any(c.format == "mlx" for c in F.fit_model(m, F.machine(unified=36), F.Request(), ["Q4_K_M"]))
-    assert not any(c.format == "mlx" for c in F.fit_model(m, F.machine(unified=36), F.Request(kv="q8_0")))
-    names = {c.build.type_name for c in F.fit_model(m, F.machine(unified=36), F.Request()) if c.format == "mlx"}
+    assert not any(c.format == "mlx" for c in F.fit_model(m, F.machine(vram=24, ram=64), C.Request()))
+    assert not any(c.format == "mlx" for c in F.fit_model(m, F.machine(unified=36), C.Request(), ["Q4_K_M"]))
+    assert not any(c.format == "mlx" for c in F.fit_model(m, F.machine(unified=36), C.Request(kv="q8_0")))
+    names = {c.build.type_name for c in F.fit_model(m, F.machine(unified=36), C.Request()) if c.format == "mlx"}
     assert names == {"MLX-4bit", "MLX-8bit", "MLX-mixed_3_6"}
 
 
@@ -78,6 +79,6 @@ def test_cli_unified_shows_mlx_rows():
     mlx = [d for d in rows if d["format"] == "mlx"]
     assert {d["type"] for d in mlx} == {"MLX-4bit", "MLX-8bit", "MLX-mixed_3_6"}
     four = next(d for d in mlx if d["type"] == "MLX-4bit")
-    assert four["commands"]["run"] == "qwqq run Qwen3-8B-mlx-4bit --backend mlx"
+    assert four["commands"]["run"] == f"qwqq run Qwen3-8B-mlx-4bit --backend mlx --ctx {four['ctx']}"
     assert four["commands"]["quantize"] == "qwqq quantize Qwen/Qwen3-8B --format mlx --bits 4"
     assert any(d["format"] == "gguf" for d in rows)

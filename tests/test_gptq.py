@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qwqq.calib import engine as calibrate
-from qwqq.gptq.quantize import GPTQOptions, gptq_model, quantize_to_gptq
+from qwqq.calib import text as calib_text
+from qwqq.gptq.quantize import SolverSettings, gptq_model, quantize_to_gptq
 from qwqq.gptq.checkpoint import write_gptq
 from qwqq.gptq.packing import dequantize, pack
 from qwqq.gptq.solver import rtn_quantize
@@ -38,10 +39,10 @@ def gptq_qwen2(tmp_path_factory):
 
 def test_checkpoint_holds_exactly_the_solver_weights(gptq_qwen2):
     ckpt = open_checkpoint(tiny_model_dir("qwen2"))
-    tokens = calibrate.tokenize(ckpt, calibrate.default_text(), **{"n_tokens": 512, "seqlen": 128})
+    tokens = calib_text.tokenize(ckpt, calib_text.default_text(), **{"n_tokens": 512, "seqlen": 128})
     results = {}
     model = calibrate.open_block_model(ckpt, torch.device("cpu"))
-    gptq_model(model, tokens, GPTQOptions(), lambda i, q, u: results.update(q))
+    gptq_model(model, tokens, SolverSettings(), lambda i, q, u: results.update(q))
     assert len(results) == 14
     for name, r in results.items():
         assert r.method == "gptq"

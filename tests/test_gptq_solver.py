@@ -89,7 +89,7 @@ def test_grid_symmetric_and_asymmetric():
 
 def test_gptq_model_on_moe_reports_starved_experts():
     from qwqq.calib.engine import open_block_model
-    from qwqq.gptq.quantize import GPTQOptions, gptq_model
+    from qwqq.gptq.quantize import SolverSettings, gptq_model
     from qwqq.source import open_checkpoint
     from tests.fixtures import tiny_model_dir
 
@@ -97,7 +97,7 @@ def test_gptq_model_on_moe_reports_starved_experts():
     tokens = np.random.default_rng(0).integers(0, 150000, size=(2, 64))
     got = {}
     model = open_block_model(ckpt, torch.device("cpu"))
-    reports = gptq_model(model, tokens, GPTQOptions(min_expert_tokens=40),
+    reports = gptq_model(model, tokens, SolverSettings(min_expert_tokens=40),
                          lambda i, q, u: got.update({k: v.method for k, v in q.items()}))
     n_weights = 2 * (4 + 8 * 3)
     assert len(got) == n_weights

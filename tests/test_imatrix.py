@@ -25,7 +25,7 @@ from qwqq.gguf.reader import read_gguf
 from qwqq.outputs import journal_path, temp_path
 from qwqq.gguf.imatrix_file import Imatrix, read_imatrix, write_imatrix
 from qwqq.gguf.quantize import IMATRIX_GGUF_TYPES, quantize_to_gguf, resolve_mixture
-from qwqq.gguf.plan import MIXTURES
+from qwqq.gguf.types import MIXTURES
 from tests import fixtures
 from tests.conftest import run_qwqq
 from tests.reference import tensor_table

@@ -27,7 +27,8 @@ pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 
 from qwqq.mlx import writer as mlx_writer  # noqa: E402
 from qwqq.mlx.writer import quantize_to_mlx  # noqa: E402
-from qwqq.gguf.plan import MLX_RECIPES, make_mlx_plan, mlx_more_bits  # noqa: E402
+from qwqq.gguf.plan import mlx_more_bits  # noqa: E402
+from qwqq.mlx.plan import MLX_RECIPES, make_mlx_plan
 
 TOKENS = [151644, 872, 198]  # "<|im_start|>user\n": few, since mlx's quantized matmul on a CPU is slow
 

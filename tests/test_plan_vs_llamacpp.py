@@ -36,6 +36,7 @@ def _compare(ours: Path, theirs: Path) -> None:
     assert abs(sa - sb) / sb < 0.001, (sa, sb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixture", MIXTURES)
 def test_smollm2_matches_llama_quantize(mixture, smollm2_dir, smollm2_bf16_gguf, tmp_path):
     ours = quantize_to_gguf(smollm2_dir, resolve_mixture(type_name=mixture), out=tmp_path / "ours.gguf",
@@ -54,6 +55,7 @@ def tiny_bf16(tiny_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixture", ["Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"])
 def test_tiny_archs_match_llama_quantize(mixture, tiny_dir, tiny_bf16, tmp_path):
     """Qwen2 (biases), Qwen3 (q/k norms, head_dim 128), Qwen3-MoE (8 experts: the n_expert == 8 rules), Llama."""

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from qwqq.formats import detect_format
-from qwqq.run.backends import Backend, LoadOptions, backends, pick_backend
-from qwqq.run.chat import ChatSession, RunOptions, Sampling
+from qwqq.run.backends import ENTRY_POINT_GROUP, Backend, LoadOptions, backends, pick_backend
+from qwqq.run.chat import ChatSession, RunOptions
 from qwqq.errors import QwqqError
+from qwqq.run.sampling import Sampling
 from tests.conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_entry_point_declared():
     from importlib.metadata import PackageNotFoundError, entry_points
 
     try:
-        eps = {ep.name: ep.value for ep in entry_points(group="qwqq.run.backends")}
+        eps = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     except PackageNotFoundError:  # pragma: no cover
         eps = {}
     if not eps:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qwqq.run.backends import LoadOptions, backends, pick_backend
-from qwqq.run.chat import ChatSession, RunOptions, Sampling
+from qwqq.run.backends import ENTRY_POINT_GROUP, LoadOptions, backends, pick_backend
+from qwqq.run.chat import ChatSession, RunOptions
 from qwqq.errors import QwqqError
+from qwqq.run.sampling import Sampling
 from tests import fixtures
 from tests.conftest import one_line_error, run_qwqq
 
@@ -233,7 +235,8 @@ def test_backend_choice(gptq_dirs, tmp_path):
 def test_entry_point_declared():
     import tomllib
 
-    eps = tomllib.loads((fixtures.REPO / "pyproject.toml").read_text())["project"]["entry-points"]["qwqq.run.backends"]
+    assert ENTRY_POINT_GROUP == "qwqq.backends"  # the group plugins register under: a public name
+    eps = tomllib.loads((fixtures.REPO / "pyproject.toml").read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
     assert eps["transformers"] == "qwqq.run.backends.transformers:backend"
 
 
@@ -295,6 +298,31 @@ def test_history_through_a_session_and_stopping_mid_answer(model, capsys):
     again = list(model.generated)
     "".join(model.stream_chat(MESSAGES, Sampling(greedy=True), 5))
     assert again and again == model.generated
+
+
+def test_no_deprecated_transformers_arguments(model):
+    """transformers says FutureWarning for an argument it is about to remove (past_key_values goes in 5.40): the
+    token loop passes none, and the cache it passes fills as the prompt goes through."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        "".join(model.stream_chat(MESSAGES, Sampling(greedy=True), 4))
+    assert model.generated
+
+
+def test_a_model_that_ignores_the_cache_is_one_line(model, monkeypatch):
+    """A transformers whose models do not take `cache` (older ones call it by its old name) would recompute
+    each step from one token: said in one line instead."""
+
+    class OldCacheName:
+        def __init__(self, inner):
+            self.inner, self.config = inner, inner.config
+
+        def __call__(self, cache=None, **kw):
+            return self.inner(**kw)
+
+    monkeypatch.setattr(model, "model", OldCacheName(model.model))
+    with pytest.raises(QwqqError, match=r"does not take the KV cache as `cache`.*pip install -U transformers"):
+        list(model.stream_chat(MESSAGES, Sampling(greedy=True), 4))
 
 
 def test_note_names_what_is_missing():

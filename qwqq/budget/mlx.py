@@ -25,9 +25,11 @@ import numpy as np
 
 from qwqq.errors import QwqqError
 from qwqq.budget.allocate import CATEGORY_WEIGHT, Allocation, choose
-from qwqq.gguf.plan import MLX_BITS, MLXPlan, MLXTensorPlan
-from qwqq.budget.sensitivity import _sample_rows, cache_path, read_cached, write_cached
-from qwqq.source import Checkpoint, RowReader
+from qwqq.mlx.plan import MLX_BITS, MLXPlan, MLXTensorPlan
+from qwqq.budget.sensitivity import sample_rows_of
+from qwqq.cache import cache_path, identity, read_cached, write_cached
+from qwqq.mlx.writer import is_tied, layout, plan_mlx
+from qwqq.source import Checkpoint, RowReader, checkpoint_of
 
 SAMPLE_ROWS = 256
 VERSION = 1
@@ -60,8 +62,6 @@ def mlx_nsr(rows: np.ndarray, group_size: int, bits_ladder=MLX_BITS) -> dict[int
 
 
 def _cache_file(ckpt: Checkpoint, group_size: int, sample_rows: int) -> Path:
-    from qwqq.eval.harness import identity
-
     return cache_path({"v": VERSION, "format": "mlx", "model": identity(ckpt.root), "group": group_size,
                        "rows": sample_rows, "ladder": list(MLX_BITS)}, prefix="mlx-")
 
@@ -81,7 +81,7 @@ def measure_mlx(ckpt: Checkpoint, sources, plan: MLXPlan, *, sample_rows: int = 
     errors = {}
     with RowReader() as reader:
         for t in allocatable(plan):
-            rows, _ = _sample_rows(by_name[t.name], reader, sample_rows)
+            rows, _ = sample_rows_of(by_name[t.name], reader, sample_rows)
             errors[t.module] = mlx_nsr(rows, plan.group_size)
             if tick:
                 tick()
@@ -107,14 +107,11 @@ def plan_mlx_budget(source, *, group_size: int = 64, target_bytes: int | None = 
                     target_bpw: float | None = None, tick=None) -> MLXBudget:
     """Bits per module that fill `target_bytes` (the safetensors files) or `target_bpw` (8 x tensor bytes
     / parameters, as MLXResult.bits_per_weight counts it) with the least predicted loss."""
-    from qwqq.mlx.writer import is_tied, layout, plan_mlx
-    from qwqq.source import open_checkpoint
-
     if (target_bytes is None) == (target_bpw is None):
         raise QwqqError("give one of --target-size or --target-bpw")
     if target_bpw is not None and not 2 <= target_bpw <= 16:
         raise QwqqError(f"--target-bpw {target_bpw}: MLX stores 2 to 8 bits a weight (plus scales): give 2 to 16")
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    ckpt = checkpoint_of(source)
     _, sources, base = plan_mlx(ckpt, 4, group_size)
     errors = measure_mlx(ckpt, sources, base, tick=tick)
     tied = is_tied(ckpt)

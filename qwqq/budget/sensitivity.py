@@ -20,9 +20,6 @@ allocator's predicted loss (held against measured KLD in docs/bench-pareto.md). 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +28,9 @@ from gguf import GGMLQuantizationType as T
 
 from qwqq.archs import GGUFTensor
 from qwqq.gguf import kernels as ggml
-from qwqq.gguf.plan import FLOAT_TYPES, Plan, block_size
+from qwqq.gguf.plan import Plan
+from qwqq.gguf.types import FLOAT_TYPES, block_size
+from qwqq.cache import cache_path, identity, read_cached, write_cached
 from qwqq.source import Checkpoint, RowReader
 
 LADDER = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)  # every step a better type at more bytes
@@ -57,7 +56,7 @@ def ladder_for(cols: int) -> tuple[T, ...]:
     return types if len(types) > 1 else tuple(t for t in SMALL_ROW_LADDER if cols % block_size(t) == 0)
 
 
-def _sample_rows(src: GGUFTensor, reader: RowReader, n: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_rows_of(src: GGUFTensor, reader: RowReader, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to n rows spread over the tensor (each read from the part that holds it), and each row's expert."""
     pick = np.unique(np.linspace(0, src.rows - 1, min(n, src.rows)).astype(np.int64))
     ends = np.cumsum([p.row1 - p.row0 for p in src.parts])  # parts are concatenated along rows
@@ -100,33 +99,7 @@ def tensor_errors(rows: np.ndarray, experts: np.ndarray, imp: np.ndarray | None,
     return out
 
 
-def cache_path(key: dict, prefix: str = "") -> Path:
-    """The sensitivity cache file for a measurement's key (every setting its numbers depend on)."""
-    from qwqq.eval.harness import cache_dir
-
-    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir().parent / "sensitivity" / f"{prefix}{h}.json"
-
-
-def read_cached(path: Path):
-    """The JSON a measurement cached, or None (absent or unreadable: measure again)."""
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def write_cached(path: Path, data) -> None:
-    """Cache a measurement, atomically (a concurrent reader sees the old file or the new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def _cache_file(ckpt: Checkpoint, imatrix, sample_rows: int) -> Path:
-    from qwqq.eval.harness import identity
-
     return cache_path({"v": VERSION, "cap": IMPORTANCE_CAP, "model": identity(ckpt.root), "rows": sample_rows,
                        "ladder": [t.name for t in LADDER + SMALL_ROW_LADDER],
                        "imatrix": imatrix.digest() if imatrix is not None else None})
@@ -147,7 +120,7 @@ def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatri
         for tp in plan.tensors:
             if not tp.quantized or tp.type in FLOAT_TYPES:
                 continue
-            rows, experts = _sample_rows(sources[tp.name], reader, sample_rows)
+            rows, experts = sample_rows_of(sources[tp.name], reader, sample_rows)
             errors[tp.name] = tensor_errors(rows, experts, imps.get(tp.name), ladder_for(tp.shape[-1]))
             if tick:
                 tick()

@@ -22,69 +22,17 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from qwqq.archs import arch_of, check_config
-from qwqq.archs.tensors import EMBEDDING, FINAL_NORM, LM_HEAD
+from qwqq.archs.tensors import EMBEDDING, FINAL_NORM
 from qwqq.archs.experts import FUSED_ON_DISK, FUSED_PARAMS, PROJ, expert_weight, mlx_stacked
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.source import Checkpoint, RowReader
 
-DEFAULT_TOKENS = 8192  # CPU-friendly; on a GPU, 32k-128k tokens cost little more
-DEFAULT_SEQLEN = 512  # llama-imatrix's default context
-MIN_TOKENS = 64
 Observer = Callable[[list[str], "torch.Tensor"], None]  # noqa: F821
-
-
-# --------------------------------------------------------------------------- sample text and tokens
-def default_text() -> str:
-    """The calibration sample shipped with qwqq: original prose, code, maths and reasoning (CC0)."""
-    return resources.files("qwqq").joinpath("data", "calibration.txt").read_text(encoding="utf-8")
-
-
-def read_text(path: Path | str | None, what: str = "calibration text") -> str:
-    """A UTF-8 text file (None: the shipped calibration sample); one-line errors name `what`."""
-    if path is None:
-        return default_text()
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise QwqqError(f"cannot read the {what}: {e.strerror}", path) from e
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise QwqqError(f"{what} is not UTF-8 (byte {e.start})", path) from e
-
-
-def tokenize(ckpt: Checkpoint, text: str, n_tokens: int = DEFAULT_TOKENS, seqlen: int = DEFAULT_SEQLEN,
-             where: Path | None = None) -> np.ndarray:
-    """The sample as int64 [n_seq, seqlen]: consecutive windows of the tokenized text.
-
-    A text shorter than n_tokens gives fewer windows (never repeated text); shorter than one window,
-    one window of all of it.
-    """
-    from tokenizers import Tokenizer
-
-    if n_tokens < MIN_TOKENS or seqlen < 16:
-        raise QwqqError(f"--calib-tokens must be at least {MIN_TOKENS} and --calib-seqlen at least 16")
-    if ckpt.tokenizer_json is None:
-        raise SourceError("calibration needs the tokenizer (tokenizer.json)", ckpt.root)
-    tok = Tokenizer.from_file(str(ckpt.tokenizer_json))
-    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-    if ids.size < MIN_TOKENS:
-        raise QwqqError(f"the calibration text holds {ids.size} tokens; at least {MIN_TOKENS} are needed", where)
-    vocab = int(ckpt.config.get("vocab_size") or 0)
-    if vocab and int(ids.max()) >= vocab:
-        raise SourceError(f"the tokenizer makes token id {int(ids.max())}, beyond the model's vocab_size {vocab}",
-                          ckpt.root)
-    seqlen = min(seqlen, n_tokens, ids.size)
-    n_seq = max(1, min(n_tokens, ids.size) // seqlen)
-    return ids[: n_seq * seqlen].reshape(n_seq, seqlen)
 
 
 def pick_device(name: str | None = None):
@@ -381,70 +329,6 @@ def blocks(model: BlockModel, tokens: np.ndarray) -> Iterator[tuple[int, object,
             model.free(i)
 
 
-# --------------------------------------------------------------------------- the importance matrix
-@dataclass
-class SquareSums:
-    """Per weight: sum over tokens of x^2 per input column, and the token count (per expert: its own)."""
-
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def __call__(self, names: list[str], x) -> None:
-        import torch
-
-        if x.shape[0]:
-            s = torch.square(x.double()).sum(dim=0).cpu().numpy()
-        else:
-            s = np.zeros(x.shape[-1], np.float64)
-        for n in names:
-            if n in self.sums:
-                self.sums[n] += s
-            else:
-                self.sums[n] = s.copy()
-            self.counts[n] = self.counts.get(n, 0) + int(x.shape[0])
-
-
-def collect_square_sums(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, tick=None) -> SquareSums:
-    """One pass of the sample through the unquantized model (as llama-imatrix does)."""
-    import torch
-
-    model = open_block_model(ckpt, device)
-    stats = SquareSums()
-    cfg_ = model.config
-    batch = batch_size(tokens.shape[1], cfg_.hidden_size, ffn_size(cfg_))
-    try:
-        for i, layer, x, rope in blocks(model, tokens):
-            with observing(layer, f"model.layers.{i}.", stats) as flush:
-                run_block(layer, x, rope, batch, flush)
-            if tick:
-                tick(i)
-        if LM_HEAD in ckpt.tensors:  # the output matrix reads the final norm's output
-            with torch.no_grad():
-                stats([LM_HEAD], model.final_norm()(x).reshape(-1, x.shape[-1]))
-    finally:
-        model.close()
-    return stats
-
-
-def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The statistics under GGUF tensor names: name -> (in_sum2 f32 [n_mat, cols], counts f32 [n_mat]).
-
-    Stacked expert tensors get one row per expert, in expert order, as llama-imatrix writes them.
-    """
-    from qwqq.archs import gguf_tensors
-
-    arch = arch_of(ckpt.config, ckpt.root / "config.json")
-    out = {}
-    for t in gguf_tensors(ckpt, arch):
-        names = [p.ref.name for p in t.parts]
-        if not all(n in stats.sums for n in names):
-            continue
-        sums = np.stack([stats.sums[n] for n in names]).astype(np.float32)
-        counts = np.asarray([stats.counts[n] for n in names], np.float32)
-        out[t.name] = (sums, counts)
-    return out
-
-
 def ensure_torch(what: str) -> None:
     """One line, not an ImportError, when torch or transformers is missing."""
     import importlib.util
@@ -458,58 +342,3 @@ def threads_for_torch(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
-
-
-def compute_imatrix(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, dataset: str = "", tick=None):
-    """llama.cpp's importance matrix for ckpt from the sample `tokens` [n_seq, seqlen]."""
-    from qwqq.gguf.imatrix_file import Imatrix
-
-    stats = collect_square_sums(ckpt, tokens, device=device, tick=tick)
-    return Imatrix(gguf_imatrix_entries(ckpt, stats), datasets=[dataset] if dataset else [],
-                   chunk_count=int(tokens.shape[0]), chunk_size=int(tokens.shape[1]))
-
-
-def sample_tokens(ckpt: Checkpoint, calib, calib_tokens: int | None, calib_seqlen: int | None) -> np.ndarray:
-    return tokenize(ckpt, read_text(calib), calib_tokens or DEFAULT_TOKENS, calib_seqlen or DEFAULT_SEQLEN, calib)
-
-
-def imatrix_from_source(source, *, calib=None, calib_tokens=None, calib_seqlen=None, device=None, threads: int = 0,
-                        progress: bool = True):
-    """Open the checkpoint, tokenize the sample, and compute its importance matrix."""
-    from qwqq.progress import step_progress
-    from qwqq.source import open_checkpoint
-
-    ensure_torch("computing an importance matrix")
-    threads_for_torch(threads)
-    ckpt = open_checkpoint(source)
-    tokens = sample_tokens(ckpt, calib, calib_tokens, calib_seqlen)
-    n_layer = int(ckpt.config.get("num_hidden_layers") or 0)
-    with step_progress(progress, n_layer, "imatrix") as tick:
-        return ckpt, compute_imatrix(ckpt, tokens, device=pick_device(device),
-                                     dataset=Path(calib).name if calib else "qwqq calibration.txt",
-                                     tick=(lambda i: tick()) if tick else None)
-
-
-def resolve_imatrix(source, imatrix: str | None, *, calib=None, **kw):
-    """--imatrix FILE, --imatrix auto, or --calib alone (auto): the Imatrix to quantize with, or None."""
-    if imatrix is None and calib is None:
-        return None
-    if imatrix is not None and imatrix.lower() != "auto":
-        if calib is not None:
-            raise QwqqError("give --imatrix FILE or --calib (which computes one), not both")
-        from qwqq.gguf.imatrix_file import read_imatrix
-
-        return read_imatrix(imatrix)
-    return imatrix_from_source(source, calib=calib, **kw)[1]
-
-
-def imatrix_to_file(source, out=None, *, force: bool = False, **kw):
-    """`qwqq imatrix`: compute and write llama.cpp's imatrix GGUF. Returns (path, Imatrix)."""
-    from qwqq.outputs import check_target
-    from qwqq.gguf.imatrix_file import write_imatrix
-
-    if out is not None:
-        check_target(Path(out), force, None)  # before an hour of calibration, not after
-    ckpt, im = imatrix_from_source(source, **kw)
-    out = Path(out) if out is not None else Path.cwd() / f"{ckpt.name}.imatrix.gguf"
-    return write_imatrix(im, out, force=force), im

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwqq.cache import cache_root, identity
 from qwqq.errors import QwqqError
 from qwqq.eval.logits import LogitsModel, check_logits_source, open_logits
 from qwqq.eval.metrics import PositionScores, RefPositions, Summary, reference_positions, score, summarize
@@ -52,7 +53,7 @@ def default_text() -> str:
 def read_text(path: Path | str | None) -> str:
     if path is None:
         return default_text()
-    from qwqq.calib.engine import read_text as read_utf8
+    from qwqq.calib.text import read_text as read_utf8
 
     return read_utf8(path, "evaluation text")
 
@@ -68,17 +69,7 @@ def windows_of(ids: np.ndarray, ctx: int, max_tokens: int | None = None) -> np.n
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QWQQ_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                        "qwqq")
-    return Path(root) / "eval"
-
-
-def identity(path: Path) -> dict:
-    """What makes a model the same model: its weight files' names, sizes and mtimes."""
-    path = Path(path).resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
-                                                 if p.suffix in (".safetensors", ".json", ".gguf"))
-    return {"path": str(path), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return cache_root() / "eval"
 
 
 def cache_key(ref: Path, windows: np.ndarray, first: int) -> str:

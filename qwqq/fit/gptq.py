@@ -14,13 +14,15 @@ ranked after rows whose memory fit accounts for fully. No offload: a build fits 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import cache
 
 from qwqq.archs import hub_shapes
 from qwqq.errors import QwqqError
 from qwqq.fit import hardware as hwmod
-from qwqq.fit.search import Candidate, DeviceUse, Request, calibration, ctx_ladder
+from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
+from qwqq.fit.constants import backend_constants
 from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
@@ -54,7 +56,7 @@ def settings() -> GPTQSettings:
     measured = bool(g.get("overhead_measured", False))
     runtime = float(g.get("runtime_overhead_mib", 0)) if measured else 0.0
     return GPTQSettings(int(g.get("kv_bytes", 2)), int((d["cuda"]["overhead_mib"] + runtime) * MiB), measured,
-                        float(g.get("efficiency", calibration().efficiency)))
+                        float(g.get("efficiency", backend_constants().efficiency)))
 
 
 def hf_shapes(model: Model) -> dict[str, tuple[int, ...]]:
@@ -126,15 +128,14 @@ def kv_cache_bytes(model: Model, ctx: int) -> int:
     return d.n_layer * (d.n_embd_k + d.n_embd_v) * ctx * settings().kv_bytes
 
 
+GPTQ_INSTALL = 'pip install "qwqq[gptq]"'  # torch and transformers, for `qwqq run --backend transformers`
+
+
 @cache
 def transformers_backend() -> bool:
-    """Whether `qwqq run --backend transformers` exists in this install (built in or a plugin)."""
-    from importlib.metadata import entry_points
-
-    from qwqq.run.backends import BUILTIN, ENTRY_POINT_GROUP, canonical_name
-
-    names = set(BUILTIN) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return "transformers" in {canonical_name(n) for n in names}
+    """Whether `qwqq run --backend transformers` (built into qwqq) can load a GPTQ folder here: whether
+    torch and transformers are importable."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
 class GPTQCandidate(Candidate):
@@ -157,7 +158,8 @@ class GPTQCandidate(Candidate):
         if len(self.gpus) > 1:
             vllm += f" --tensor-parallel-size {len(self.gpus)}"
         return {"quantize": f"qwqq quantize {self.model.ref} --format gptq --bits {b.bits} --group-size {b.group_size}",
-                "run": f"qwqq run {self.folder} --backend transformers", "llama_cpp": None, "vllm": vllm}
+                "run": f"qwqq run {self.folder} --backend transformers --ctx {self.ctx}", "llama_cpp": None,
+                "vllm": vllm}
 
     def to_json(self) -> dict:
         d = super().to_json()
@@ -167,21 +169,21 @@ class GPTQCandidate(Candidate):
                   "memory_lower_bound": self.memory_lower_bound,
                   "runtime_overhead": "measured" if s.overhead_measured else "not measured",
                   "qwqq_run_backend_available": transformers_backend(),
-                  "speed_model": {"efficiency": s.efficiency, "kv_fill": calibration().kv_fill}})
+                  "speed_model": {"efficiency": s.efficiency, "kv_fill": backend_constants().kv_fill}})
         return d
 
 
 def gptq_candidate(model: Model, build: GPTQBuild, hw: Hardware, ctx: int) -> GPTQCandidate:
     """All on the GPU(s); several GPUs split weights and KV evenly (vLLM's tensor parallelism)."""
-    cal, s = calibration(), settings()
+    consts, s = backend_constants(), settings()
     n = len(hw.gpus)
     kv = kv_cache_bytes(model, ctx)
-    gpus = [DeviceUse(f"GPU{j} ({g.name})" if n > 1 else g.name, g.vram_bytes - cal.margin["cuda"],
+    gpus = [DeviceUse(f"GPU{j} ({g.name})" if n > 1 else g.name, g.vram_bytes - consts.margin["cuda"],
                       weights=-(-build.tensor_bytes // n), kv=-(-kv // n), overhead=s.overhead,
                       layers=model.dims.n_layer) for j, g in enumerate(hw.gpus)]
-    host = DeviceUse("RAM", cal.ram_budget(hw.ram_bytes), overhead=cal.overhead["cpu"])
+    host = DeviceUse("RAM", consts.ram_budget(hw.ram_bytes), overhead=consts.overhead["cpu"])
     bw = min(g.bandwidth_gbs for g in hw.gpus)
-    reads = [((build.bytes_per_token(model) + kv * cal.kv_fill) / n, bw)]
+    reads = [((build.bytes_per_token(model) + kv * consts.kv_fill) / n, bw)]
     notes = ["GPTQ (transformers / vLLM): memory = weights + f16 KV cache + "
              + (f"{s.overhead // MiB} MiB CUDA context and runtime overhead (measured)" if s.overhead_measured else
                 f"{s.overhead // MiB} MiB CUDA context; the runtime's own overhead is not measured, so this total "
@@ -190,8 +192,8 @@ def gptq_candidate(model: Model, build: GPTQBuild, hw: Hardware, ctx: int) -> GP
     if n > 1:
         notes.append(f"split evenly over {n} GPUs (vLLM --tensor-parallel-size {n})")
     if not transformers_backend():
-        notes.append("qwqq run has no transformers backend yet; `vllm serve` (or transformers with GPTQModel) "
-                     "loads the folder")
+        notes.append(f"qwqq run's transformers backend needs torch and transformers ({GPTQ_INSTALL}); "
+                     "`vllm serve` also loads the folder")
     return GPTQCandidate(model, build, hw, ctx, "f16", False, "gpu", gpus, host, model.dims.n_layer,
                          tokens_per_s=tokens_per_second(reads, s.efficiency), notes=notes)
 

@@ -20,7 +20,7 @@ from math import ceil
 from gguf import GGMLQuantizationType as T
 
 from qwqq.archs import Dims
-from qwqq.gguf.plan import row_bytes
+from qwqq.gguf.types import row_bytes
 
 MiB = 2**20
 GiB = 2**30

@@ -16,11 +16,12 @@ from functools import cache
 from qwqq.archs import arch_of, mlx_name
 from qwqq.archs.experts import MLX_STACKED
 from qwqq.fit import hardware as hwmod
-from qwqq.fit.search import Candidate, DeviceUse, Request, calibration, ctx_ladder
+from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
+from qwqq.fit.constants import backend_constants
 from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
-from qwqq.gguf.plan import MLXPlan, make_mlx_plan
+from qwqq.mlx.plan import MLXPlan, make_mlx_plan
 
 # (type name in fit's table, bits, group size, mlx-lm recipe)
 MLX_BUILDS = (("MLX-8bit", 8, 64, None), ("MLX-4bit", 4, 64, None), ("MLX-mixed_3_6", 3, 64, "3_6"))
@@ -30,7 +31,7 @@ KV_BYTES = 2  # f16 (the activations' dtype: bf16 / f16 models)
 @cache
 def _mlx_settings() -> tuple[int, float]:
     d = hwmod.backend_data().get("mlx", {})
-    return int(d.get("overhead_mib", 1024) * MiB), float(d.get("efficiency", calibration().efficiency))
+    return int(d.get("overhead_mib", 1024) * MiB), float(d.get("efficiency", backend_constants().efficiency))
 
 
 def mlx_plan(model: Model, bits: int, group_size: int = 64, recipe: str | None = None) -> MLXPlan:
@@ -106,7 +107,7 @@ class MLXCandidate(Candidate):
         b = self.build
         opts = f"--mixed {b.recipe}" if b.recipe else f"--bits {b.bits}"
         return {"quantize": f"qwqq quantize {self.model.ref} --format mlx {opts}",
-                "run": f"qwqq run {self.folder} --backend mlx", "llama_cpp": None,
+                "run": f"qwqq run {self.folder} --backend mlx --ctx {self.ctx}", "llama_cpp": None,
                 "mlx_lm": f"mlx_lm.generate --model {self.folder} --max-kv-size {self.ctx}"}
 
     def to_json(self) -> dict:
@@ -115,18 +116,18 @@ class MLXCandidate(Candidate):
         d.update({"format": "mlx", "type": b.type_name, "bits": b.bits, "group_size": b.group_size,
                   "recipe": f"mixed_{b.recipe}" if b.recipe else None, "flash_attn": None,
                   "n_gpu_layers_flag": None, "speed_model": {"efficiency": _mlx_settings()[1],
-                                                              "kv_fill": calibration().kv_fill}})
+                                                              "kv_fill": backend_constants().kv_fill}})
         return d
 
 
 def mlx_candidate(model: Model, build: MLXBuild, hw: Hardware, ctx: int) -> MLXCandidate:
-    cal = calibration()
+    consts = backend_constants()
     overhead, efficiency = _mlx_settings()
     g = hw.gpus[0]
-    gpu = DeviceUse(g.name, g.vram_bytes - cal.margin["metal"], weights=build.tensor_bytes,
+    gpu = DeviceUse(g.name, g.vram_bytes - consts.margin["metal"], weights=build.tensor_bytes,
                     kv=kv_cache_bytes(model, ctx), overhead=overhead, layers=model.dims.n_layer)
-    host = DeviceUse("RAM", cal.ram_budget(hw.ram_bytes) - gpu.total, overhead=cal.overhead["cpu"])
-    reads = [(build.bytes_per_token(model) + gpu.kv * cal.kv_fill, g.bandwidth_gbs)]
+    host = DeviceUse("RAM", consts.ram_budget(hw.ram_bytes) - gpu.total, overhead=consts.overhead["cpu"])
+    reads = [(build.bytes_per_token(model) + gpu.kv * consts.kv_fill, g.bandwidth_gbs)]
     return MLXCandidate(model, build, hw, ctx, "f16", False, "gpu", [gpu], host, model.dims.n_layer,
                         tokens_per_s=tokens_per_second(reads, efficiency),
                         notes=["MLX (mlx-lm): f16 KV cache, all on the GPU; memory = weights + KV + "

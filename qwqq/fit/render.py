@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from qwqq.fit import hardware as hwmod
-from qwqq.fit.search import (Candidate, Report, calibration, placement_text, speed_text,
-                               unsupported_by_run)
+from qwqq.fit.candidate import Candidate, placement_text, speed_text, unsupported_by_run
+from qwqq.fit.constants import backend_constants
+from qwqq.fit.gptq import GPTQ_INSTALL, transformers_backend
+from qwqq.fit.search import Report
 from qwqq.fit.hardware import GiB, Hardware
 
 SOURCE = {"gguf": "file", "catalog": "catalog", "hub": "hub config", "local": "local folder"}
@@ -20,14 +22,15 @@ def _gpu_mem(c: Candidate) -> str:
 
 
 def _budgets(hw: Hardware) -> str:
-    cal = calibration()
+    consts = backend_constants()
     parts = []
     if hw.gpus:
-        backend = hw.backend if hw.backend in cal.margin else "cuda"
-        each = max(g.vram_bytes for g in hw.gpus) - cal.margin[backend]
+        backend = hw.backend if hw.backend in consts.margin else "cuda"
+        each = max(g.vram_bytes for g in hw.gpus) - consts.margin[backend]
         n = f"{len(hw.gpus)} x " if len(hw.gpus) > 1 else ""
         parts.append(f"{'GPU working set' if hw.unified else 'GPU'} {n}{_num(each / GiB)} GiB")
-    parts.append(f"RAM {_num(cal.ram_budget(hw.ram_bytes) / GiB)} GiB" + (" (shared with the GPU)" if hw.unified else ""))
+    parts.append(f"RAM {_num(consts.ram_budget(hw.ram_bytes) / GiB)} GiB"
+                 + (" (shared with the GPU)" if hw.unified else ""))
     return "GPU / RAM columns: GiB used; budgets (memory less safety margins): " + ", ".join(parts)
 
 
@@ -74,9 +77,9 @@ def render(report: Report, console) -> None:
         console.print("[dim]GPTQ rows (transformers / vLLM): weights + f16 KV cache + the CUDA context estimate; "
                       "the runtime's own overhead is not measured, so their memory is a lower bound (ranked after "
                       "rows fit accounts for fully). GB: tensor data, headers excluded.[/]")
-    cal = calibration()
-    console.print(f"[dim]tok/s: decode speed from memory bandwidth x {cal.efficiency:.2f} efficiency, context "
-                  f"{cal.kv_fill:.0%} full; prompt speed not estimated. GB = 10^9 bytes, GiB = 2^30.[/]")
+    consts = backend_constants()
+    console.print(f"[dim]tok/s: decode speed from memory bandwidth x {consts.efficiency:.2f} efficiency, context "
+                  f"{consts.kv_fill:.0%} full; prompt speed not estimated. GB = 10^9 bytes, GiB = 2^30.[/]")
 
 
 def _print_best(best: Candidate, console) -> None:
@@ -92,12 +95,10 @@ def _print_best(best: Candidate, console) -> None:
     if cmd["quantize"]:
         console.print(f"  {escape(cmd['quantize'])}")
     missing = unsupported_by_run(best)
-    note = f"qwqq run cannot set {', '.join(missing)} yet" if missing else ""
+    note = f"qwqq run cannot set {', '.join(missing)} yet; the llama-server line can" if missing else ""
     if best.format == "gptq":
-        from qwqq.fit.gptq import transformers_backend
-
-        note = "" if transformers_backend() else "no transformers backend in this qwqq yet"
-    console.print(f"  {escape(cmd['run'])}" + (f"  [dim]({note})[/]" if note else ""))
+        note = "" if transformers_backend() else f"needs torch and transformers: {GPTQ_INSTALL}"
+    console.print(f"  {escape(cmd['run'])}" + (f"  [dim]({escape(note)})[/]" if note else ""))
     for key in ("llama_cpp", "mlx_lm", "vllm"):
         if cmd.get(key):
             console.print(f"  {escape(cmd[key])}")

@@ -19,10 +19,13 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
-from qwqq.archs import arch_of, find_arch, gguf_tensors
+from qwqq.archs import find_arch
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.fit.memory import Dims, Weights, WeightTensor, padded, split_weights
-from qwqq.gguf.plan import MIXTURES, ModelFacts, make_plan, model_facts
+from qwqq.gguf.plan import ModelFacts, make_plan, model_facts
+from qwqq.gguf.prepared import Prepared, prepare
+from qwqq.gguf.types import MIXTURES
+from qwqq.source import Checkpoint
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Metadata bytes per vocabulary entry of a Qwen-style BPE tokenizer (token string, token type,
@@ -147,8 +150,12 @@ class Model:
     facts: ModelFacts | None = None
     approximate: bool = False
     gguf_build: Build | None = None
-    checkpoint: object = None  # qwqq.source.Checkpoint for a local folder with weights
+    prepared: Prepared | None = None  # a local folder with weights, opened and mapped as quantize does
     _builds: dict[str, Build] = field(default_factory=dict, repr=False)
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        return self.prepared.ckpt if self.prepared is not None else None
 
     @property
     def n_params(self) -> int:
@@ -173,23 +180,15 @@ class Model:
         if name not in MIXTURES:
             raise QwqqError(f"unknown --type {type_name!r}; choose one of {', '.join(MIXTURES)}")
         if name not in self._builds:
-            if self.checkpoint is not None:  # a folder with weights: exactly what quantize plans
-                from qwqq.gguf.quantize import plan_checkpoint
-
-                plan = plan_checkpoint(self.checkpoint, MIXTURES[name])[2]
+            if self.prepared is not None:  # a folder with weights: exactly what quantize plans and writes
+                plan = self.prepared.plan(MIXTURES[name])
+                header, exact = len(self.prepared.header(plan)), True
             else:
                 plan = make_plan(self.shapes, self.facts, MIXTURES[name])
+                header, exact = estimate_header_bytes(plan.tensors, self.dims.n_vocab), False
             tensors = [WeightTensor(t.name, t.shape, t.type, t.nbytes) for t in plan.tensors]
-            header, exact = self._header(plan)
             self._builds[name] = Build(name, tensors, header, exact, plan.n_params)
         return self._builds[name]
-
-    def _header(self, plan) -> tuple[int, bool]:
-        if self.checkpoint is not None:
-            exact = exact_header_bytes(self.checkpoint, plan)
-            if exact is not None:
-                return exact, True
-        return estimate_header_bytes(plan.tensors, self.dims.n_vocab), False
 
 
 def estimate_header_bytes(tensors, n_vocab: int) -> int:
@@ -197,35 +196,6 @@ def estimate_header_bytes(tensors, n_vocab: int) -> int:
     from the vocabulary size (tokens, token types and merges dominate)."""
     infos = sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
     return padded(24 + infos + int(HEADER_BYTES_PER_TOKEN * n_vocab) + HEADER_FIXED)
-
-
-def exact_header_bytes(ckpt, plan, imatrix=None) -> int | None:
-    """The header qwqq's GGUF writer produces for this checkpoint and plan, with the quantize.imatrix.*
-    keys of `imatrix` when given (None if the writer's internals are not what this expects)."""
-    try:
-        import numpy as np
-
-        from qwqq.gguf import writer as gw
-        from qwqq.gguf.vocab import build_vocab
-
-        arch = arch_of(ckpt.config)
-        w = gw._Writer(path=None, arch=arch.name)
-        gw.write_metadata(w, ckpt, arch, plan, _vocab(ckpt, build_vocab), imatrix)
-        for tp in plan.tensors:
-            w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
-        return len(gw.header_bytes(w))
-    except (ImportError, AttributeError, TypeError):
-        return None
-
-
-_VOCABS: dict[str, object] = {}
-
-
-def _vocab(ckpt, build_vocab):
-    key = str(ckpt.root)
-    if key not in _VOCABS:
-        _VOCABS[key] = build_vocab(ckpt)
-    return _VOCABS[key]
 
 
 # --------------------------------------------------------------------------- resolving a spec
@@ -274,13 +244,14 @@ def from_folder(root: Path) -> Model:
     has_weights = any(root.glob("*.safetensors"))
     if not has_weights:
         return from_config(config, root.name, "local", str(root))
-    from qwqq.source import open_checkpoint
+    return from_prepared(prepare(root))
 
-    ckpt = open_checkpoint(root)
-    arch = arch_of(ckpt.config, cfg_path)
-    shapes = [(t.name, t.shape) for t in gguf_tensors(ckpt, arch)]
-    return Model(root.name, "local", str(root), dims_from_config(ckpt.config), ckpt.config, shapes,
-                 model_facts(ckpt.config, arch), checkpoint=ckpt)
+
+def from_prepared(src: Prepared) -> Model:
+    """A local folder with weights that quantize has already opened and mapped."""
+    c = src.ckpt.config
+    return Model(src.ckpt.root.name, "local", str(src.ckpt.root), dims_from_config(c), c,
+                 [(t.name, t.shape) for t in src.tensors], src.facts, prepared=src)
 
 
 def from_gguf(path: Path) -> Model:

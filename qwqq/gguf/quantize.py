@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qwqq.archs import arch_of, gguf_tensors
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.outputs import atomic_output, journal_path
 from qwqq.progress import tensor_progress
-from qwqq.gguf.vocab import build_vocab
+from qwqq.gguf.plan import Plan
+from qwqq.gguf.prepared import Prepared, prepare
+from qwqq.gguf.types import BITS_TO_MIXTURE, MIXTURES, Mixture
 from qwqq.gguf.writer import write_gguf
-from qwqq.gguf.plan import BITS_TO_MIXTURE, MIXTURES, Mixture, Plan, make_plan, model_facts
-from qwqq.source import Checkpoint, open_checkpoint
+from qwqq.source import Checkpoint
 
 if TYPE_CHECKING:
     from qwqq.gguf.imatrix_file import Imatrix
@@ -73,14 +73,11 @@ def fallback_notes(plan: Plan) -> list[str]:
             for (a, b, cols), n in sorted(groups.items())]
 
 
-def plan_checkpoint(ckpt: Checkpoint, mixture: Mixture | str, *, has_imatrix: bool = False,
+def plan_checkpoint(ckpt: Checkpoint | Prepared, mixture: Mixture | str, *, has_imatrix: bool = False,
                     overrides: dict | None = None):
     """The arch, the GGUF tensors with their sources, and the plan for one checkpoint."""
-    arch = arch_of(ckpt.config, ckpt.root / "config.json")
-    tensors = gguf_tensors(ckpt, arch)
-    plan = make_plan([(t.name, t.shape) for t in tensors], model_facts(ckpt.config, arch), mixture,
-                     has_imatrix=has_imatrix, overrides=overrides)
-    return arch, tensors, plan
+    src = prepare(ckpt)
+    return src.arch, src.tensors, src.plan(mixture, has_imatrix=has_imatrix, overrides=overrides)
 
 
 def imatrix_rows(plan: Plan, imatrix: "Imatrix") -> tuple[dict[str, np.ndarray], list[str]]:
@@ -124,16 +121,16 @@ def header_estimate(vocab_tokens: int) -> int:
     return 64 * vocab_tokens + 2**20
 
 
-def quantize_to_gguf(source: str | Path, mixture: Mixture, *, out: Path | None = None, force: bool = False,
+def quantize_to_gguf(source: str | Path | Checkpoint | Prepared, mixture: Mixture, *, out: Path | None = None, force: bool = False,
                      resume: bool = False, threads: int = 0, progress: bool = True,
                      imatrix: "Imatrix | None" = None, overrides: dict | None = None) -> Result:
     """Quantize a checkpoint to one GGUF file. With `imatrix` (an importance matrix, read from a
     llama-imatrix file or computed), the plan and every quantized tensor use it as llama-quantize
-    --imatrix does."""
+    --imatrix does. `source` may be already prepared (gguf.prepared.prepare), as a budgeted run's is."""
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(source)
-    arch, tensors, plan = plan_checkpoint(ckpt, mixture, has_imatrix=imatrix is not None, overrides=overrides)
-    vocab = build_vocab(ckpt)
+    src = prepare(source)
+    ckpt, arch, tensors, vocab = src.ckpt, src.arch, src.tensors, src.vocab
+    plan = src.plan(mixture, has_imatrix=imatrix is not None, overrides=overrides)
     rows, missing = imatrix_rows(plan, imatrix) if imatrix is not None else (None, [])
     need = [t for t in plan.tensors if t.needs_imatrix]
     if need and imatrix is None:
@@ -143,7 +140,7 @@ def quantize_to_gguf(source: str | Path, mixture: Mixture, *, out: Path | None =
     if out.suffix.lower() != ".gguf":
         raise QwqqError("the output of a GGUF quantization must end in .gguf", out)
     threads = threads if threads > 0 else (os.cpu_count() or 1)
-    sources = {t.name: t for t in tensors}
+    sources = src.sources
     planned = plan.tensor_bytes + header_estimate(len(vocab.tokens))
     src_bytes = sum(t.rows * t.cols for t in tensors)
 

@@ -9,140 +9,31 @@ quantized by ggml's kernels on several threads, and appended. No tensor is ever 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from qwqq import __version__
-from qwqq.archs import Arch, GGUFTensor, cfg, head_dim, rope_params
+from qwqq.archs import Arch, GGUFTensor
 from qwqq.errors import SourceError
 from qwqq.gguf import kernels as ggml
+from qwqq.gguf.header import ALIGN, build_header
 from qwqq.gguf.vocab import Vocab
-from qwqq.gguf.plan import Plan, row_bytes
+from qwqq.gguf.plan import Plan
+from qwqq.gguf.types import row_bytes
 from qwqq.source import Checkpoint, RowReader
 
 if TYPE_CHECKING:
     from qwqq.gguf.imatrix_file import Imatrix
 
-ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 CHUNK_FLOATS = 4 * 2**20  # 16 MiB of float32 per chunk: the unit of reading and of progress
 JOURNAL_EVERY_S = float(os.environ.get("QWQQ_JOURNAL_EVERY_S", "2"))  # how often resumable progress is recorded
-SAMPLING_KEYS = {  # generation_config.json -> general.sampling.*
-    "temperature": ("general.sampling.temp", "f32"),
-    "top_p": ("general.sampling.top_p", "f32"),
-    "top_k": ("general.sampling.top_k", "i32"),
-    "min_p": ("general.sampling.min_p", "f32"),
-    "repetition_penalty": ("general.sampling.penalty_repeat", "f32"),
-}
-
-
-# --------------------------------------------------------------------------- metadata
-class _Writer(gguf.GGUFWriter):
-    """GGUFWriter with a fast path for long arrays: the stock packer builds one bytes object per
-    element (about 2 s for Qwen's 300k tokens and merges); the bytes written are the same."""
-
-    _ARRAY_NUMPY = {gguf.GGUFValueType.INT32: "<i4", gguf.GGUFValueType.UINT32: "<u4",
-                    gguf.GGUFValueType.FLOAT32: "<f4"}
-
-    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-        V = gguf.GGUFValueType
-        if (vtype != V.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or not isinstance(val, (list, tuple))
-                or len(val) < 64):
-            return super()._pack_val(val, vtype, add_vtype, sub_type)
-        ltype = sub_type if sub_type is not None else V.get_type(val[0])
-        head = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", ltype, len(val))
-        if ltype == V.STRING and all(isinstance(v, str) for v in val):
-            enc = [v.encode("utf-8") for v in val]
-            lengths = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc)).tobytes()
-            return head + b"".join(lengths[8 * i:8 * i + 8] + e for i, e in enumerate(enc))
-        if ltype in self._ARRAY_NUMPY and all(type(v) is type(val[0]) for v in val):
-            return head + np.asarray(val, dtype=self._ARRAY_NUMPY[ltype]).tobytes()
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-
-def _put(w: gguf.GGUFWriter, key: str, kind: str, value) -> None:
-    {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "str": w.add_string, "bool": w.add_bool}[kind](
-        key, int(value) if kind in ("u32", "i32") else float(value) if kind == "f32" else value)
-
-
-def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab,
-                   imatrix: "Imatrix | None" = None) -> None:
-    c, a = ckpt.config, arch.name
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(ckpt.name)
-    w.add_quantized_by(f"qwqq {__version__}")
-    if ckpt.hub_id:
-        w.add_source_url(f"https://huggingface.co/{ckpt.hub_id}")
-    for k, (key, kind) in SAMPLING_KEYS.items():
-        if isinstance(ckpt.generation_config.get(k), (int, float)) and not isinstance(ckpt.generation_config.get(k), bool):
-            _put(w, key, kind, ckpt.generation_config[k])
-
-    for m in arch.meta:
-        v = cfg(c, *m.fields)
-        if v is None:
-            if m.required:
-                raise SourceError(f"config.json lacks {' or '.join(m.fields)}", ckpt.root / "config.json")
-            continue
-        _put(w, f"{a}.{m.key}", m.kind, v)
-    rp = rope_params(c)
-    _put(w, f"{a}.rope.freq_base", "f32", rp["rope_theta"])
-    if arch.rope_dims_key:
-        _put(w, f"{a}.rope.dimension_count", "u32", head_dim(c))
-        _put(w, f"{a}.vocab_size", "u32", len(vocab.tokens))
-    kind = rp["rope_type"]
-    if kind in ("yarn", "linear") and rp.get("factor"):
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN if kind == "yarn" else gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rp["factor"]))
-        if kind == "yarn":
-            orig = rp.get("original_max_position_embeddings")
-            if not orig:
-                raise SourceError("yarn rope_scaling lacks original_max_position_embeddings", ckpt.root / "config.json")
-            w.add_rope_scaling_orig_ctx_len(int(orig))
-
-    w.add_file_type(int(plan.mixture.ftype))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if imatrix is not None:  # the keys llama-quantize adds (tools/quantize/quantize.cpp; strings cut to 127 bytes)
-        if imatrix.path:
-            w.add_string("quantize.imatrix.file", _cut(imatrix.path))
-        if imatrix.datasets:
-            w.add_string("quantize.imatrix.dataset", _cut(imatrix.datasets[0]))
-        w.add_uint32("quantize.imatrix.entries_count", len(imatrix))
-        if imatrix.chunk_count > 0:
-            w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
-
-    w.add_tokenizer_model(vocab.model)
-    w.add_tokenizer_pre(vocab.pre)
-    w.add_token_list(vocab.tokens)
-    w.add_token_types(vocab.types)
-    if vocab.merges:
-        w.add_token_merges(vocab.merges)
-    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
-              "sep": w.add_sep_token_id, "pad": w.add_pad_token_id}
-    for kind_, tid in vocab.special_ids.items():
-        adders[kind_](tid)
-    if vocab.add_bos is not None:
-        w.add_add_bos_token(vocab.add_bos)
-    if vocab.add_eos is not None:
-        w.add_add_eos_token(vocab.add_eos)
-    if vocab.chat_template:
-        w.add_chat_template(vocab.chat_template)
-
-
-def _cut(s: str) -> str:
-    """strncpy into llama_model_kv_override's 128-byte val_str: at most 127 bytes."""
-    return s.encode("utf-8")[:127].decode("utf-8", "ignore")
-
-
 # --------------------------------------------------------------------------- tensor data
 @dataclass
 class Job:
@@ -275,18 +166,6 @@ class TensorStreamer:
         tick(job, n_elements)
 
 
-def header_bytes(w: gguf.GGUFWriter) -> bytes:
-    """Everything before the first tensor's data: header, metadata, tensor infos, padding."""
-    buf = io.BytesIO()
-    w.fout, w.state = [buf], gguf.gguf_writer.WriterState.EMPTY  # write into memory, not a file
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.fout = None
-    data = buf.getvalue()
-    return data + b"\0" * ((-len(data)) % ALIGN)
-
-
 def _padded(n: int) -> int:
     return n + (-n) % ALIGN
 
@@ -338,15 +217,10 @@ def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Voca
     llama-quantize does); the file records the imatrix as llama-quantize does, and a resume
     only keeps tensors made with the very same importance data.
     """
-    w = _Writer(path=None, arch=arch.name)
-    write_metadata(w, ckpt, arch, plan, vocab, imatrix)
     rows = imatrix_rows or {}
     imatrix_id = imatrix.digest() if imatrix is not None else None
-    jobs = []
-    for tp in plan.tensors:
-        w.add_tensor_info(tp.name, tp.shape, np.dtype(np.float32), tp.nbytes, raw_dtype=tp.type)
-        jobs.append(Job(sources[tp.name], tp.type, tp.nbytes, rows.get(tp.name) if tp.quantized else None))
-    header = header_bytes(w)
+    jobs = [Job(sources[tp.name], tp.type, tp.nbytes, rows.get(tp.name) if tp.quantized else None) for tp in plan.tensors]
+    header = build_header(ckpt, arch, plan, vocab, imatrix)
 
     skip = _resume_point(path, journal, header, jobs, imatrix_id) if (resume and journal and path.is_file()) else 0
     keep = len(header) + sum(_padded(j.nbytes) for j in jobs[:skip])

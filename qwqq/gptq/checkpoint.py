@@ -36,7 +36,7 @@ from qwqq.source import FLOAT_DTYPES, Checkpoint, RowReader, TensorRef, open_che
 MAX_SHARD_BYTES = 4 * 10**9  # GPTQModel's DEFAULT_MAX_SHARD_SIZE "4GB"
 CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk when copying unquantized tensors
 QUANT_CONFIG_FILE = "quantize_config.json"  # GPTQModel's own copy of quantization_config
-FLOAT_TYPES = {"float16": "F16", "bfloat16": "BF16"}  # --float-dtype: how unquantized tensors are stored
+STORED_FLOAT_DTYPES = {"float16": "F16", "bfloat16": "BF16"}  # --float-dtype: how unquantized tensors are stored
 
 # =========================================================================== what a checkpoint holds
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "
         raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")
     if group_size != -1 and group_size <= 0:
         raise QwqqError(f"--group-size must be positive or -1 (per channel), not {group_size}")
-    if float_dtype not in FLOAT_TYPES:
-        raise QwqqError(f"unknown float dtype {float_dtype!r}; choose one of {', '.join(FLOAT_TYPES)}")
+    if float_dtype not in STORED_FLOAT_DTYPES:
+        raise QwqqError(f"unknown float dtype {float_dtype!r}; choose one of {', '.join(STORED_FLOAT_DTYPES)}")
     for ref in ckpt.tensors.values():
         if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
@@ -155,7 +155,7 @@ def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "
         for suffix, (dtype, shape) in shapes.items():
             items.append((_order(lin.name), f"{lin.name}.{suffix}", dtype, shape))
     for ref in floats:
-        items.append((_order(ref.name), ref.name, FLOAT_TYPES[float_dtype], ref.shape))
+        items.append((_order(ref.name), ref.name, STORED_FLOAT_DTYPES[float_dtype], ref.shape))
     items.sort(key=lambda t: t[0])
     return GPTQPlan(bits, group_size, linears, floats, [(n, d, s) for _, n, d, s in items], float_dtype)
 
@@ -288,7 +288,7 @@ class GPTQWriter:
 
 
 @dataclass
-class GPTQResult:
+class GPTQWritten:
     path: Path
     size: int  # bytes on disk, all files
     tensor_bytes: int
@@ -369,7 +369,7 @@ def read_weight(reader: RowReader, lin: GPTQLinear) -> np.ndarray:
 
 
 def write_gptq(source: str | Path, out: Path | None, quantize: Callable[[GPTQLinear, np.ndarray], Mapping], *,
-               bits: int = 4, group_size: int = 128, **options) -> GPTQResult:
+               bits: int = 4, group_size: int = 128, **options) -> GPTQWritten:
     """A whole GPTQ checkpoint from a per-linear function (weight float32 [out, in] -> pack()'s dict):
     the simplest driver (round-to-nearest, tests); a calibrated solver drives gptq_output itself."""
     t0 = time.perf_counter()
@@ -382,4 +382,4 @@ def write_gptq(source: str | Path, out: Path | None, quantize: Callable[[GPTQLin
         final = out if out is not None else default_output(ckpt, bits, group_size)
     final = Path(final)
     size = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
-    return GPTQResult(final, size, folder_plan.tensor_bytes, time.perf_counter() - t0, folder_plan)
+    return GPTQWritten(final, size, folder_plan.tensor_bytes, time.perf_counter() - t0, folder_plan)

@@ -13,22 +13,31 @@ from a handful of tokens fits noise), and are reported.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
 from qwqq.archs import EXPERT
-from qwqq.calib.engine import BlockModel, batch_size, blocks, ffn_size, observing, run_block
-from qwqq.gptq.solver import DEFAULT_DAMP, GPTQResult, gptq_quantize, rtn_quantize
+from qwqq.calib.text import sample_tokens
+from qwqq.calib.engine import (BlockModel, batch_size, blocks, ensure_torch, ffn_size, observing, open_block_model,
+                               pick_device, run_block, threads_for_torch)
+from qwqq.gptq.checkpoint import default_output, gptq_output
+from qwqq.gptq.options import check_settings
+from qwqq.gptq.packing import pack
+from qwqq.progress import step_progress
+from qwqq.source import checkpoint_of
+from qwqq.gptq.solver import DEFAULT_DAMP, SolvedLinear, gptq_quantize, rtn_quantize
 
 MIN_EXPERT_TOKENS = 128
 
 
 @dataclass
-class GPTQOptions:
+class SolverSettings:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
@@ -98,8 +107,8 @@ def quantized_names(layer, prefix: str) -> list[str]:
     return names
 
 
-def quantize_block(layer, prefix: str, hess: Hessians, opts: GPTQOptions, report: BlockReport
-                   ) -> dict[str, GPTQResult]:
+def quantize_block(layer, prefix: str, hess: Hessians, opts: SolverSettings, report: BlockReport
+                   ) -> dict[str, SolvedLinear]:
     """GPTQ (or RTN, for starved experts) of every weight in the block; the block's weights are replaced."""
     by_name = {n: key for key in hess.sums for n in key}
     names = quantized_names(layer, prefix)
@@ -138,8 +147,8 @@ def unquantized_params(layer, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def gptq_model(model: BlockModel, tokens: np.ndarray, opts: GPTQOptions,
-               emit: Callable[[int, dict[str, GPTQResult], dict[str, torch.Tensor]], None],
+def gptq_model(model: BlockModel, tokens: np.ndarray, opts: SolverSettings,
+               emit: Callable[[int, dict[str, SolvedLinear], dict[str, torch.Tensor]], None],
                tick: Callable[[int], None] | None = None) -> list[BlockReport]:
     """GPTQ every block; emit(i, quantized, unquantized) is called once per block, in order."""
     cfg = model.config
@@ -182,42 +191,21 @@ class GPTQRun:
         return [r for rep in self.reports for r in rep.rtn_experts]
 
 
-GPTQ_BITS = (2, 3, 4, 8)
-
-
 def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
                      group_aware: bool = True, damp: float = DEFAULT_DAMP, calib=None, calib_tokens: int | None = None,
                      calib_seqlen: int | None = None, device: str | None = None, out=None, force: bool = False,
                      threads: int = 0, progress: bool = True) -> GPTQRun:
     """A GPTQ checkpoint of `source`, calibrated on the shipped sample (or the text file `calib`)."""
-    import time
-    from pathlib import Path
-
-    from qwqq.errors import QwqqError
-    from qwqq.calib import engine as calibrate
-    from qwqq.gptq.checkpoint import gptq_output
-    from qwqq.gptq.packing import pack
-    from qwqq.progress import step_progress
-    from qwqq.source import open_checkpoint
-
     t0 = time.perf_counter()
-    if bits not in GPTQ_BITS:
-        raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")
-    if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
-        raise QwqqError(f"--group-size {group_size}: use -1 (per channel) or a power of two >= 16 (128 is usual)")
-    if not 0 < damp < 1:
-        raise QwqqError(f"--damp {damp}: a fraction of the Hessian's mean diagonal, 0 < damp < 1 (0.01 is usual)")
-    calibrate.ensure_torch("GPTQ")
-    calibrate.threads_for_torch(threads)
-    ckpt = open_checkpoint(source)
-    tokens = calibrate.tokenize(ckpt, calibrate.read_text(calib), calib_tokens or calibrate.DEFAULT_TOKENS,
-                                calib_seqlen or calibrate.DEFAULT_SEQLEN, calib)
-    from qwqq.gptq.checkpoint import default_output
-
+    check_settings(bits, group_size, damp)
+    ensure_torch("GPTQ")
+    threads_for_torch(threads)
+    ckpt = checkpoint_of(source)
+    tokens = sample_tokens(ckpt, calib, calib_tokens, calib_seqlen)
     out = Path(out) if out is not None else default_output(ckpt, bits, group_size)
-    model = calibrate.open_block_model(ckpt, calibrate.pick_device(device))
+    model = open_block_model(ckpt, pick_device(device))
     group_aware = group_aware and not desc_act  # act-order already orders every column
-    opts = GPTQOptions(bits, group_size, sym, desc_act, damp, group_aware)
+    opts = SolverSettings(bits, group_size, sym, desc_act, damp, group_aware)
     try:
         with gptq_output(ckpt, out, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                          damp_percent=damp, true_sequential=False, act_group_aware=group_aware,

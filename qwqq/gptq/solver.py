@@ -27,12 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from qwqq.gptq.options import DEFAULT_DAMP
+
 BLOCK = 128
-DEFAULT_DAMP = 0.01
 
 
 @dataclass
-class GPTQResult:
+class SolvedLinear:
     q: torch.Tensor  # int32 [out, in], 0 .. 2^bits - 1, in the original column order
     scales: torch.Tensor  # float16 [out, n_groups]
     zeros: torch.Tensor  # int32 [out, n_groups]
@@ -113,7 +114,7 @@ def column_order(diag: torch.Tensor, group_size: int, *, desc_act: bool, group_a
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, group_size: int = 128,
                   sym: bool = True, desc_act: bool = False, group_aware: bool = False,
-                  damp: float = DEFAULT_DAMP, overwrite_hessian: bool = False) -> GPTQResult:
+                  damp: float = DEFAULT_DAMP, overwrite_hessian: bool = False) -> SolvedLinear:
     """GPTQ of one weight matrix [out, in] given H [in, in] (any positive scale; 2/N sum x x^T).
 
     overwrite_hessian: `hessian` is the caller's to give away; it is damped, permuted and freed here
@@ -175,7 +176,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4,
     return _result(q, scales, zeros, g_idx, used_damp, "gptq")
 
 
-def rtn_quantize(weight: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True) -> GPTQResult:
+def rtn_quantize(weight: torch.Tensor, *, bits: int = 4, group_size: int = 128, sym: bool = True) -> SolvedLinear:
     """Plain round-to-nearest on the same grid (the baseline, and the fallback for unseen experts)."""
     w = weight.detach().to(torch.float32)
     rows, cols = w.shape
@@ -191,8 +192,8 @@ def rtn_quantize(weight: torch.Tensor, *, bits: int = 4, group_size: int = 128, 
     return _result(torch.cat(qs, 1), torch.stack(scales, 1), torch.stack(zeros, 1), g_idx, 0.0, "rtn")
 
 
-def _result(q, scales, zeros, g_idx, damp: float, method: str) -> GPTQResult:
+def _result(q, scales, zeros, g_idx, damp: float, method: str) -> SolvedLinear:
     gi = g_idx.long()
     weight = scales[:, gi] * (q - zeros[:, gi])
-    return GPTQResult(q.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx.to(torch.int32), weight,
+    return SolvedLinear(q.to(torch.int32), scales.half(), zeros.to(torch.int32), g_idx.to(torch.int32), weight,
                       damp, method)

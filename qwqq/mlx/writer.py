@@ -35,8 +35,8 @@ from qwqq.outputs import atomic_output, fsync_dir
 from qwqq.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards, pwrite_all,
                                      side_files, write_json)
 from qwqq.progress import tensor_progress
-from qwqq.gguf.plan import MLX_BITS, MLX_GROUP_SIZES, MLX_RECIPES, MLXPlan, make_mlx_plan
-from qwqq.source import Checkpoint, RowReader, TensorRef, open_checkpoint
+from qwqq.mlx.plan import MLX_BITS, MLX_GROUP_SIZES, MLX_RECIPES, MLXPlan, make_mlx_plan
+from qwqq.source import Checkpoint, RowReader, TensorRef, checkpoint_of
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB = 5, counted in GiB
 CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk: the unit of reading, quantizing and progress
@@ -311,27 +311,27 @@ def default_output(ckpt: Checkpoint, bits: int, group_size: int, recipe: str | N
     return Path.cwd() / f"{ckpt.name}-mlx-{tag}"
 
 
-def _mlx_available() -> None:
+def require_mlx() -> None:
     try:
         importlib.import_module("mlx.core")
     except ImportError as e:
         raise UnsupportedError(f"writing MLX needs the mlx package ({e}); {INSTALL_HINT}") from None
 
 
-def quantize_to_mlx(source: str | Path, *, bits: int | None = None, group_size: int | None = None,
+def quantize_to_mlx(source: str | Path | Checkpoint, *, bits: int | None = None, group_size: int | None = None,
                     mixed: str | None = None, out: Path | None = None, force: bool = False,
                     progress: bool = True, overrides: dict | None = None, tag: str | None = None) -> MLXResult:
     """An MLX folder of `source`. `overrides` (module -> (bits, group size)) come first, as from
     qwqq.budget.mlx; `tag` names the default output folder (<model>-mlx-<tag>)."""
     t0 = time.perf_counter()
     bits, group_size, recipe = resolve_mlx_options(bits, group_size, mixed)
-    ckpt = open_checkpoint(source)
+    ckpt = checkpoint_of(source)
     arch, sources, plan = plan_mlx(ckpt, bits, group_size, recipe, overrides)
     config = mlx_config(ckpt, arch, plan)
     lay = layout(plan)
     out = Path(out) if out is not None else default_output(ckpt, bits, group_size, recipe, tag)
     check_folder_output(out, ckpt.root, "MLX")
-    _mlx_available()
+    require_mlx()
     copies = side_files(ckpt.root)
     planned = lay.total_bytes + sum(p.stat().st_size for p in copies) + 2**20
     src_bytes = sum(s.rows * s.cols * s.parts[0].ref.itemsize for s in sources)

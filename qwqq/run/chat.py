@@ -1,4 +1,5 @@
-"""`qwqq run`: sampling defaults, the <think> block splitter, and the chat loop.
+"""`qwqq run`: the <think> block splitter, the conversation, the printer and the chat loop (sampling
+settings are qwqq.run.sampling's, the backends qwqq.run.backends').
 
 Output streams: the answer goes to stdout (plain text, nothing else), the thinking
 and every status line to stderr, so `qwqq run m.gguf -p "..." > answer.txt`
@@ -7,88 +8,17 @@ keeps only the answer while the terminal still shows the reasoning (dimmed).
 
 from __future__ import annotations
 
-import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from rich.console import Console
 
-from qwqq.archs import sampling_table
 from qwqq.errors import QwqqError
-
-
-# ---------------------------------------------------------------- sampling
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20  # 0: off
-    min_p: float = 0.0  # 0: off
-    seed: int | None = None  # None: random
-    greedy: bool = False
-    source: str = "generic defaults"  # where the values came from, for the status line
-
-    def describe(self) -> str:
-        if self.greedy:
-            return "greedy"
-        return f"temp {self.temperature:g}, top_p {self.top_p:g}, top_k {self.top_k}, min_p {self.min_p:g} ({self.source})"
-
-
-# Recommended settings by model family: each family's own (qwqq/archs/<family>.py), first match wins.
-# Patterns are matched against the model's name and architecture, lower-cased with spaces, "-" and "_" removed.
-GENERIC_SAMPLING = ("generic", dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0))
-
-# Sampling field <- (GGUF key qwqq writes from generation_config.json, generation_config.json key)
-SAMPLING_KEYS = {
-    "temperature": ("general.sampling.temp", "temperature"),
-    "top_p": ("general.sampling.top_p", "top_p"),
-    "top_k": ("general.sampling.top_k", "top_k"),
-    "min_p": ("general.sampling.min_p", "min_p"),
-}
-NAME_KEYS = ("general.name", "general.basename", "general.finetune", "_name_or_path", "general.architecture", "model_type")
-
-
-def _norm(s: str) -> str:
-    return re.sub(r"[\s\-_./]", "", s.lower())
-
-
-def family_of(metadata: dict, name: str = "") -> tuple[str, dict]:
-    text = " ".join([name, *(str(metadata.get(k, "")) for k in NAME_KEYS)])
-    norm = _norm(text)
-    for rec in sampling_table():
-        if re.search(rec.pattern, norm):
-            return rec.label, rec.values
-    return GENERIC_SAMPLING
-
-
-def default_sampling(metadata: dict, name: str = "") -> Sampling:
-    """The model's own values (GGUF general.sampling.* or generation_config keys) where
-    present, else its family's recommendation. Never greedy."""
-    label, values = family_of(metadata, name)
-    values = dict(values)
-    own = []
-    for fld, keys in SAMPLING_KEYS.items():
-        for key in keys:
-            if metadata.get(key) not in (None, ""):
-                try:
-                    values[fld] = type(values[fld])(float(metadata[key]))
-                except (TypeError, ValueError):
-                    continue
-                own.append(fld)
-                break
-    source = f"{label} defaults" if not own else ("model's generation config" if len(own) == len(SAMPLING_KEYS) else f"model's generation config + {label} defaults")
-    return Sampling(**values, source=source)
-
-
-def resolve_sampling(metadata: dict, name: str, *, temperature=None, top_p=None, top_k=None, min_p=None, seed=None, greedy=False) -> Sampling:
-    """default_sampling with the command-line flags on top."""
-    base = default_sampling(metadata, name)
-    flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-    given = {k: v for k, v in flags.items() if v is not None}
-    source = base.source + (" + flags" if given else "")
-    return replace(base, **given, seed=seed, greedy=greedy, source=source)
+from qwqq.fit import search as fitting
+from qwqq.run.backends import LoadOptions, canonical_name, pick_backend
+from qwqq.run.sampling import Sampling, resolve_sampling
 
 
 # ---------------------------------------------------------------- <think> splitting
@@ -362,8 +292,6 @@ def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
            "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers}
     if backend != "llama.cpp" or (opts.profile is None and None not in given.values()):
         return out
-    from qwqq.fit import search as fitting
-
     hw = fitting.machine(profile=opts.profile)
     req = fitting.Request(ctx=opts.ctx or None, kv=opts.kv or "auto", min_ctx=min(opts.ctx or 2048, 2048),
                           flash_attn=opts.flash_attn)
@@ -386,8 +314,6 @@ def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
 
 
 def run_chat(opts: RunOptions) -> None:
-    from qwqq.run.backends import LoadOptions, canonical_name, pick_backend
-
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if opts.max_tokens < 1:
         raise QwqqError("--max-tokens must be at least 1")

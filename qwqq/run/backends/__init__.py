@@ -32,7 +32,7 @@ from qwqq.errors import UnsupportedError
 from qwqq.formats import detect_format
 
 if TYPE_CHECKING:
-    from qwqq.run.chat import Sampling
+    from qwqq.run.sampling import Sampling
 
 ENTRY_POINT_GROUP = "qwqq.backends"
 BUILTIN = {"llama.cpp": "qwqq.run.backends.llamacpp:backend", "mlx": "qwqq.run.backends.mlx:backend",

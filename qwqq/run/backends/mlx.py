@@ -4,13 +4,12 @@ The prompt is the model's own chat template rendered exactly as the llama.cpp ba
 (jinja2's ImmutableSandboxedEnvironment, transformers' settings), so both backends send the same
 text and qwqq knows whether the template already opened a <think> block. Tokens are fed to
 mlx_lm.stream_generate with a sampler from mlx_lm.sample_utils.make_sampler built from the same
-Sampling values (qwqq.run.chat) the llama.cpp backend uses.
+Sampling values (qwqq.run.sampling) the llama.cpp backend uses.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import random
@@ -19,11 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 from qwqq.run.backends import LoadOptions
+from qwqq.run.folder import folder_metadata
 from qwqq.run.template import ChatTemplate, prompt_room, with_bos
 from qwqq.errors import QwqqError
 
 INSTALL_HINT = 'install it with: pip install "qwqq[mlx]"'
-SCALAR = (str, int, float, bool)
 
 
 @contextmanager
@@ -38,28 +37,6 @@ def _quiet(enabled: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise QwqqError(f"cannot read {path.name}: {e}", path.parent) from None
-    return data if isinstance(data, dict) else {}
-
-
-def folder_metadata(path: Path) -> dict[str, str]:
-    """What the chat loop reads for sampling defaults: config.json and generation_config.json
-    scalars (model_type, temperature, top_p, ...) and the folder's name as general.name."""
-    meta: dict[str, str] = {}
-    for name in ("config.json", "generation_config.json"):
-        for k, v in _read_json(path / name).items():
-            if isinstance(v, SCALAR):
-                meta[k] = str(v)
-    meta["general.name"] = path.name
-    return meta
 
 
 # ---------------------------------------------------------------- the model
