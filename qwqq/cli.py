@@ -102,7 +102,7 @@ def quantize(
     desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ: act-order (columns by decreasing Hessian diagonal; g_idx becomes a permutation)."),
     group_aware: bool = typer.Option(True, "--act-group-aware/--no-act-group-aware", help="GPTQ: solve the groups in order of Hessian priority, columns too, keeping static groups (GPTQModel's act_group_aware; the checkpoint loads everywhere). On by default."),
     asym: bool = typer.Option(False, "--asym", help="GPTQ: asymmetric grid (default symmetric)."),
-    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (default 0.01; raised automatically when needed)."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: damping, as a fraction of the Hessian's mean diagonal (default 0.05, GPTQModel's too; raised automatically when needed)."),
     target_size: Optional[str] = typer.Option(None, "--target-size", help="GGUF: a type per tensor (MLX: bits per module), chosen from measured sensitivity, that fills this size best (19.5GB, 800MB, 20GiB)."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF or MLX: the same, for an average of this many bits per weight."),
     fit_profile: Optional[str] = typer.Option(None, "--fit", help="GGUF: the same, for what a hardware profile (rtx-4090, m4-max-64, ...) leaves for weights after the KV cache of --ctx."),

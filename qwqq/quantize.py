@@ -168,7 +168,7 @@ def _gptq(f: Flags, opts: GPTQOptions, say: Say) -> Written:
     if result.undersampled:
         say(f"note: {result.tokens} calibration tokens for inputs {result.widest_input} wide: GPTQ may fit the sample "
             f"rather than the model; --calib-tokens {4 * result.widest_input} or more (with a longer --calib text) is "
-            "safer, and --damp 0.05 helps (docs/bench-gptq.md)")
+            "safer (docs/bench-gptq.md)")
     if result.rtn_fallbacks:
         say(f"note: {len(result.rtn_fallbacks)} expert weights saw too few calibration tokens and were rounded to "
             f"nearest instead (first: {result.rtn_fallbacks[0]}); more --calib-tokens helps")
