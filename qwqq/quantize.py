@@ -74,7 +74,7 @@ NOT_FOR: tuple[tuple[str, Callable[[Flags], bool], str], ...] = (
     ("gguf", lambda f: f.gptq_solver, "--desc-act, --act-group-aware, --asym and --damp are for --format gptq"),
     ("mlx", lambda f: f.gptq_solver, "--desc-act, --act-group-aware, --asym and --damp are for --format gptq"),
     ("mlx", lambda f: f.budget.fit_profile is not None, "--fit sizes GGUF files for a profile; for MLX give --target-size or --target-bpw"),
-    ("gptq", lambda f: f.budget.fit_profile is not None, "--fit sizes GGUF files for a profile; for MLX give --target-size or --target-bpw"),
+    ("gptq", lambda f: f.budget.fit_profile is not None, "--fit sizes GGUF files for a profile; GPTQ has one width, --bits"),
     ("gptq", lambda f: f.target, "--target-size and --target-bpw are for GGUF and MLX; GPTQ has one width, --bits"),
     ("mlx", lambda f: f.calib_given, "--calib is for --format gptq and GGUF importance matrices; MLX quantization is not calibrated"),
     ("mlx", lambda f: f.type_name is not None, "--type names a GGUF mixture; for --format mlx give --bits (and --group-size, --mixed)"),

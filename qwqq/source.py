@@ -328,7 +328,7 @@ def _utf8(text: str, what: str, where: Path) -> str:
     return text
 
 
-# generation_config.json values qwqq writes as GGUF general.sampling.* (see gguf_writer.SAMPLING_KEYS):
+# generation_config.json values qwqq writes as GGUF general.sampling.* (see qwqq.gguf.header.SAMPLING_KEYS):
 # key -> (smallest, largest) a GGUF f32 / i32 holds.
 _F32 = (-3.4e38, 3.4e38)
 SAMPLING_RANGES = {"temperature": _F32, "top_p": _F32, "min_p": _F32, "repetition_penalty": _F32,

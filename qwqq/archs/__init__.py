@@ -1,4 +1,4 @@
-"""The architectures qwqq knows, one module per family, found by config.json's class name or model_type.
+"""The architectures qwqq knows, one module per family, found by config.json's class name (architectures[0]).
 
 Each module (qwen2.py, qwen3.py, qwen3_moe.py, llama.py, deepseek_v3.py) builds one `Arch`: the names it
 answers to, its GGUF architecture and metadata, the tensor shapes a config implies, what a runtime keeps
@@ -19,7 +19,6 @@ from qwqq.errors import SourceError, UnsupportedError
 FAMILIES = (qwen2, qwen3, qwen3_moe, llama, deepseek_v3)  # sampling patterns are tried in this order
 KNOWN: dict[str, Arch] = {m.ARCH.hf_class: m.ARCH for m in FAMILIES}
 ARCHS: dict[str, Arch] = {name: a for name, a in KNOWN.items() if a.quantizable}  # what quantize accepts
-BY_MODEL_TYPE: dict[str, Arch] = {t: m.ARCH for m in FAMILIES for t in m.ARCH.model_types}
 
 
 def find_arch(config: dict, where=None) -> Arch:
@@ -33,11 +32,6 @@ def find_arch(config: dict, where=None) -> Arch:
     if names[0] not in KNOWN:
         raise UnsupportedError(f"architecture {short(names[0])} is not supported; supported: {', '.join(ARCHS)}", where)
     return KNOWN[names[0]]
-
-
-def arch_for_model_type(model_type: str) -> Arch | None:
-    """The family a config.json's model_type (an MLX or GPTQ folder's, say) belongs to, if any."""
-    return BY_MODEL_TYPE.get(model_type)
 
 
 def arch_of(config: dict, where=None) -> Arch:
@@ -54,5 +48,5 @@ def sampling_table() -> tuple[Sampling, ...]:
 
 
 __all__ = ["ARCHS", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
-           "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_for_model_type", "arch_of", "cfg", "check_config", "find_arch",
+           "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_of", "cfg", "check_config", "find_arch",
            "gguf_tensors", "head_dim", "hub_shapes", "mlx_name", "rope_params", "sampling_table", "short"]

@@ -87,7 +87,6 @@ class Arch:
     hf_class: str  # the architectures[0] of config.json
     model_types: tuple[str, ...]  # config.json model_type values it answers to
     gguf_arch: gguf.MODEL_ARCH
-    family: str  # for file names and messages
     shapes: Callable[[dict, bool], Shapes]  # the GGUF tensors a config implies (what fit sizes)
     dims: Callable[[dict, "Arch"], Dims]  # what a runtime keeps per token and layer
     meta: tuple[Meta, ...] = COMMON

@@ -52,7 +52,6 @@ ARCH = Arch(
     hf_class="DeepseekV3ForCausalLM",
     model_types=("deepseek_v3",),
     gguf_arch=gguf.MODEL_ARCH.DEEPSEEK2,
-    family="deepseek",
     shapes=shapes,
     dims=dims,
     moe=True,

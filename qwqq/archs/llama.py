@@ -10,7 +10,6 @@ ARCH = Arch(
     hf_class="LlamaForCausalLM",
     model_types=("llama",),
     gguf_arch=gguf.MODEL_ARCH.LLAMA,
-    family="llama",
     shapes=lambda config, output_tensor=False: decoder_shapes(
         config, attn_bias=bool(config.get("attention_bias")), attn_out_bias=True, qk_norm=False,
         mlp_bias=bool(config.get("mlp_bias")), output_tensor=output_tensor),

@@ -8,7 +8,6 @@ ARCH = Arch(
     hf_class="Qwen2ForCausalLM",
     model_types=("qwen2",),
     gguf_arch=gguf.MODEL_ARCH.QWEN2,
-    family="qwen2",
     shapes=lambda config, output_tensor=False: decoder_shapes(
         config, attn_bias=True, attn_out_bias=False, qk_norm=False, mlp_bias=bool(config.get("mlp_bias")),
         output_tensor=output_tensor),

@@ -10,7 +10,6 @@ ARCH = Arch(
     hf_class="Qwen3ForCausalLM",
     model_types=("qwen3",),
     gguf_arch=gguf.MODEL_ARCH.QWEN3,
-    family="qwen3",
     shapes=lambda config, output_tensor=False: decoder_shapes(
         config, attn_bias=bool(config.get("attention_bias")), attn_out_bias=True, qk_norm=True,
         mlp_bias=bool(config.get("mlp_bias")), output_tensor=output_tensor),

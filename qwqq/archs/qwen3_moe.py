@@ -11,7 +11,6 @@ ARCH = Arch(
     hf_class="Qwen3MoeForCausalLM",
     model_types=("qwen3_moe",),
     gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
-    family="qwen3",
     shapes=lambda config, output_tensor=False: decoder_shapes(
         config, attn_bias=bool(config.get("attention_bias")), attn_out_bias=True, qk_norm=True,
         mlp_bias=bool(config.get("mlp_bias")), moe=True, output_tensor=output_tensor),

@@ -8,7 +8,7 @@ modules get which is the GGUF budget's problem again (qwqq.budget.allocate), wit
   ``mx.dequantize`` at 2, 3, 4, 5, 6 and 8 bits with the run's group size, and the relative error
   nsr = |w - w_b|^2 / |w|^2 taken (unweighted: MLX quantization is not calibrated). Cached on disk.
 - cost: the bytes the plan stores for the module at those bits (packed weight, scales and biases).
-- loss: nsr times the module's category weight (lm_head 32, v_proj and down_proj 2, embedding 0.25;
+- loss: nsr times the module's category weight (lm_head 32, v_proj and down_proj 2, the rest 1;
   a tied embedding is the output layer), the weights the GGUF budget uses.
 - allocation: qwqq.budget.allocate.choose (convex hulls, efficiency-ordered steps).
 

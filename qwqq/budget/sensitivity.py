@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType as T
 from qwqq.archs import GGUFTensor
 from qwqq.gguf import kernels as ggml
 from qwqq.gguf.plan import Plan
+from qwqq.gguf.quantize import imatrix_rows
 from qwqq.gguf.types import FLOAT_TYPES, block_size
 from qwqq.cache import cache_path, identity, read_cached, write_cached
 from qwqq.source import Checkpoint, RowReader
@@ -108,8 +109,6 @@ def _cache_file(ckpt: Checkpoint, imatrix, sample_rows: int) -> Path:
 def measure(ckpt: Checkpoint, sources: dict[str, GGUFTensor], plan: Plan, imatrix=None, *,
             sample_rows: int = SAMPLE_ROWS, use_cache: bool = True, tick=None) -> Sensitivity:
     """nsr for every tensor the plan quantizes, at every type of its ladder (cached)."""
-    from qwqq.gguf.quantize import imatrix_rows
-
     cache = _cache_file(ckpt, imatrix, sample_rows)
     data = read_cached(cache) if use_cache else None
     if isinstance(data, dict) and "errors" in data and "imatrix" in data:

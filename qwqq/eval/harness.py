@@ -2,7 +2,7 @@
 
 The text is tokenized once (the reference's tokenizer), cut into windows of `ctx` tokens, and each
 window scored on its second half, as llama-perplexity does. The reference's view of those positions
-(top-K log-probs, see qwqq.eval.metrics) is computed once and cached on disk, keyed by the
+(every log-prob, stored as uint16 steps, see qwqq.eval.metrics) is computed once and cached on disk, keyed by the
 reference's identity (its files' names, sizes and mtimes) and the exact tokens.
 """
 
@@ -23,6 +23,8 @@ from qwqq.cache import cache_root, identity
 from qwqq.errors import QwqqError
 from qwqq.eval.logits import LogitsModel, check_logits_source, open_logits
 from qwqq.eval.metrics import PositionScores, RefPositions, Summary, reference_positions, score, summarize
+from qwqq.calib.text import read_text as read_utf8
+from qwqq.progress import step_progress
 
 DEFAULT_CTX = 512
 CACHE_VERSION = 2  # 2: lo renormalised, neg_entropy and mass stored
@@ -53,8 +55,6 @@ def default_text() -> str:
 def read_text(path: Path | str | None) -> str:
     if path is None:
         return default_text()
-    from qwqq.calib.text import read_text as read_utf8
-
     return read_utf8(path, "evaluation text")
 
 
@@ -154,8 +154,6 @@ def reference(ref_model: LogitsModel, ref_path: Path, windows: np.ndarray, first
 def evaluate(model: str | Path, ref: str | Path, *, text: str | None = None, ctx: int = DEFAULT_CTX,
              max_tokens: int | None = None, threads: int = 0, use_cache: bool = True, progress: bool = True
              ) -> EvalResult:
-    from qwqq.progress import step_progress
-
     model, ref = Path(model), Path(ref)
     text = default_text() if text is None else text
     t0 = time.perf_counter()

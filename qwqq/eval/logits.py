@@ -22,6 +22,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from qwqq.errors import QwqqError, UnsupportedError
+from qwqq.calib.engine import ensure_torch, threads_for_torch
+from qwqq.source import open_checkpoint
+from qwqq.eval.blocks import BlockLogits
+from qwqq.formats import detect_format
 
 
 @dataclass
@@ -78,13 +82,8 @@ def _gguf(path: Path, ctx: int, threads: int) -> LogitsModel:
 
 
 def _safetensors(path: Path, ctx: int, threads: int) -> LogitsModel:
-    from qwqq.calib.engine import ensure_torch, threads_for_torch
-    from qwqq.source import open_checkpoint
-
     ensure_torch("evaluating an unquantized checkpoint")
     threads_for_torch(threads)
-    from qwqq.eval.blocks import BlockLogits
-
     ckpt = open_checkpoint(path)
     model = BlockLogits(ckpt)
     return LogitsModel(model.n_vocab, model.logits, model.close, model.tokenize, f"transformers blocks {path.name}",)
@@ -138,15 +137,11 @@ PROVIDERS: dict[str, Callable[[Path, int, int], LogitsModel]] = {
 def check_logits_source(path: str | Path) -> str:
     """The format of `path`, checked as far as is cheap (it exists, its headers parse, eval reads it):
     run before the reference pass so a bad model path fails at once, not after minutes of work."""
-    from qwqq.formats import detect_format
-
     path = Path(path)
     fmt = detect_format(path)
     if fmt not in PROVIDERS:
         raise UnsupportedError(f"eval does not read {fmt} models yet", path)
     if fmt in ("safetensors", "gptq", "mlx"):
-        from qwqq.source import open_checkpoint
-
         open_checkpoint(path)  # reads config and safetensors headers; checks every shard is whole
     return fmt
 

@@ -1,8 +1,8 @@
 """GPTQ folders for `qwqq fit` on CUDA GPUs: sized from the functions `qwqq quantize --format gptq` writes with.
 
 The weights are the tensor data of the GPTQ checkpoint: for a folder with weights, GPTQPlan.tensor_bytes of
-the writer's own plan (gptq_format.plan_gptq); for a model known by its config, gptq_format.gptq_bytes over
-the Hugging Face tensors mapped back from the GGUF shapes fit already has (models.tensor_shapes): packed
+the writer's own plan (qwqq.gptq.checkpoint.plan_gptq); for a model known by its config, qwqq.gptq.checkpoint.gptq_bytes over
+the Hugging Face tensors mapped back from the GGUF shapes fit already has (fit.subject.tensor_shapes): packed
 linears (qweight, qzeros, scales, g_idx) and 2 bytes per element for everything else (embeddings, norms,
 biases, the MoE router, lm_head), as the writer stores them.
 
@@ -26,6 +26,7 @@ from qwqq.fit.constants import backend_constants
 from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
+from qwqq.gptq.checkpoint import gptq_bytes, plan_gptq
 
 # (type name in fit's table, bits, group size); the defaults fit lists, then the ones only --type asks for
 GPTQ_BUILDS = (("GPTQ-Int8", 8, 128), ("GPTQ-Int4", 4, 128))
@@ -70,7 +71,7 @@ def hf_shapes(model: Model) -> dict[str, tuple[int, ...]]:
 
 @dataclass
 class GPTQBuild:
-    """A GPTQ folder, shaped like models.Build for fit's table and ranking."""
+    """A GPTQ folder, shaped like fit.subject.Build for fit's table and ranking."""
 
     type_name: str
     bits: int
@@ -106,8 +107,6 @@ class GPTQBuild:
 def gptq_build(model: Model, type_name: str, bits: int, group_size: int) -> GPTQBuild:
     """What `qwqq quantize --format gptq --bits B --group-size G` writes for this model (ValueError when
     a dimension does not pack at this width)."""
-    from qwqq.gptq.checkpoint import gptq_bytes, plan_gptq
-
     key = f"gptq:{type_name}:{bits}:{group_size}"  # cached with the model's GGUF builds (fit asks many times)
     if key in model._builds:
         return model._builds[key]
@@ -147,7 +146,7 @@ class GPTQCandidate(Candidate):
 
     @property
     def folder(self) -> str:
-        """quantize's default output folder (gptq_format.default_output)."""
+        """quantize's default output folder (qwqq.gptq.checkpoint.default_output)."""
         b = self.build
         name = self.model.ref.rstrip("/").split("/")[-1]
         return f"{name}-gptq-{b.bits}bit-g{b.group_size if b.group_size != -1 else 'channel'}"

@@ -1,8 +1,8 @@
 """MLX builds for `qwqq fit` on a Mac: sized from the plan `qwqq quantize --format mlx` executes.
 
-The weights are MLXPlan.tensor_bytes of qwqq.gguf.plan.make_mlx_plan: for a folder with weights,
-the writer's own plan (mlx_writer.plan_mlx); for a model known by its config, the same plan over the
-mlx-lm parameter names mapped back from the GGUF tensor shapes fit already has (models.tensor_shapes).
+The weights are MLXPlan.tensor_bytes of qwqq.mlx.plan.make_mlx_plan: for a folder with weights,
+the writer's own plan (qwqq.mlx.writer.plan_mlx); for a model known by its config, the same plan over the
+mlx-lm parameter names mapped back from the GGUF tensor shapes fit already has (fit.subject.tensor_shapes).
 Memory on the Mac = weights + mlx-lm's default KV cache (f16, K and V for every layer, the context
 rounded up to mlx-lm's 256-token growth step) + a stated runtime overhead (data/backends.toml [mlx]).
 MLX has no offload: a build fits in the GPU working set or not at all.
@@ -22,6 +22,7 @@ from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
 from qwqq.mlx.plan import MLXPlan, make_mlx_plan
+from qwqq.mlx.writer import plan_mlx, target_dtype
 
 # (type name in fit's table, bits, group size, mlx-lm recipe)
 MLX_BUILDS = (("MLX-8bit", 8, 64, None), ("MLX-4bit", 4, 64, None), ("MLX-mixed_3_6", 3, 64, "3_6"))
@@ -36,8 +37,6 @@ def _mlx_settings() -> tuple[int, float]:
 
 def mlx_plan(model: Model, bits: int, group_size: int = 64, recipe: str | None = None) -> MLXPlan:
     """The MLX folder's plan: exactly what quantize_to_mlx writes for this model."""
-    from qwqq.mlx.writer import plan_mlx, target_dtype
-
     if model.checkpoint is not None:
         return plan_mlx(model.checkpoint, bits, group_size, recipe)[2]
     cfg = model.config
@@ -57,7 +56,7 @@ def kv_cache_bytes(model: Model, ctx: int) -> int:
 
 @dataclass
 class MLXBuild:
-    """An MLX folder, shaped like models.Build for fit's table and ranking."""
+    """An MLX folder, shaped like fit.subject.Build for fit's table and ranking."""
 
     type_name: str
     bits: int

@@ -2,7 +2,7 @@
 
 For a model given by its config.json (catalog, hub, or a folder without weights) the GGUF tensor
 list is synthesized from the config by `tensor_shapes`; for a folder with weights it comes from
-the checkpoint itself (`plan_checkpoint`, as quantize does); either way the per-tensor types and
+the checkpoint itself (`gguf.prepared`, as quantize opens it); either way the per-tensor types and
 sizes come from `make_plan`, the same plan quantize executes. An existing .gguf is read as is.
 """
 
@@ -26,6 +26,7 @@ from qwqq.gguf.plan import ModelFacts, make_plan, model_facts
 from qwqq.gguf.prepared import Prepared, prepare
 from qwqq.gguf.types import MIXTURES
 from qwqq.source import Checkpoint
+from qwqq.gguf.reader import read_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Metadata bytes per vocabulary entry of a Qwen-style BPE tokenizer (token string, token type,
@@ -255,8 +256,6 @@ def from_prepared(src: Prepared) -> Model:
 
 
 def from_gguf(path: Path) -> Model:
-    from qwqq.gguf.reader import read_gguf
-
     g = read_gguf(path)
     tensors = [WeightTensor(t.name, tuple(reversed(t.shape)), t.type, t.nbytes) for t in g.tensors]
     dims = dims_from_gguf(g.metadata, tensors)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -20,9 +19,8 @@ from qwqq.errors import SourceError
 from qwqq.gguf.plan import Plan
 from qwqq.gguf.vocab import Vocab
 from qwqq.source import Checkpoint
+from qwqq.gguf.imatrix_file import Imatrix
 
-if TYPE_CHECKING:
-    from qwqq.gguf.imatrix_file import Imatrix
 
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 
@@ -64,7 +62,7 @@ def _put(w: gguf.GGUFWriter, key: str, kind: str, value) -> None:
 
 
 def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab,
-                   imatrix: "Imatrix | None" = None) -> None:
+                   imatrix: Imatrix | None = None) -> None:
     c, a = ckpt.config, arch.name
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(ckpt.name)
@@ -131,7 +129,7 @@ def _cut(s: str) -> str:
     return s.encode("utf-8")[:127].decode("utf-8", "ignore")
 
 
-def build_header(ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, imatrix: "Imatrix | None" = None) -> bytes:
+def build_header(ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, imatrix: Imatrix | None = None) -> bytes:
     """Everything before the first tensor's data: header, metadata, tensor infos, padding to the alignment."""
     w = FastArrayWriter(path=None, arch=arch.name)
     write_metadata(w, ckpt, arch, plan, vocab, imatrix)

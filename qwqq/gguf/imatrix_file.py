@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from qwqq.errors import QwqqError, SourceError
+from qwqq.gguf.reader import read_gguf
+from qwqq.outputs import atomic_output
 
 KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
@@ -136,8 +138,6 @@ def read_imatrix(path: str | Path) -> Imatrix:
 
 def _read_gguf(path: Path) -> Imatrix:
     from gguf import GGMLQuantizationType as T
-
-    from qwqq.gguf.reader import read_gguf
 
     try:
         g = read_gguf(path)
@@ -263,8 +263,6 @@ def _gguf_entries(im: Imatrix) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def write_imatrix(imatrix: Imatrix, path: str | Path, *, force: bool = False) -> Path:
     """Write `imatrix` as a llama.cpp GGUF importance matrix (what llama-imatrix writes), atomically."""
     import gguf
-
-    from qwqq.outputs import atomic_output
 
     path = Path(path)
     entries = _gguf_entries(imatrix)

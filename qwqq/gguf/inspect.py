@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwqq.gguf.reader import GGUFFile, LazyArray, read_gguf
+from qwqq.outputs import check_not_being_written
 
 # Arrays longer than this are summarised as "[array of N type]".
 SHORT_ARRAY = 16
@@ -20,8 +21,6 @@ LONG_TEXT = {"tokenizer.chat_template"}
 
 
 def _open(path: Path) -> GGUFFile:
-    from qwqq.outputs import check_not_being_written
-
     if path.exists() and not path.is_dir():
         check_not_being_written(path)
     return read_gguf(path)

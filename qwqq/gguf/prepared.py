@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qwqq.archs import Arch, GGUFTensor, arch_of, gguf_tensors
 from qwqq.gguf.header import build_header
@@ -14,9 +13,8 @@ from qwqq.gguf.plan import ModelFacts, Plan, make_plan, model_facts
 from qwqq.gguf.types import Mixture
 from qwqq.gguf.vocab import Vocab, build_vocab
 from qwqq.source import Checkpoint, open_checkpoint
+from qwqq.gguf.imatrix_file import Imatrix
 
-if TYPE_CHECKING:
-    from qwqq.gguf.imatrix_file import Imatrix
 
 
 @dataclass
@@ -47,7 +45,7 @@ class Prepared:
                                          has_imatrix=has_imatrix, overrides=overrides)
         return self._plans[key]
 
-    def header(self, plan: Plan, imatrix: "Imatrix | None" = None) -> bytes:
+    def header(self, plan: Plan, imatrix: Imatrix | None = None) -> bytes:
         """The GGUF header the writer writes for `plan` (and `imatrix`'s keys): metadata, tensor infos, padding."""
         return build_header(self.ckpt, self.arch, plan, self.vocab, imatrix)
 

@@ -6,7 +6,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,9 +17,8 @@ from qwqq.gguf.prepared import Prepared, prepare
 from qwqq.gguf.types import BITS_TO_MIXTURE, MIXTURES, Mixture
 from qwqq.gguf.writer import write_gguf
 from qwqq.source import Checkpoint
+from qwqq.gguf.imatrix_file import Imatrix
 
-if TYPE_CHECKING:
-    from qwqq.gguf.imatrix_file import Imatrix
 
 # The mixtures `quantize --type` accepts without an importance matrix.
 GGUF_TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_S", "Q5_K_M", "Q4_K_S", "Q4_K_M", "Q4_0", "Q3_K_S",
@@ -80,7 +78,7 @@ def plan_checkpoint(ckpt: Checkpoint | Prepared, mixture: Mixture | str, *, has_
     return src.arch, src.tensors, src.plan(mixture, has_imatrix=has_imatrix, overrides=overrides)
 
 
-def imatrix_rows(plan: Plan, imatrix: "Imatrix") -> tuple[dict[str, np.ndarray], list[str]]:
+def imatrix_rows(plan: Plan, imatrix: Imatrix) -> tuple[dict[str, np.ndarray], list[str]]:
     """Per quantized tensor, the float32 [n_mat, cols] importance its rows are quantized with, and the
     names of the quantized tensors the imatrix has no data for. Follows src/llama-quant.cpp: an entry
     is used only if it holds cols * experts values (else an error, except for token_embd, which is
@@ -123,7 +121,7 @@ def header_estimate(vocab_tokens: int) -> int:
 
 def quantize_to_gguf(source: str | Path | Checkpoint | Prepared, mixture: Mixture, *, out: Path | None = None, force: bool = False,
                      resume: bool = False, threads: int = 0, progress: bool = True,
-                     imatrix: "Imatrix | None" = None, overrides: dict | None = None) -> Result:
+                     imatrix: Imatrix | None = None, overrides: dict | None = None) -> Result:
     """Quantize a checkpoint to one GGUF file. With `imatrix` (an importance matrix, read from a
     llama-imatrix file or computed), the plan and every quantized tensor use it as llama-quantize
     --imatrix does. `source` may be already prepared (gguf.prepared.prepare), as a budgeted run's is."""

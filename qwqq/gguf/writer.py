@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -28,9 +28,8 @@ from qwqq.gguf.vocab import Vocab
 from qwqq.gguf.plan import Plan
 from qwqq.gguf.types import row_bytes
 from qwqq.source import Checkpoint, RowReader
+from qwqq.gguf.imatrix_file import Imatrix
 
-if TYPE_CHECKING:
-    from qwqq.gguf.imatrix_file import Imatrix
 
 CHUNK_FLOATS = 4 * 2**20  # 16 MiB of float32 per chunk: the unit of reading and of progress
 JOURNAL_EVERY_S = float(os.environ.get("QWQQ_JOURNAL_EVERY_S", "2"))  # how often resumable progress is recorded
@@ -206,14 +205,14 @@ def _record(journal: Path, header: bytes, jobs: list[Job], done: int, imatrix_id
 def write_gguf(path: Path, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab, sources: dict[str, GGUFTensor],
                threads: int, progress: Callable[[str, int], None] | None = None, *, resume: bool = False,
                journal: Path | None = None, on_resume: Callable[[int, int], None] | None = None,
-               imatrix: "Imatrix | None" = None, imatrix_rows: dict[str, np.ndarray] | None = None) -> int:
+               imatrix: Imatrix | None = None, imatrix_rows: dict[str, np.ndarray] | None = None) -> int:
     """Write the whole GGUF to `path` (a temporary name; the caller renames). Returns bytes written.
 
     With a journal, progress is recorded (after an fsync of the data) every few seconds, and with
     `resume` the leading tensors an interrupted run finished are kept instead of redone.
 
     With an `imatrix`, `imatrix_rows` maps a quantized tensor's name to the float32 [n_mat, cols]
-    weights its rows are quantized with (pipeline.imatrix_rows checks and builds it, as
+    weights its rows are quantized with (qwqq.gguf.quantize.imatrix_rows checks and builds it, as
     llama-quantize does); the file records the imatrix as llama-quantize does, and a resume
     only keeps tensors made with the very same importance data.
     """

@@ -36,7 +36,7 @@ from qwqq.source import FLOAT_DTYPES, Checkpoint, RowReader, TensorRef, open_che
 MAX_SHARD_BYTES = 4 * 10**9  # GPTQModel's DEFAULT_MAX_SHARD_SIZE "4GB"
 CHUNK_ELEMENTS = 4 * 2**20  # source elements per row chunk when copying unquantized tensors
 QUANT_CONFIG_FILE = "quantize_config.json"  # GPTQModel's own copy of quantization_config
-STORED_FLOAT_DTYPES = {"float16": "F16", "bfloat16": "BF16"}  # --float-dtype: how unquantized tensors are stored
+STORED_FLOAT_DTYPES = {"float16": "F16", "bfloat16": "BF16"}  # how unquantized tensors may be stored (gptq_output float_dtype)
 
 # =========================================================================== what a checkpoint holds
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 What mlx_lm.convert writes, array for array: the same parameter names (experts stacked per
 projection, a tied lm_head dropped), the same (bits, group size) per module (the plan in
-qwqq.gguf.plan.make_mlx_plan), packed weights, scales and biases computed by mlx's own
+qwqq.mlx.plan.make_mlx_plan), packed weights, scales and biases computed by mlx's own
 `mx.quantize`, unquantized tensors in the dtype mlx_lm.convert keeps (config "torch_dtype" when it
 names a float type, else each tensor's own), and config.json with the "quantization" block mirrored
 as "quantization_config".

@@ -26,13 +26,12 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 from qwqq.errors import UnsupportedError
 from qwqq.formats import detect_format
+from qwqq.run.sampling import Sampling
 
-if TYPE_CHECKING:
-    from qwqq.run.sampling import Sampling
 
 ENTRY_POINT_GROUP = "qwqq.backends"
 BUILTIN = {"llama.cpp": "qwqq.run.backends.llamacpp:backend", "mlx": "qwqq.run.backends.mlx:backend",
@@ -70,7 +69,7 @@ class ChatModel(Protocol):
 
     def render(self, messages: list[dict]) -> str: ...
 
-    def stream_chat(self, messages: list[dict], sampling: "Sampling", max_tokens: int) -> Iterator[str]: ...
+    def stream_chat(self, messages: list[dict], sampling: Sampling, max_tokens: int) -> Iterator[str]: ...
 
     def close(self) -> None: ...
 
