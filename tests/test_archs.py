@@ -1,0 +1,33 @@
+"""The architecture registry: each family module answers to the names transformers gives it, is found by
+its class name, and refuses what it should, in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwqq.archs import ARCHS, FAMILIES, KNOWN, arch_of, find_arch, sampling_table
+from qwqq.errors import UnsupportedError
+
+
+@pytest.mark.parametrize("module", FAMILIES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_each_family_answers_to_transformers_own_names(module):
+    import transformers
+
+    arch = module.ARCH
+    cls = getattr(transformers, arch.hf_class)  # the class exists in the transformers qwqq pins
+    assert cls.config_class.model_type in arch.model_types
+    assert find_arch({"architectures": [arch.hf_class]}) is arch
+    assert module.__name__.rsplit(".", 1)[-1] in arch.model_types  # the module is named after its model_type
+
+
+def test_quantize_takes_the_quantizable_families_and_fit_knows_them_all():
+    assert set(ARCHS) == {name for name, a in KNOWN.items() if a.quantizable}
+    fit_only = [a for a in KNOWN.values() if not a.quantizable]
+    assert fit_only
+    for a in fit_only:
+        with pytest.raises(UnsupportedError, match=f"architecture {a.hf_class} is not supported"):
+            arch_of({"architectures": [a.hf_class]})
+
+
+def test_sampling_patterns_in_family_order():
+    assert [s.label for s in sampling_table()] == [s.label for m in FAMILIES for s in m.ARCH.sampling]
