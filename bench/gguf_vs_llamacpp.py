@@ -67,7 +67,8 @@ ggml.lib()
 """
 QWQQ_META_CHILD = QWQQ_IMPORTS_CHILD + """\
 import sys
-ckpt = pipeline.open_checkpoint(sys.argv[1])
+from qwqq.source import open_checkpoint
+ckpt = open_checkpoint(sys.argv[1])
 plan = pipeline.plan_checkpoint(ckpt, pipeline.resolve_mixture(type_name=sys.argv[2]))
 vocab = gguf_vocab.build_vocab(ckpt)
 """

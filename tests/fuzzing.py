@@ -306,7 +306,7 @@ def _metadata_bytes(ckpt, arch, plan) -> bytes:
     import gguf
 
     from qwqq.gguf.vocab import Vocab
-    from qwqq.gguf.writer import write_metadata
+    from qwqq.gguf.header import write_metadata
 
     vocab = Vocab(model="gpt2", pre="qwen2", tokens=["a", "b"], types=[1, 1], merges=["a b"])
     w = gguf.GGUFWriter(None, arch.name)

@@ -68,6 +68,7 @@ def test_parse_size():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+@pytest.mark.slow
 def test_the_written_file_is_the_predicted_size_and_within_the_target(arch, tmp_path, monkeypatch):
     from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 
@@ -114,6 +115,7 @@ def test_more_budget_never_predicts_more_loss_on_a_real_checkpoint(tmp_path, mon
     assert losses[0] > 10 * losses[-1]
 
 
+@pytest.mark.slow
 def test_cli_target_bpw_gguf(tmp_path, monkeypatch):
     from qwqq.gguf.reader import read_gguf
     from qwqq.gguf.quantize import plan_checkpoint
@@ -132,6 +134,7 @@ def test_cli_target_bpw_gguf(tmp_path, monkeypatch):
     assert len({t.type for t in g.tensors if t.type.name not in ("F32", "F16", "BF16")}) >= 2
 
 
+@pytest.mark.slow
 def test_fit_profile_leaves_the_kv_cache_room_and_the_file_fits(tmp_path):
     """--fit PROFILE --ctx N: the weights' room is what fit leaves after that context's KV cache, and
     `qwqq fit` then places the written file wholly on that GPU at that context."""

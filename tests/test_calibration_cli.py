@@ -21,6 +21,7 @@ def qwen2():
     return tiny_model_dir("qwen2")
 
 
+@pytest.mark.slow
 def test_imatrix_command_then_iq2_xs_that_llama_cpp_runs(qwen2, tmp_path):
     r = run_qwqq("imatrix", qwen2, "-o", tmp_path / "m.imatrix.gguf", *FAST)
     assert r.returncode == 0, r.stderr
@@ -37,6 +38,7 @@ def test_imatrix_command_then_iq2_xs_that_llama_cpp_runs(qwen2, tmp_path):
     llm.close()
 
 
+@pytest.mark.slow
 def test_calib_implies_imatrix_auto(qwen2, tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40 + "The sum of 2 and 3 is 5. " * 40)
@@ -48,6 +50,7 @@ def test_calib_implies_imatrix_auto(qwen2, tmp_path):
     assert "mine.txt" in str(meta.get("quantize.imatrix.dataset", ""))
 
 
+@pytest.mark.slow
 def test_gptq_folder_and_eval_json(qwen2, tmp_path):
     r = run_qwqq("quantize", qwen2, "--format", "gptq", "--bits", "4", "--group-size", "64", "--desc-act",
                  "-o", tmp_path / "g", *FAST)

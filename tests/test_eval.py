@@ -68,6 +68,7 @@ def _direct_ppl(model_dir, windows, first):
     return math.exp(sum(nll) / len(nll))
 
 
+@pytest.mark.slow
 def test_a_model_against_itself_and_ppl_against_transformers(tmp_path, monkeypatch):
     monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
     model_dir = tiny_model_dir("qwen2")
@@ -89,6 +90,7 @@ def test_a_model_against_itself_and_ppl_against_transformers(tmp_path, monkeypat
     assert again.summary.ppl == r.summary.ppl
 
 
+@pytest.mark.slow
 def test_gguf_against_its_source(tmp_path, monkeypatch):
     """F16 in llama.cpp is nearly the reference; Q2_K is far from it; the order is the quality order."""
     from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
@@ -107,6 +109,7 @@ MLX_CASES = [("qwen2", {"bits": 4}), ("qwen3", {"bits": 3, "mixed": "3_6"}), ("q
 
 
 @pytest.mark.parametrize("arch,opts", MLX_CASES, ids=[a for a, _ in MLX_CASES])
+@pytest.mark.slow
 def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp_path):
     """On mlx's CPU backend eval runs the block engine over each module as mlx.dequantize gives it back:
     the logits equal mlx-lm's own forward pass of the same folder (dequantized by mlx, in float32)."""
@@ -131,6 +134,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.ptp(want)))
 
 
+@pytest.mark.slow
 def test_mlx_quality_follows_the_bits(tmp_path, monkeypatch):
     from qwqq.mlx.writer import quantize_to_mlx
 

@@ -56,6 +56,8 @@ for path, ctx, kv, fa, ub in json.loads(sys.argv[1]):
     }), flush=True)
 """
 
+pytestmark = pytest.mark.slow  # llama.cpp loads SmolLM2 at several contexts
+
 
 @pytest.fixture(scope="module")
 def reports(smollm2_gguf) -> list[dict]:

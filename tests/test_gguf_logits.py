@@ -17,6 +17,8 @@ from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 from tests import fixtures
 from tests.conftest import run_qwqq
 
+pytestmark = pytest.mark.slow  # llama.cpp evaluates and generates; transformers forward passes for the reference
+
 TEXT = "The quick brown fox, 391 = 17 × 23. def f(x):\n    return x**2  # 你好"
 
 

@@ -19,6 +19,8 @@ from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
 from tests import fixtures
 from tests.reference import tensor_table
 
+pytestmark = pytest.mark.slow  # every test runs llama.cpp's convert_hf_to_gguf.py (8-18 s each)
+
 # Descriptive keys the converter derives from folder names and READMEs; not model facts.
 DESCRIPTIVE = {"general.name", "general.basename", "general.size_label", "general.finetune", "general.version",
                "general.type", "general.quantized_by", "general.organization"}

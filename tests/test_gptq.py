@@ -18,6 +18,8 @@ from qwqq.gptq.solver import rtn_quantize
 from qwqq.source import open_checkpoint
 from tests.fixtures import convert_hf_to_gguf, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # GPTQ-calibrates tiny models (13-26 s each) and runs llama.cpp's converter
+
 CALIB = dict(calib_tokens=512, calib_seqlen=128)
 
 

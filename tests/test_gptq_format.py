@@ -298,6 +298,7 @@ def _expected_gguf(ckpt_dir, arch: str, bits: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_llama_cpp_converter_reads_it(case, built, tmp_path):
     """convert_hf_to_gguf.py dequantizes GPTQ with its own code (conversion/base.py dequant_gptq):
     every F32 tensor it writes must equal ours, bit for bit."""
@@ -390,6 +391,7 @@ def test_transformers_parses_the_quantization_config(built):
     assert loaded["quant_method"] == "gptq" and loaded["bits"] == 8 and loaded["checkpoint_format"] == "gptq"
 
 
+@pytest.mark.slow
 def test_multi_shard_with_index(built, tmp_path):
     """Shards of at most max_shard_bytes, an index naming every tensor, and llama.cpp reads it all."""
     limit = 2**18

@@ -87,6 +87,7 @@ def test_grid_symmetric_and_asymmetric():
     assert zero[2] == 1 and zero[0] == round(1 / (1.5 / 15))  # v1 stores zero - 1: never 0
 
 
+@pytest.mark.slow
 def test_gptq_model_on_moe_reports_starved_experts():
     from qwqq.calib.engine import open_block_model
     from qwqq.gptq.quantize import SolverSettings, gptq_model

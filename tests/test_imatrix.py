@@ -156,6 +156,7 @@ def _imatrix_keys(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- a) the file format
+@pytest.mark.slow
 def test_llama_imatrix_file_reads_and_round_trips(imatrix_of, bf16, tools, work, theirs):
     path = imatrix_of("qwen3_moe")
     im = read_imatrix(path)
@@ -194,6 +195,7 @@ def test_llama_imatrix_file_reads_and_round_trips(imatrix_of, bf16, tools, work,
     _same_tensors(with_ours, theirs("qwen3_moe", "IQ2_XS"))
 
 
+@pytest.mark.slow
 def test_legacy_dat_reads_like_gguf(imatrix_of, tools, bf16, work, tmp_path):
     """The legacy .dat holds mean squares times the call count: same per-column values, up to rounding;
     quantizing with it matches llama-quantize with it, and writing it as GGUF keeps those values."""
@@ -215,6 +217,7 @@ def test_legacy_dat_reads_like_gguf(imatrix_of, tools, bf16, work, tmp_path):
 
 # ---------------------------------------------------------------- b) qwqq quantize --imatrix == llama-quantize --imatrix
 @pytest.mark.parametrize("arch, mixture", PAIRS, ids=[f"{a}-{m}" for a, m in PAIRS])
+@pytest.mark.slow
 def test_quantize_with_imatrix_matches_llama_quantize(arch, mixture, ours, theirs, imatrix_of):
     """Same types, same bytes, same quantize.imatrix.* keys; experts (qwen3_moe) take their own slice."""
     path, stderr = ours(arch, mixture)
@@ -224,6 +227,7 @@ def test_quantize_with_imatrix_matches_llama_quantize(arch, mixture, ours, their
     assert _imatrix_keys(path)["quantize.imatrix.entries_count"] == len(read_imatrix(imatrix_of(arch)))
 
 
+@pytest.mark.slow
 def test_imatrix_changes_the_bytes(bf16, ours, tmp_path):
     """The importance data reaches the kernels: Q4_K_M with it differs from Q4_K_M without it."""
     src, _ = bf16("qwen2")
@@ -233,6 +237,7 @@ def test_imatrix_changes_the_bytes(bf16, ours, tmp_path):
     assert ta["token_embd.weight"] == tb["token_embd.weight"]  # no data for it: quantized without
 
 
+@pytest.mark.slow
 def test_api_reports_tensors_without_data(bf16, imatrix_of, tmp_path):
     src, _ = bf16("qwen3_moe")
     im = read_imatrix(imatrix_of("qwen3_moe"))
@@ -242,6 +247,7 @@ def test_api_reports_tensors_without_data(bf16, imatrix_of, tmp_path):
 
 
 # ---------------------------------------------------------------- c) it runs
+@pytest.mark.slow
 def test_iq2_xs_loads_and_generates(ours):
     import llama_cpp
 
@@ -285,6 +291,7 @@ def test_every_imatrix_mixture_is_refused_without_one(mixture):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_every_iq_mixture_plans_as_llama_quantize(arch, bf16, imatrix_of, tools):
     """All nine IQ mixtures of the issue: qwqq's plan gives every tensor the type llama-quantize's own rules
     give it (its --dry-run, with the same imatrix). The bytes follow from the type (ggml's own kernels; held
@@ -303,6 +310,7 @@ def test_every_iq_mixture_plans_as_llama_quantize(arch, bf16, imatrix_of, tools)
 
 
 @pytest.mark.parametrize("mixture", [m for m in ISSUE_IQ if m != "IQ2_XS"])  # IQ2_XS: test_iq2_xs_loads_and_generates
+@pytest.mark.slow
 def test_every_iq_mixture_loads_and_generates(mixture, ours):
     import llama_cpp
 
@@ -322,6 +330,7 @@ def test_every_iq_mixture_loads_and_generates(mixture, ours):
         llm.close()
 
 
+@pytest.mark.slow
 def test_a_qwqq_imatrix_file_drives_llama_quantize(bf16, tools, work):
     """Ours used by llama.cpp: `qwqq imatrix` writes the file, llama-quantize --imatrix takes it, and the GGUF it
     makes is the one `qwqq quantize --imatrix` makes with the same file, tensor for tensor."""
@@ -338,6 +347,7 @@ def test_a_qwqq_imatrix_file_drives_llama_quantize(bf16, tools, work):
 
 
 # ---------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_resume_restarts_with_other_importance_data(bf16, imatrix_of, tmp_path):
     """A partial output made with one imatrix is not resumed with another (same path, other data)."""
     src, _ = bf16("qwen2")
@@ -426,6 +436,7 @@ def struct_dat() -> bytes:
     return out + struct.pack("<ii", 3, 5) + b"x.txt"
 
 
+@pytest.mark.slow
 def test_bad_imatrix_files_are_refused(bf16, imatrix_of, tmp_path):
     src, model_gguf = bf16("qwen2")
     good = imatrix_of("qwen2")
@@ -451,6 +462,7 @@ def struct_dat_file(d: Path) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_imatrix_of_another_model_is_refused(bf16, imatrix_of, tmp_path):
     out = tmp_path / "m.gguf"
     # qwen3 (head_dim 128: attn_output rows of 512) with qwen2's imatrix (rows of 256): sizes differ

@@ -18,6 +18,8 @@ import pytest
 from qwqq.outputs import journal_path, lock_path, temp_path
 from tests.conftest import run_qwqq
 
+pytestmark = pytest.mark.slow  # kills quantizations of SmolLM2 mid-write and resumes them
+
 ENV = {"QWQQ_JOURNAL_EVERY_S": "0"}  # record progress after every tensor so any kill point is resumable
 
 

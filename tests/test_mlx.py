@@ -27,8 +27,7 @@ pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 
 from qwqq.mlx import writer as mlx_writer  # noqa: E402
 from qwqq.mlx.writer import quantize_to_mlx  # noqa: E402
-from qwqq.gguf.plan import mlx_more_bits  # noqa: E402
-from qwqq.mlx.plan import MLX_RECIPES, make_mlx_plan
+from qwqq.mlx.plan import MLX_RECIPES, make_mlx_plan, mlx_more_bits  # noqa: E402
 
 TOKENS = [151644, 872, 198]  # "<|im_start|>user\n": few, since mlx's quantized matmul on a CPU is slow
 
@@ -115,6 +114,7 @@ CASES = [
 
 @pytest.mark.parametrize("arch, bits, group_size, recipe", CASES,
                          ids=[f"{a}-{b}bit-g{g}" + (f"-mixed_{r}" if r else "") for a, b, g, r in CASES])
+@pytest.mark.slow
 def test_identical_to_mlx_lm_convert(arch, bits, group_size, recipe, hub_sources, tmp_path):
     src = hub_sources[arch]
     ours = quantize_to_mlx(src, bits=bits, group_size=group_size, mixed=recipe, out=tmp_path / "ours",
@@ -128,6 +128,7 @@ def test_identical_to_mlx_lm_convert(arch, bits, group_size, recipe, hub_sources
     assert mx.array_equal(logits(ours), logits(ref)).item()
 
 
+@pytest.mark.slow
 def test_loads_with_mlx_lm_load_and_sizes_match_the_plan(hub_sources, tmp_path):
     from mlx_lm import load
     from mlx_lm.generate import generate
@@ -223,6 +224,7 @@ def test_mlx_plan_rules():
 
 
 # ---------------------------------------------------------------- running
+@pytest.mark.slow
 def test_qwqq_run_backend_mlx(hub_sources, tmp_path):
     folder = quantize_to_mlx(hub_sources["qwen3"], bits=8, out=tmp_path / "tiny-qwen3-mlx-8bit", progress=False).path
     proc = run_qwqq("run", folder, "--backend", "mlx", "-p", "Hi", "--max-tokens", "8", "--seed", "1",
@@ -316,14 +318,16 @@ def test_existing_output_without_force(hub_sources, tmp_path):
 
 
 def test_bad_options(hub_sources, tmp_path):
-    from qwqq.cli import _quantize_mlx
     from qwqq.errors import QwqqError
+    from qwqq.quantize import Flags, quantize
 
     for args, phrase in [(["--bits", "7"], "unknown --bits 7 for MLX"), (["--group-size", "48"], "unknown --group-size 48"),
                          (["--mixed", "5_7"], "unknown --mixed '5_7'"), (["--bits", "4", "--mixed", "3_6"], "--mixed 3_6"),
                          (["--type", "Q4_K_M"], "--type names a GGUF mixture")]:
         with pytest.raises(QwqqError, match=phrase):
-            _quantize_mlx(hub_sources["qwen2"], *_opts(args), out=tmp_path / "x", force=False, resume=False, quiet=True)
+            bits, type_name, group_size, mixed = _opts(args)
+            quantize(Flags(str(hub_sources["qwen2"]), fmt="mlx", bits=bits, type_name=type_name, group_size=group_size,
+                           mixed=mixed, out=tmp_path / "x", progress=False), lambda line: None)
         assert not (tmp_path / "x").exists()
 
 

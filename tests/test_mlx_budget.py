@@ -16,8 +16,7 @@ pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 
 from qwqq.budget.mlx import allocatable, plan_mlx_budget  # noqa: E402
 from qwqq.mlx.writer import quantize_to_mlx  # noqa: E402
-from qwqq.gguf.plan import MLXTensorPlan  # noqa: E402
-from qwqq.mlx.plan import MLX_BITS
+from qwqq.mlx.plan import MLX_BITS, MLXTensorPlan  # noqa: E402
 from tests.test_mlx import assert_same_arrays, hub_clone, load_arrays, logits  # noqa: E402
 
 
@@ -58,6 +57,7 @@ def test_target_size_counts_the_whole_safetensors_files(tmp_path):
     assert written == mb.predicted_bytes <= target
 
 
+@pytest.mark.slow
 def test_the_folder_is_what_mlx_lm_convert_writes_for_the_same_bits(tmp_path):
     """mlx_lm.convert with a quant_predicate giving each module the allocator's bits is the reference:
     every array bitwise, config.json, and the logits."""
@@ -83,6 +83,7 @@ def test_the_folder_is_what_mlx_lm_convert_writes_for_the_same_bits(tmp_path):
     assert mx.array_equal(logits(ours), logits(ref)).item()
 
 
+@pytest.mark.slow
 def test_cli_target_bpw_and_bad_options(tmp_path):
     src = fixtures.tiny_model_dir("qwen2")
     env = {"QWQQ_CACHE": str(tmp_path / "cache")}

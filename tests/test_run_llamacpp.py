@@ -38,6 +38,7 @@ FAST = ("--ctx", "512", "--threads", "2")
 
 
 # ---------------------------------------------------------------- one-shot runs
+@pytest.mark.slow
 def test_one_shot_prints_an_answer(gguf_path):
     r = qwqq("run", str(gguf_path), "-p", "What is 2+2?", "--max-tokens", "16", "--seed", "1", *FAST)
     assert r.returncode == 0, r.stderr
@@ -45,6 +46,7 @@ def test_one_shot_prints_an_answer(gguf_path):
     assert "<|im_end|>" not in r.stdout and "<|im_start|>" not in r.stdout
 
 
+@pytest.mark.slow
 def test_greedy_is_repeatable(gguf_path):
     args = ("run", str(gguf_path), "-p", "Name three colours.", "--max-tokens", "16", "--greedy", *FAST)
     first, second = qwqq(*args), qwqq(*args)
@@ -52,6 +54,7 @@ def test_greedy_is_repeatable(gguf_path):
     assert first.stdout.strip() and first.stdout == second.stdout
 
 
+@pytest.mark.slow
 def test_interactive_loop_over_stdin(gguf_path):
     r = qwqq("run", str(gguf_path), "-n", "12", "--greedy", *FAST, stdin="What is 2+2?\n/reset\nHello!\n/exit\nnever asked\n")
     assert r.returncode == 0, r.stderr
@@ -60,6 +63,7 @@ def test_interactive_loop_over_stdin(gguf_path):
     assert "conversation cleared" in r.stderr
 
 
+@pytest.mark.slow
 def test_interactive_loop_ends_on_eof(gguf_path):
     r = qwqq("run", str(gguf_path), "-n", "8", "--greedy", *FAST, stdin="Hi\n")
     assert r.returncode == 0, r.stderr
@@ -128,6 +132,7 @@ def test_entry_point_declared():
     assert eps["llama.cpp"] == "qwqq.run.backends.llamacpp:backend"
 
 
+@pytest.mark.slow
 def test_model_renders_its_own_template_and_streams(model):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     prompt = model.render(messages)
@@ -138,6 +143,7 @@ def test_model_renders_its_own_template_and_streams(model):
     assert model.finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_history_through_a_real_session(model, capsys):
     from rich.console import Console
 
@@ -151,6 +157,7 @@ def test_history_through_a_real_session(model, capsys):
     assert turn.answer in model.render(session.conversation.with_user("Again."))
 
 
+@pytest.mark.slow
 def test_stopping_mid_answer_leaves_the_model_usable(model):
     messages = [{"role": "user", "content": "Count from one to fifty."}]
     stream = model.stream_chat(messages, Sampling(greedy=True), max_tokens=40)
@@ -161,6 +168,7 @@ def test_stopping_mid_answer_leaves_the_model_usable(model):
     assert full and full == again
 
 
+@pytest.mark.slow
 def test_same_seed_same_text_and_seeds_differ(model):
     messages = [{"role": "user", "content": "Tell me a story."}]
 

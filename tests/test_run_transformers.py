@@ -116,6 +116,7 @@ def greedy_argmax(model, tokens: list[int], n: int, eos: set[int]) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(GPTQ_CASES))
 def test_greedy_tokens_equal_the_dequantized_weights_in_transformers(case, gptq_dirs, dequantized):
     folder = gptq_dirs[case]
@@ -133,6 +134,7 @@ def test_greedy_tokens_equal_the_dequantized_weights_in_transformers(case, gptq_
         m.close()
 
 
+@pytest.mark.slow
 def test_unquantized_bf16_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -159,6 +161,7 @@ def test_unquantized_bf16_folder(tmp_path):
 
 
 # ---------------------------------------------------------------- --load-in-4bit: bitsandbytes NF4
+@pytest.mark.slow
 def test_load_in_4bit_is_bitsandbytes_nf4_and_generates_as_that_model(smollm2_dir):
     """SmolLM2's real weights, quantized on load by bitsandbytes (NF4, double quant): every decoder linear is a
     bitsandbytes 4-bit layer, its weights read back are NF4-close to the source's, the model takes under half
@@ -186,6 +189,7 @@ def test_load_in_4bit_is_bitsandbytes_nf4_and_generates_as_that_model(smollm2_di
         m.close()
 
 
+@pytest.mark.slow
 def test_cli_load_in_4bit(smollm2_dir, gptq_dirs):
     pytest.importorskip("bitsandbytes", reason='needs bitsandbytes: pip install "qwqq[nf4]"')
     r = run_qwqq("run", smollm2_dir, "--load-in-4bit", "-p", "What is the capital of France?", "--greedy", "-n", "8",
@@ -199,6 +203,7 @@ def test_cli_load_in_4bit(smollm2_dir, gptq_dirs):
 
 
 # ---------------------------------------------------------------- through the CLI
+@pytest.mark.slow
 def test_cli_runs_a_gptq_folder(gptq_dirs):
     r = run_qwqq("run", gptq_dirs["qwen2-4bit-g128"], "--backend", "transformers", "-p", "hi", "--greedy", "-n", "8",
                  "--threads", "2", timeout=300)
@@ -210,6 +215,7 @@ def test_cli_runs_a_gptq_folder(gptq_dirs):
         assert len(notes) == 1 and "dequantized to float" in notes[0] and "pip install gptqmodel" in notes[0]
 
 
+@pytest.mark.slow
 def test_cli_runs_an_unquantized_folder_when_named():
     src = fixtures.tiny_model_dir("qwen2")
     r = run_qwqq("run", src, "--backend", "transformers", "-p", "hi", "--seed", "3", "-n", "6", "--threads", "2",
@@ -251,6 +257,7 @@ def model(gptq_dirs):
     m.close()
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_repeatable(model):
     def sample(seed):
         text = "".join(model.stream_chat(MESSAGES, Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=seed), 10))
@@ -266,6 +273,7 @@ def test_seeded_sampling_is_repeatable(model):
     assert top1 == model.generated
 
 
+@pytest.mark.slow
 def test_stops_at_eos_and_at_the_context(model, monkeypatch):
     "".join(model.stream_chat(MESSAGES, Sampling(greedy=True), 4))
     first = model.generated[0]
@@ -282,6 +290,7 @@ def test_stops_at_eos_and_at_the_context(model, monkeypatch):
         list(model.stream_chat(MESSAGES, Sampling(greedy=True), 4))
 
 
+@pytest.mark.slow
 def test_history_through_a_session_and_stopping_mid_answer(model, capsys):
     from rich.console import Console
 
@@ -330,6 +339,7 @@ def test_note_names_what_is_missing():
     assert "pip install gptqmodel optimum" in tb.dequantized_note(["gptqmodel", "optimum"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_KERNELS, reason="GPTQModel and optimum are not installed (docs/gptq.md)")
 def test_gptqmodel_kernels(gptq_dirs):
     m = tb.backend.load(gptq_dirs["qwen2-4bit-g128"], OPTS)
