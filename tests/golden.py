@@ -106,6 +106,23 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
+def test_module(select):
+    """The contents of a test module holding the cases `select` picks: a shared scratch folder (the imatrix
+    files are made once in it) and one slow test per case, its output's digest against the record."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def work(tmp_path_factory):
+        return tmp_path_factory.mktemp("golden")
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("case", [c for c in cases() if select(c)])
+    def test_same_bytes_as_recorded(case, work):
+        assert produce(case, work) == recorded()[case]
+
+    return work, test_same_bytes_as_recorded
+
+
 def recorded() -> dict[str, str]:
     return json.loads(GOLDEN.read_text())
 

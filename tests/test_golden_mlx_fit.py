@@ -1,22 +1,8 @@
 """Behaviour held across refactors: MLX folders and fit --json on the catalog, byte for byte as
 recorded before the package was laid out by format (tests/golden.py; re-record an intended change with
-`python -m tests.golden --record CASE` in its own commit, saying why)."""
-
-from __future__ import annotations
-
-import pytest
+`python -m tests.golden --record CASE` in its own commit, saying why). Split over three files so that the
+two test workers share the work."""
 
 from tests import golden
 
-pytestmark = pytest.mark.slow
-CASES = [c for c in golden.cases() if c.split("/")[0] in ("mlx", "fit")]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("golden")
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_same_bytes_as_recorded(case, work):
-    assert golden.produce(case, work) == golden.recorded()[case]
+work, test_same_bytes_as_recorded = golden.test_module(lambda c: c.split("/")[0] in ("mlx", "fit"))
