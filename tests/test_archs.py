@@ -31,3 +31,17 @@ def test_quantize_takes_the_quantizable_families_and_fit_knows_them_all():
 
 def test_sampling_patterns_in_family_order():
     assert [s.label for s in sampling_table()] == [s.label for m in FAMILIES for s in m.ARCH.sampling]
+
+
+def test_found_by_model_type_also_when_nested_and_contradictions_are_one_line():
+    from qwqq.archs import BY_MODEL_TYPE
+    from qwqq.errors import SourceError
+
+    qwen3 = BY_MODEL_TYPE["qwen3"]
+    assert find_arch({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}) is qwen3
+    # a multimodal release keeps the language tower's hyperparameters (and model_type) under text_config
+    assert find_arch({"architectures": ["Qwen3ForCausalLM"], "model_type": "x", "text_config": {"model_type": "qwen3"}}) is qwen3
+    with pytest.raises(SourceError, match="architecture Qwen2ForCausalLM is not a qwen3 class"):
+        find_arch({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen3"})
+    with pytest.raises(UnsupportedError, match="architecture GPT2LMHeadModel is not supported"):
+        find_arch({"architectures": ["GPT2LMHeadModel"], "model_type": "qwen3"})

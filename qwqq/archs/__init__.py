@@ -1,4 +1,4 @@
-"""The architectures qwqq knows, one module per family, found by config.json's class name (architectures[0]).
+"""The architectures qwqq knows, one module per family, found by config.json's model_type (or class name).
 
 Each module (qwen2.py, qwen3.py, qwen3_moe.py, llama.py, deepseek_v3.py) builds one `Arch`: the names it
 answers to, its GGUF architecture and metadata, the tensor shapes a config implies, what a runtime keeps
@@ -19,19 +19,34 @@ from qwqq.errors import SourceError, UnsupportedError
 FAMILIES = (qwen2, qwen3, qwen3_moe, llama, deepseek_v3)  # sampling patterns are tried in this order
 KNOWN: dict[str, Arch] = {m.ARCH.hf_class: m.ARCH for m in FAMILIES}
 ARCHS: dict[str, Arch] = {name: a for name, a in KNOWN.items() if a.quantizable}  # what quantize accepts
+BY_MODEL_TYPE: dict[str, Arch] = {t: m.ARCH for m in FAMILIES for t in m.ARCH.model_types}
+
+
+def model_type_of(config: dict) -> str | None:
+    """config.json's model_type, or its text_config's (the language tower of a multimodal release)."""
+    text = config.get("text_config")
+    for value in (config.get("model_type"), text.get("model_type") if isinstance(text, dict) else None):
+        if isinstance(value, str) and value in BY_MODEL_TYPE:
+            return value
+    return None
 
 
 def find_arch(config: dict, where=None) -> Arch:
-    """The family of a config.json by its architectures[0] (fit-only families included); unknown or
-    missing: one line naming what qwqq supports."""
+    """The family of a config.json (fit-only families included), found by its model_type (or a nested
+    text_config's) as mlx-lm finds its model modules, else by its class; architectures[0] must be a class
+    of that family. Unknown, missing or contradictory: one line naming what qwqq supports."""
     names = config.get("architectures")
     if not names:
         raise UnsupportedError(f"config.json names no architecture; supported: {', '.join(ARCHS)}", where)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise SourceError(f"malformed architectures {short(names)}: expected a list of class names", where)
-    if names[0] not in KNOWN:
-        raise UnsupportedError(f"architecture {short(names[0])} is not supported; supported: {', '.join(ARCHS)}", where)
-    return KNOWN[names[0]]
+    model_type = model_type_of(config)
+    family = BY_MODEL_TYPE[model_type] if model_type else KNOWN.get(names[0])
+    if family is not None and names[0] == family.hf_class:
+        return family
+    if family is not None and names[0] in KNOWN:
+        raise SourceError(f"architecture {names[0]} is not a {model_type} class: config.json contradicts itself", where)
+    raise UnsupportedError(f"architecture {short(names[0])} is not supported; supported: {', '.join(ARCHS)}", where)
 
 
 def arch_of(config: dict, where=None) -> Arch:
@@ -47,6 +62,6 @@ def sampling_table() -> tuple[Sampling, ...]:
     return tuple(s for m in FAMILIES for s in m.ARCH.sampling)
 
 
-__all__ = ["ARCHS", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
+__all__ = ["ARCHS", "BY_MODEL_TYPE", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
            "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_of", "cfg", "check_config", "find_arch",
-           "gguf_tensors", "head_dim", "hub_shapes", "mlx_name", "rope_params", "sampling_table", "short"]
+           "gguf_tensors", "head_dim", "hub_shapes", "mlx_name", "model_type_of", "rope_params", "sampling_table", "short"]
