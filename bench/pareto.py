@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         return p
 
     def mlx(b: int) -> Path:
-        from qwqq.mlx.writer import quantize_to_mlx
+        from qwqq.mlx.quantize import quantize_to_mlx
 
         p = out / f"mlx-{b}bit"
         if not p.exists():
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     def budget_mlx(b: int) -> Path:
         from qwqq.budget.mlx import plan_mlx_budget
-        from qwqq.mlx.writer import quantize_to_mlx
+        from qwqq.mlx.quantize import quantize_to_mlx
 
         p = out / f"mlx-budget-at-{b}bit"
         if not p.exists():

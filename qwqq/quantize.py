@@ -25,7 +25,7 @@ from qwqq.gguf.prepared import prepare
 from qwqq.gguf.quantize import fallback_notes, imatrix_note, quantize_to_gguf
 from qwqq.gptq.options import GPTQOptions
 from qwqq.mlx.options import MLXOptions
-from qwqq.mlx.writer import require_mlx, quantize_to_mlx, resolve_mlx_options
+from qwqq.mlx.quantize import quantize_to_mlx, require_mlx, resolve_mlx_options
 from qwqq.outputs import check_target
 from qwqq.progress import step_progress
 from qwqq.source import checkpoint_of

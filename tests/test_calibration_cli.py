@@ -165,7 +165,7 @@ def mlx_folders(tmp_path_factory, qwen2):
     pytest.importorskip("mlx.core")
     import shutil
 
-    from qwqq.mlx.writer import quantize_to_mlx
+    from qwqq.mlx.quantize import quantize_to_mlx
 
     base = tmp_path_factory.mktemp("mlx")
     whole = quantize_to_mlx(qwen2, bits=4, out=base / "whole", progress=False).path

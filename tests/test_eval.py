@@ -118,7 +118,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
     from mlx_lm.utils import dequantize_model
 
     from qwqq.eval.logits import open_logits
-    from qwqq.mlx.writer import quantize_to_mlx
+    from qwqq.mlx.quantize import quantize_to_mlx
 
     folder = quantize_to_mlx(tiny_model_dir(arch), out=tmp_path / "m", progress=False, **opts).path
     windows = np.random.default_rng(0).integers(0, 151000, (2, 32))
@@ -136,7 +136,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
 
 @pytest.mark.slow
 def test_mlx_quality_follows_the_bits(tmp_path, monkeypatch):
-    from qwqq.mlx.writer import quantize_to_mlx
+    from qwqq.mlx.quantize import quantize_to_mlx
 
     pytest.importorskip("mlx.core")
     monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))

@@ -36,7 +36,7 @@ def test_config_only_plan_equals_writer_plan(arch, bits, recipe):
 def test_predicted_bytes_equal_written_folder(arch, tmp_path):
     """The weights fit predicts = the safetensors data quantize_to_mlx writes (file sizes less headers)."""
     pytest.importorskip("mlx.core", reason='needs mlx: pip install "qwqq[mlx]"')
-    from qwqq.mlx.writer import quantize_to_mlx
+    from qwqq.mlx.quantize import quantize_to_mlx
 
     root = fixtures.tiny_model_dir(arch)
     cand = next(c for c in F.fit_model(models.resolve(str(root)), F.machine(unified=36), C.Request())

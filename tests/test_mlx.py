@@ -26,7 +26,7 @@ mx = pytest.importorskip("mlx.core", reason='needs mlx: pip install "qwqq[mlx]"'
 pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 
 from qwqq.mlx import writer as mlx_writer  # noqa: E402
-from qwqq.mlx.writer import quantize_to_mlx  # noqa: E402
+from qwqq.mlx.quantize import quantize_to_mlx  # noqa: E402
 from qwqq.mlx.plan import MLX_RECIPES, make_mlx_plan, mlx_more_bits  # noqa: E402
 
 TOKENS = [151644, 872, 198]  # "<|im_start|>user\n": few, since mlx's quantized matmul on a CPU is slow
@@ -340,14 +340,16 @@ def _opts(args: list[str]) -> tuple:
 def test_failure_mid_write_leaves_nothing(hub_sources, tmp_path, monkeypatch):
     from qwqq.errors import QwqqError
 
-    real = mlx_writer.write_mlx_weights
+    from qwqq.mlx import quantize as mlx_quantize
+
+    real = mlx_quantize.write_mlx_weights
 
     def failing(folder, *args, **kwargs):
         real(folder, *args, **kwargs)
         assert any(folder.glob("*.safetensors"))
         raise QwqqError("simulated failure")
 
-    monkeypatch.setattr(mlx_writer, "write_mlx_weights", failing)
+    monkeypatch.setattr(mlx_quantize, "write_mlx_weights", failing)
     out = tmp_path / "out"
     with pytest.raises(QwqqError, match="simulated"):
         quantize_to_mlx(hub_sources["qwen2"], out=out, progress=False)

@@ -15,7 +15,7 @@ mx = pytest.importorskip("mlx.core", reason='needs mlx: pip install "qwqq[mlx]"'
 pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 
 from qwqq.budget.mlx import allocatable, plan_mlx_budget  # noqa: E402
-from qwqq.mlx.writer import quantize_to_mlx  # noqa: E402
+from qwqq.mlx.quantize import quantize_to_mlx  # noqa: E402
 from qwqq.mlx.plan import MLX_BITS, MLXTensorPlan  # noqa: E402
 from tests.test_mlx import assert_same_arrays, hub_clone, load_arrays, logits  # noqa: E402
 

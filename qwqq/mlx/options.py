@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qwqq.errors import QwqqError
-from qwqq.mlx.writer import resolve_mlx_options
+from qwqq.mlx.quantize import resolve_mlx_options
 
 
 @dataclass(frozen=True)
