@@ -63,6 +63,11 @@ class Flags:
         return self.desc_act or self.asym or self.damp is not None or not self.group_aware
 
     @property
+    def computes_imatrix(self) -> bool:
+        """--calib, or --imatrix auto: a calibration pass before the write."""
+        return self.calib_given or (self.imatrix or "").lower() == "auto"
+
+    @property
     def target(self) -> bool:
         return self.budget.target_size is not None or self.budget.target_bpw is not None
 
@@ -99,9 +104,9 @@ def options_for(f: Flags) -> GGUFOptions | MLXOptions | GPTQOptions:
         extra = {} if f.damp is None else {"damp": f.damp}
         return GPTQOptions(4 if f.bits is None else f.bits, 128 if f.group_size is None else f.group_size,
                            not f.asym, f.desc_act, f.group_aware, calib=f.calib, threads=f.threads, **extra)
-    if f.out is not None and not f.resume and (f.calib_given or (f.imatrix or "").lower() == "auto"):
+    if f.out is not None and not f.resume and f.computes_imatrix:
         check_target(f.out, f.force, None)  # before the calibration pass, not after it
-    return GGUFOptions(f.bits, f.type_name, f.imatrix, f.calib_given, f.calib, f.budget, f.resume, f.threads)
+    return GGUFOptions(f.bits, f.type_name, f.imatrix, f.calib_given, f.calib, f.budget, f.resume)
 
 
 @dataclass

@@ -208,14 +208,13 @@ def decoder_shapes(config: dict, *, attn_bias: bool, attn_out_bias: bool, qk_nor
     """The GGUF tensors of a llama-style decoder (attention + SwiGLU MLP or stacked experts with a router),
     the block every family here but DeepSeek shares; each family says which of the optional parts it has."""
     c = config
-    hidden, n_layer, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
+    hidden, n_layer = int(c["hidden_size"]), int(c["num_hidden_layers"])
     out = embedding_shapes(c, output_tensor)
     n_head = int(c["num_attention_heads"])
     n_kv = int(cfg(c, "num_key_value_heads", default=n_head))
     hd = head_dim(c)
     ff = int(c["intermediate_size"])
     n_expert = int(cfg(c, "num_experts", "num_local_experts", default=0))
-    del vocab
     for i in range(n_layer):
         p = f"blk.{i}."
         out += [(p + "attn_norm.weight", (hidden,)), (p + "ffn_norm.weight", (hidden,)),

@@ -10,7 +10,7 @@ from math import prod
 import gguf
 
 from qwqq.archs.base import Arch, cfg, check_config, head_dim, short
-from qwqq.archs.experts import EXPERT, FUSED_EXPERT, expert_weight, fused_rows, merged
+from qwqq.archs.experts import EXPERT, FUSED_EXPERT, expert_prefix, expert_weight, fused_rows, merged
 from qwqq.errors import SourceError, UnsupportedError
 from qwqq.source import FLOAT_DTYPES, Checkpoint, TensorRef
 
@@ -73,8 +73,7 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch) -> list[GGUFTensor]:
                                "supported", ckpt.root)
 
     def stacked(layer: int, proj: str) -> str:
-        return name_map.get_name(expert_weight(layer, 0, proj).replace(".experts.0.", ".experts."),
-                                 try_suffixes=(".weight",))
+        return name_map.get_name(f"{expert_prefix(layer)}.{proj}_proj.weight", try_suffixes=(".weight",))
 
     for hf_name, ref in ckpt.tensors.items():
         if SKIPPED.search(hf_name):

@@ -34,7 +34,6 @@ class GGUFOptions:
     calib: CalibOptions = field(default_factory=CalibOptions)
     budget: Budget = field(default_factory=Budget)
     resume: bool = False
-    threads: int = 0
     mixture: Mixture | None = field(default=None, init=False)  # None with a budget: it chooses the types
 
     def __post_init__(self):
@@ -45,7 +44,3 @@ class GGUFOptions:
         mixture = resolve_mixture(bits=self.bits, type_name=self.type_name,
                                   has_imatrix=self.imatrix is not None or self.calibrate)
         object.__setattr__(self, "mixture", None if self.budget.given else mixture)
-
-    @property
-    def computes_imatrix(self) -> bool:
-        return self.calibrate or (self.imatrix or "").lower() == "auto"
