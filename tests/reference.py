@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import re
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -26,3 +28,18 @@ def tensor_table(path: Path, with_hash: bool = True) -> dict[str, tuple[str, tup
     """name -> (type name, shape in GGUF ne order, bytes, sha256 of the data)."""
     g = read_gguf(path)
     return {t.name: (t.type.name, t.shape, t.nbytes, g.tensor_sha256(t) if with_hash else "") for t in g.tensors}
+
+
+DRY_RUN_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-.*type =\s+(\w+),.*?(?:\((\w+)\))?\s*$")
+
+
+def llama_quantize_plan(tools: Path, src: Path, mixture: str, imatrix: Path | None = None) -> dict[str, str]:
+    """llama-quantize --dry-run's type for every tensor of a GGUF (its own rules, nothing written)."""
+    cmd = [str(tools / "llama-quantize"), "--dry-run"] + (["--imatrix", str(imatrix)] if imatrix else [])
+    r = subprocess.run(cmd + [str(src), mixture, "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"llama-quantize --dry-run failed:\n{r.stderr[-3000:]}"
+    plan = {}
+    for line in (r.stdout + r.stderr).splitlines():
+        if m := DRY_RUN_LINE.match(line):
+            plan[m.group(1)] = (m.group(3) or m.group(2)).upper()
+    return plan

@@ -28,7 +28,7 @@ from qwqq.gguf.quantize import IMATRIX_GGUF_TYPES, quantize_to_gguf, resolve_mix
 from qwqq.gguf.types import MIXTURES
 from tests import fixtures
 from tests.conftest import run_qwqq
-from tests.reference import tensor_table
+from tests.reference import llama_quantize_plan, tensor_table
 
 # (arch, mixture) pairs held byte for byte against llama-quantize. token_embd and output (151936 rows,
 # quantized without importance data, as llama.cpp does) take most of the time: an IQ2_XS puts Q5_K on
@@ -269,18 +269,6 @@ def test_iq2_xs_loads_and_generates(ours):
 
 # ---------------------------------------------------------------- every imatrix mixture
 ISSUE_IQ = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M"]
-DRY_RUN_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-.*type =\s+(\w+),.*?(?:\((\w+)\))?\s*$")
-
-
-def llama_quantize_plan(tools: Path, src: Path, mixture: str, imatrix: Path) -> dict[str, str]:
-    """llama-quantize --dry-run's type for every tensor (its own rules, nothing written)."""
-    r = _run([tools / "llama-quantize", "--dry-run", "--imatrix", imatrix, src, mixture, 2])
-    plan = {}
-    for line in (r.stdout + r.stderr).splitlines():
-        m = DRY_RUN_LINE.match(line)
-        if m:
-            plan[m.group(1)] = (m.group(3) or m.group(2)).upper()
-    return plan
 
 
 @pytest.mark.parametrize("mixture", sorted(IMATRIX_GGUF_TYPES))
@@ -309,14 +297,34 @@ def test_every_iq_mixture_plans_as_llama_quantize(arch, bf16, imatrix_of, tools)
             if ours.get(n) != theirs.get(n))
 
 
-@pytest.mark.parametrize("mixture", [m for m in ISSUE_IQ if m != "IQ2_XS"])  # IQ2_XS: test_iq2_xs_loads_and_generates
-@pytest.mark.slow
-def test_every_iq_mixture_loads_and_generates(mixture, ours):
-    import llama_cpp
+# Every type the IQ mixtures above put on a tensor (their plans are held against llama-quantize's in
+# test_every_iq_mixture_plans_as_llama_quantize), plus IQ4_NL / IQ4_XS.
+IQ_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"]
 
-    out, _ = ours("qwen2", mixture)
-    types = {t.type.name for t in read_gguf(out).tensors}
-    assert MIXTURES[mixture].default.name in types
+
+@pytest.mark.slow
+def test_every_iq_type_loads_and_generates(bf16, imatrix_of, tmp_path):
+    """One GGUF whose block tensors take every IQ type in turn (with importance data), token_embd and output
+    at Q8_0: llama.cpp loads it and generates finite scores, so each type's blocks are laid out as llama.cpp
+    reads them. One file instead of one per mixture: the 151936-row embeddings are quantized once."""
+    import llama_cpp
+    from gguf import GGMLQuantizationType as T
+
+    from qwqq.gguf.imatrix_file import read_imatrix
+    from qwqq.gguf.quantize import plan_checkpoint
+    from qwqq.source import open_checkpoint
+
+    src, _ = bf16("qwen2")
+    _, _, plan = plan_checkpoint(open_checkpoint(src), "Q8_0")
+    blocks = [t.name for t in plan.tensors if t.quantized and t.name.startswith("blk.")]
+    assert len(blocks) >= len(IQ_TYPES)
+    overrides = {name: T[IQ_TYPES[i % len(IQ_TYPES)]] for i, name in enumerate(blocks)}
+    out = tmp_path / "every-iq-type.gguf"
+    quantize_to_gguf(src, resolve_mixture(type_name="Q8_0"), out=out, progress=False, threads=2,
+                     imatrix=read_imatrix(imatrix_of("qwen2")), overrides=overrides)
+    got_types = {t.name: t.type.name for t in read_gguf(out).tensors}
+    assert {got_types[n] for n in blocks} == set(IQ_TYPES)
+    assert got_types["token_embd.weight"] == got_types["output.weight"] == "Q8_0"
     llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
     try:
         got = []
