@@ -108,6 +108,7 @@ def quantize(
     fit_profile: Optional[str] = typer.Option(None, "--fit", help="GGUF: the same, for what a hardware profile (rtx-4090, m4-max-64, ...) leaves for weights after the KV cache of --ctx."),
     fit_ctx: int = typer.Option(8192, "--ctx", help="With --fit: the context to leave room for."),
     fit_kv: str = typer.Option("f16", "--kv", help="With --fit: the KV cache type (f16, q8_0, q4_0)."),
+    no_mtp: bool = typer.Option(False, "--no-mtp", help="GGUF of Qwen3.5+ / Qwen3-Next: leave out the multi-token-prediction block (kept by default, as llama.cpp's converter keeps it; llama.cpp loads it only for speculative decoding)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Quantize fp16/bf16 safetensors into a GGUF file, an MLX folder or a GPTQ folder, streaming, in bounded memory.
@@ -120,7 +121,8 @@ def quantize(
 
     flags = Flags(source, fmt, bits, type_, out, force, resume, threads, group_size, mixed, imatrix_file,
                   CalibOptions(calib, calib_tokens, calib_seqlen, device), calib is not None, desc_act, group_aware,
-                  asym, damp, Budget(target_size, target_bpw, fit_profile, fit_ctx, fit_kv), progress=not quiet)
+                  asym, damp, Budget(target_size, target_bpw, fit_profile, fit_ctx, fit_kv), progress=not quiet,
+                  mtp=not no_mtp)
     written = _guard(run_quantize, flags, _say)
     Console(highlight=False).print(f"wrote [bold]{_escape(str(written.path))}[/] {written.summary}")
 

@@ -27,6 +27,7 @@ from qwqq.gptq.options import GPTQOptions
 from qwqq.mlx.options import MLXOptions
 from qwqq.mlx.quantize import quantize_to_mlx, require_mlx, resolve_mlx_options
 from qwqq.outputs import check_target
+from qwqq.archs import left_out
 from qwqq.progress import step_progress
 from qwqq.source import checkpoint_of
 
@@ -57,6 +58,7 @@ class Flags:
     damp: float | None = None
     budget: Budget = field(default_factory=Budget)
     progress: bool = True
+    mtp: bool = True  # False: --no-mtp, a hybrid Qwen's multi-token-prediction block left out
 
     @property
     def gptq_solver(self) -> bool:
@@ -87,6 +89,8 @@ NOT_FOR: tuple[tuple[str, Callable[[Flags], bool], str], ...] = (
     ("gptq", lambda f: f.type_name is not None or f.mixed is not None, "--type and --mixed are for GGUF and MLX; for --format gptq give --bits and --group-size"),
     ("gptq", lambda f: f.resume, "--resume is for GGUF outputs; an interrupted GPTQ run leaves nothing, so run it again"),
     ("gguf", lambda f: f.group_size is not None or f.mixed is not None, "--group-size and --mixed are for --format mlx or gptq; a GGUF mixture is chosen with --type"),
+    ("mlx", lambda f: not f.mtp, "--no-mtp is for GGUF outputs; mlx-lm's models have no MTP block, so an MLX folder never holds one"),
+    ("gptq", lambda f: not f.mtp, "--no-mtp is for GGUF outputs; a GPTQ checkpoint quantizes the decoder layers only"),
 )
 
 
@@ -106,7 +110,7 @@ def options_for(f: Flags) -> GGUFOptions | MLXOptions | GPTQOptions:
                            not f.asym, f.desc_act, f.group_aware, calib=f.calib, threads=f.threads, **extra)
     if f.out is not None and not f.resume and f.computes_imatrix:
         check_target(f.out, f.force, None)  # before the calibration pass, not after it
-    return GGUFOptions(f.bits, f.type_name, f.imatrix, f.calib_given, f.calib, f.budget, f.resume)
+    return GGUFOptions(f.bits, f.type_name, f.imatrix, f.calib_given, f.calib, f.budget, f.resume, mtp=f.mtp)
 
 
 @dataclass
@@ -126,7 +130,10 @@ def quantize(f: Flags, say: Say) -> Written:
 
 
 def _gguf(f: Flags, opts: GGUFOptions, say: Say) -> Written:
-    src = prepare(f.source)  # opened and mapped once: the imatrix, the budget and the write share it
+    src = prepare(f.source, mtp=opts.mtp)  # opened and mapped once: the imatrix, the budget and the write share it
+    if skipped := left_out(src.ckpt, src.arch):
+        say(f"note: the vision tower ({skipped} tensors) is left out: this GGUF is the language model (an mmproj "
+            "file for images is not written yet)")
     imatrix = resolve_imatrix(src.ckpt, opts.imatrix, progress=f.progress, threads=f.threads, **opts.calib.kwargs())
     mixture, overrides = opts.mixture, None
     if opts.budget.given:

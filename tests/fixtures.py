@@ -443,10 +443,28 @@ FIXTURES = {
 }
 
 
+def _hybrid_fixture(arch: str):
+    """``tests.fixtures_hybrid.tiny_hybrid_dir(arch)`` with its defaults (imported on call: that module
+    imports this one)."""
+
+    def build() -> Path:
+        from tests.fixtures_hybrid import tiny_hybrid_dir
+
+        return tiny_hybrid_dir(arch)
+
+    return build
+
+
+# tests/fixtures_hybrid.py's tiny_hybrid_dir, one name per arch of its HYBRID_ARCHS
+HYBRID_FIXTURES = ("tiny_qwen3_5", "tiny_qwen3_5_moe", "tiny_qwen3_next")
+FIXTURES.update({name: _hybrid_fixture(name.removeprefix("tiny_")) for name in HYBRID_FIXTURES})
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m tests.fixtures NAME...``: build each fixture and print its path.
 
-    NAME is one of ``FIXTURES``, ``tiny`` (every tiny arch with defaults), or
+    NAME is one of ``FIXTURES``, ``tiny`` (every tiny arch with defaults, the hybrid
+    ``tiny_qwen3_5``, ``tiny_qwen3_5_moe`` and ``tiny_qwen3_next`` included), or
     ``tiny:ARCH[:DTYPE[:SHARDS]]``.
     """
     names = sys.argv[1:] if argv is None else argv
@@ -458,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "tiny":
             for arch in TINY_ARCHS:
                 print(tiny_model_dir(arch), flush=True)
+            for hybrid in HYBRID_FIXTURES:  # about 10 s each
+                print(FIXTURES[hybrid](), flush=True)
         elif name.startswith("tiny:"):
             arch, *rest = name.split(":")[1:]
             dtype = rest[0] if rest else "bfloat16"
@@ -501,12 +521,13 @@ def llama_cpp_tree() -> Path:
     return _build(cache_root() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON}", build)
 
 
-def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16") -> Path:
-    """Run llama.cpp's own converter (with its own gguf-py) on a checkpoint."""
+def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16", *extra: str) -> Path:
+    """Run llama.cpp's own converter (with its own gguf-py) on a checkpoint; `extra`: more of its options
+    (e.g. --no-mtp)."""
     tree = llama_cpp_tree()
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), "--outtype", outtype, "--outfile", str(out),
-                        str(model_dir)], env=env, capture_output=True, text=True)
+                        *extra, str(model_dir)], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed:\n{r.stderr[-3000:]}")
     return out

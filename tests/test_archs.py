@@ -21,7 +21,9 @@ def test_each_family_answers_to_transformers_own_names(module):
 
 
 def test_quantize_takes_the_quantizable_families_and_fit_knows_them_all():
-    assert set(ARCHS) == {name for name, a in KNOWN.items() if a.quantizable}
+    assert set(ARCHS) == {a.hf_class for a in KNOWN.values() if a.quantizable}
+    for name, a in KNOWN.items():  # a family's other classes (a text-only form) find it too
+        assert name in (a.hf_class, *a.also_classes) and find_arch({"architectures": [name]}) is a
     fit_only = [a for a in KNOWN.values() if not a.quantizable]
     assert fit_only
     for a in fit_only:

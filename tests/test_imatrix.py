@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +24,6 @@ from qwqq.gguf.reader import read_gguf
 from qwqq.outputs import journal_path, temp_path
 from qwqq.gguf.imatrix_file import Imatrix, read_imatrix, write_imatrix
 from qwqq.gguf.quantize import IMATRIX_GGUF_TYPES, quantize_to_gguf, resolve_mixture
-from qwqq.gguf.types import MIXTURES
 from tests import fixtures
 from tests.conftest import run_qwqq
 from tests.reference import llama_quantize_plan, tensor_table

@@ -10,15 +10,15 @@ the one splitter of fused expert tensors). Adding a family: docs/architecture.md
 
 from __future__ import annotations
 
-from qwqq.archs import deepseek_v3, llama, qwen2, qwen3, qwen3_moe
-from qwqq.archs.base import COMMON, MOE, Arch, Dims, Meta, Sampling, cfg, check_config, head_dim, rope_params, short
+from qwqq.archs import deepseek_v3, llama, qwen2, qwen3, qwen3_5, qwen3_5_moe, qwen3_moe, qwen3_next
+from qwqq.archs.base import COMMON, MOE, Arch, Dims, Meta, Sampling, cfg, check_config, head_dim, hparams, rope_params, short
 from qwqq.archs.experts import EXPERT, FUSED_EXPERT
-from qwqq.archs.tensors import LAYER, LINEAR, SKIPPED, GGUFTensor, Part, gguf_tensors, hub_shapes, mlx_name
+from qwqq.archs.tensors import LAYER, LINEAR, SKIPPED, GGUFTensor, Part, block_count, gguf_tensors, hub_shapes, left_out, mlx_name
 from qwqq.errors import SourceError, UnsupportedError
 
-FAMILIES = (qwen2, qwen3, qwen3_moe, llama, deepseek_v3)  # sampling patterns are tried in this order
-KNOWN: dict[str, Arch] = {m.ARCH.hf_class: m.ARCH for m in FAMILIES}
-ARCHS: dict[str, Arch] = {name: a for name, a in KNOWN.items() if a.quantizable}  # what quantize accepts
+FAMILIES = (qwen2, qwen3, qwen3_moe, qwen3_5, qwen3_5_moe, qwen3_next, llama, deepseek_v3)  # sampling patterns are tried in this order
+KNOWN: dict[str, Arch] = {c: m.ARCH for m in FAMILIES for c in (m.ARCH.hf_class, *m.ARCH.also_classes)}
+ARCHS: dict[str, Arch] = {m.ARCH.hf_class: m.ARCH for m in FAMILIES if m.ARCH.quantizable}  # what quantize accepts
 BY_MODEL_TYPE: dict[str, Arch] = {t: m.ARCH for m in FAMILIES for t in m.ARCH.model_types}
 
 
@@ -42,7 +42,7 @@ def find_arch(config: dict, where=None) -> Arch:
         raise SourceError(f"malformed architectures {short(names)}: expected a list of class names", where)
     model_type = model_type_of(config)
     family = BY_MODEL_TYPE[model_type] if model_type else KNOWN.get(names[0])
-    if family is not None and names[0] == family.hf_class:
+    if family is not None and names[0] in (family.hf_class, *family.also_classes):
         return family
     if family is not None and names[0] in KNOWN:
         raise SourceError(f"architecture {names[0]} is not a {model_type} class: config.json contradicts itself", where)
@@ -62,6 +62,6 @@ def sampling_table() -> tuple[Sampling, ...]:
     return tuple(s for m in FAMILIES for s in m.ARCH.sampling)
 
 
-__all__ = ["ARCHS", "BY_MODEL_TYPE", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
+__all__ = ["ARCHS", "BY_MODEL_TYPE", "block_count", "left_out", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
            "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_of", "cfg", "check_config", "find_arch",
-           "gguf_tensors", "head_dim", "hub_shapes", "mlx_name", "model_type_of", "rope_params", "sampling_table", "short"]
+           "gguf_tensors", "head_dim", "hparams", "hub_shapes", "mlx_name", "model_type_of", "rope_params", "sampling_table", "short"]

@@ -15,6 +15,7 @@ import gguf
 from qwqq.errors import SourceError
 
 Shapes = list[tuple[str, tuple[int, ...]]]  # (GGUF tensor name, numpy-order shape)
+MetaValue = tuple[str, str, object]  # (key after "{arch}.", kind: u32 | f32 | str | bool | ints | bools, value)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,23 @@ class Dims:
     n_expert_used: int = 0
     n_ff_exp: int = 0
     ctx_train: int = 0
+    n_layer_kv: int | None = None  # layers with a KV cache (hybrids: the full-attention ones); None: all
+    n_layer_recurrent: int = 0  # layers with a recurrent state instead (Gated DeltaNet)
+    n_embd_r: int = 0  # recurrent conv state per sequence and layer, float32 elements
+    n_embd_s: int = 0  # recurrent delta-net state per sequence and layer, float32 elements
 
     @property
     def moe(self) -> bool:
         return self.n_expert > 1
+
+    @property
+    def kv_layers(self) -> int:
+        return self.n_layer if self.n_layer_kv is None else self.n_layer_kv
+
+    @property
+    def recurrent_bytes(self) -> int:
+        """The recurrent state of one sequence (llama.cpp keeps it in float32 whatever the context)."""
+        return 4 * self.n_layer_recurrent * (self.n_embd_r + self.n_embd_s)
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,14 @@ class Arch:
     seventy_b_needs_gqa: bool = False
     quantizable: bool = True  # False: fit sizes it from its shapes, quantize refuses it
     sampling: tuple[Sampling, ...] = field(default=())
+    # Families whose hub names, tensors or keys go beyond the llama-style decoder (archs/hybrid.py):
+    rename: Callable[[str, int], str | None] | None = None  # hub name, num_hidden_layers -> canonical name, None: skip
+    tensor_hook: Callable | None = None  # (canonical name, ref, hparams, name_map) -> [GGUFTensor] or None (default)
+    extra_meta: Callable[[dict, int], list[MetaValue]] | None = None  # (hparams, block count) -> more metadata
+    also_classes: tuple[str, ...] = ()  # other architectures[0] values of the family (a text-only form)
+    has_mtp: bool = False  # may carry multi-token-prediction blocks after its decoder layers
+    gated_attention: bool = False  # q_proj holds each head's query rows, then its sigmoid output gate's
+    check: Callable[[dict, object], None] | None = None  # (hparams, where): the family's own config checks
 
     @property
     def name(self) -> str:
@@ -105,6 +127,13 @@ class Arch:
 
     def n_expert(self, config: dict) -> int:
         return int(cfg(config, *self.expert_count, default=0)) if self.moe else 0
+
+
+def hparams(config: dict) -> dict:
+    """config.json's hyper-parameters with a nested text_config's over them (the language tower of a
+    multimodal release: Qwen3.5), as llama.cpp's converter merges them; a flat config comes back as it is."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
 
 
 def cfg(config: dict, *fields, default=None):
@@ -156,6 +185,8 @@ def _is_num(v) -> bool:
 def check_config(config: dict, arch: Arch, where) -> None:
     """Every config.json value the plan and the writer use, checked for type and range up front,
     so a malformed config is one clear error naming the field, never a crash half-way."""
+    config = hparams(config)
+
     def bad(field_: str, value, want: str):
         raise SourceError(f"{field_} is {short(value)}, expected {want}", where)
 
@@ -200,6 +231,8 @@ def check_config(config: dict, arch: Arch, where) -> None:
     orig = rp.get("original_max_position_embeddings")
     if orig is not None and not (_is_int(orig) and 1 <= orig <= U32_MAX):
         bad("original_max_position_embeddings", orig, "a positive integer")
+    if arch.check is not None:
+        arch.check(config, where)
 
 
 # --------------------------------------------------------------------------- the llama-style decoder

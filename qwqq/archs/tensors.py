@@ -9,7 +9,7 @@ from math import prod
 
 import gguf
 
-from qwqq.archs.base import Arch, cfg, check_config, head_dim, short
+from qwqq.archs.base import Arch, cfg, check_config, head_dim, hparams, short
 from qwqq.archs.experts import EXPERT, FUSED_EXPERT, expert_prefix, expert_weight, fused_rows, merged
 from qwqq.errors import SourceError, UnsupportedError
 from qwqq.source import FLOAT_DTYPES, Checkpoint, TensorRef
@@ -41,6 +41,8 @@ class GGUFTensor:
     shape: tuple[int, ...]  # numpy order, e.g. (rows, cols) or (experts, rows, cols)
     parts: tuple[Part, ...]  # concatenated along rows
     permute_heads: int = 0  # llama q/k: number of heads to re-order rows within (0: none)
+    col_perm: tuple[int, ...] | None = None  # column j of the GGUF tensor is source column col_perm[j]
+    op: str | None = None  # element-wise, in float32 (float16 for a float16 source): plus_one | neg_exp
 
     @property
     def rows(self) -> int:
@@ -51,19 +53,28 @@ class GGUFTensor:
         return self.shape[-1]
 
 
-def gguf_tensors(ckpt: Checkpoint, arch: Arch) -> list[GGUFTensor]:
-    """Every tensor the GGUF will hold, mapped from the checkpoint's names, experts stacked."""
-    c = ckpt.config
+def gguf_tensors(ckpt: Checkpoint, arch: Arch, mtp: bool = True) -> list[GGUFTensor]:
+    """Every tensor the GGUF will hold, mapped from the checkpoint's names, experts stacked. A family with
+    multi-token-prediction blocks keeps them after the decoder layers unless `mtp` is False."""
+    c = hparams(ckpt.config)
     check_config(c, arch, ckpt.root / "config.json")
-    for ref in ckpt.tensors.values():
+    named = _canonical(ckpt, arch)
+    for ref in named.values():
         if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
     n_layer = int(c["num_hidden_layers"])
-    layers = {int(m.group(1)) for n in ckpt.tensors if (m := LAYER.match(n))}
-    if layers != set(range(n_layer)):  # checked before any per-layer work a hostile count could make huge
+    layers = {int(m.group(1)) for n in named if (m := LAYER.match(n))}
+    n_mtp = len(layers - set(range(n_layer))) if arch.has_mtp else 0
+    if arch.has_mtp and not mtp:
+        if not n_mtp:
+            raise SourceError("has no multi-token-prediction (MTP) layers to leave out: drop --no-mtp", ckpt.root)
+        named = {n: r for n, r in named.items() if not ((m := LAYER.match(n)) and int(m.group(1)) >= n_layer)}
+        layers, n_mtp = layers & set(range(n_layer)), 0
+    n_block = n_layer + n_mtp
+    if layers != set(range(n_block)):  # checked before any per-layer work a hostile count could make huge
         held = len(layers) if layers == set(range(len(layers))) else f"layers {short(sorted(layers))}"
         raise SourceError(f"says {n_layer} layers, the weights hold {held}", ckpt.root / "config.json")
-    name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_layer)
+    name_map = gguf.get_tensor_name_map(arch.gguf_arch, n_block)
     out: list[GGUFTensor] = []
     experts: dict[tuple[int, str], dict[int, TensorRef]] = {}
     n_head = int(c["num_attention_heads"])
@@ -75,7 +86,7 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch) -> list[GGUFTensor]:
     def stacked(layer: int, proj: str) -> str:
         return name_map.get_name(f"{expert_prefix(layer)}.{proj}_proj.weight", try_suffixes=(".weight",))
 
-    for hf_name, ref in ckpt.tensors.items():
+    for hf_name, ref in named.items():
         if SKIPPED.search(hf_name):
             continue
         if arch.moe and (m := EXPERT.match(hf_name)):
@@ -87,9 +98,12 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch) -> list[GGUFTensor]:
                 parts = tuple(Part(ref, r0, r1) for r0, r1 in merged(ranges))
                 out.append(GGUFTensor(stacked(int(m.group(1)), proj), shape, parts))
             continue
+        if arch.tensor_hook and (special := arch.tensor_hook(hf_name, ref, c, name_map)) is not None:
+            out += special
+            continue
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise SourceError(f"unexpected tensor {hf_name} for {arch.hf_class}", ref.file)
+            raise SourceError(f"unexpected tensor {ref.name} for {arch.hf_class}", ref.file)
         heads = 0
         if arch.permute_qk and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
             heads = n_head if ".q_proj." in hf_name else n_kv
@@ -104,13 +118,44 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch) -> list[GGUFTensor]:
         if any(r.shape != shape0 for r in refs):
             raise SourceError(f"layer {layer} {proj}_proj experts disagree on shape", ckpt.root)
         out.append(GGUFTensor(stacked(layer, proj), (n_expert, *shape0), tuple(Part(r, 0, r.rows) for r in refs)))
-    _check_shapes(out, c, ckpt)
+    _check_shapes(out, c, ckpt, arch, n_block)
     return out
 
 
-def _check_shapes(tensors: list[GGUFTensor], c: dict, ckpt: Checkpoint) -> None:
+def _canonical(ckpt: Checkpoint, arch: Arch) -> dict[str, TensorRef]:
+    """The checkpoint's tensors under the names the family's text model gives them (a multimodal release's
+    language tower renamed, its vision tower left out: one note), in the checkpoint's order."""
+    if arch.rename is None:
+        return ckpt.tensors
+    n_layer = int(hparams(ckpt.config)["num_hidden_layers"])
+    out: dict[str, TensorRef] = {}
+    for name, ref in ckpt.tensors.items():
+        new = arch.rename(name, n_layer)
+        if new is not None:
+            out[new] = ref
+    if not any(LAYER.match(n) or n == EMBEDDING for n in out):
+        raise SourceError(f"holds no text-model weights ({EMBEDDING}, model.layers.* or model.language_model.*), only "
+                          f"{len(ckpt.tensors)} other tensors (a vision tower?)", ckpt.root)
+    return out
+
+
+def left_out(ckpt: Checkpoint, arch: Arch) -> int:
+    """How many of the checkpoint's tensors the text model does not use (a vision tower)."""
+    if arch.rename is None:
+        return 0
+    n_layer = int(hparams(ckpt.config)["num_hidden_layers"])
+    return sum(arch.rename(name, n_layer) is None for name in ckpt.tensors)
+
+
+def block_count(tensors: list[GGUFTensor]) -> int:
+    """The GGUF's blocks: decoder layers plus any multi-token-prediction blocks after them."""
+    return 1 + max((int(t.name.split(".")[1]) for t in tensors if t.name.startswith("blk.")), default=-1)
+
+
+def _check_shapes(tensors: list[GGUFTensor], c: dict, ckpt: Checkpoint, arch: Arch, n_block: int) -> None:
     """Catch a config that does not match its tensors before writing anything."""
     by = {t.name: t for t in tensors}
+    blocks = {int(n.split(".")[1]) for n in by if n.startswith("blk.")}
     where = ckpt.root / "config.json"
     hidden, vocab = int(c["hidden_size"]), int(c.get("vocab_size") or 0)
     emb = by.get("token_embd.weight")
@@ -121,15 +166,14 @@ def _check_shapes(tensors: list[GGUFTensor], c: dict, ckpt: Checkpoint) -> None:
                           f"hidden {hidden}", ckpt.root)
     n_head, hd = int(c["num_attention_heads"]), head_dim(c)
     n_kv = int(cfg(c, "num_key_value_heads", default=n_head))
-    for key, heads in (("attn_q", n_head), ("attn_k", n_kv), ("attn_v", n_kv)):
-        t = by.get(f"blk.0.{key}.weight")
+    gate = 2 if arch.gated_attention else 1  # each query head's rows, then its output gate's
+    for key, heads in (("attn_q", n_head * gate), ("attn_k", n_kv), ("attn_v", n_kv)):
+        t = next((by[n] for n in (f"blk.{i}.{key}.weight" for i in sorted(blocks)) if n in by), None)
         if t is not None and t.shape[0] != heads * hd:
             raise SourceError(f"tensor {t.parts[0].ref.name} is {list(t.shape)} but config.json says {heads} heads x "
                               f"head_dim {hd}", where)
-    n_layer = int(c["num_hidden_layers"])
-    blocks = {int(n.split(".")[1]) for n in by if n.startswith("blk.")}
-    if blocks != set(range(n_layer)):
-        raise SourceError(f"says {n_layer} layers, the weights hold {len(blocks)}", where)
+    if blocks != set(range(n_block)):
+        raise SourceError(f"says {c['num_hidden_layers']} layers, the weights hold {len(blocks)}", where)
 
 
 # --------------------------------------------------------------------------- GGUF names -> Hugging Face names

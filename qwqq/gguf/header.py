@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 
 from qwqq import __version__
-from qwqq.archs import Arch, cfg, head_dim, rope_params
+from qwqq.archs import Arch, block_count, cfg, head_dim, hparams, rope_params
 from qwqq.errors import SourceError
 from qwqq.gguf.plan import Plan
 from qwqq.gguf.vocab import Vocab
@@ -57,13 +57,16 @@ class FastArrayWriter(gguf.GGUFWriter):
 
 
 def _put(w: gguf.GGUFWriter, key: str, kind: str, value) -> None:
+    if kind in ("ints", "bools"):  # arrays: of ints (rope sections), of bool (which layers are recurrent)
+        w.add_array(key, [int(v) if kind == "ints" else bool(v) for v in value])
+        return
     {"u32": w.add_uint32, "i32": w.add_int32, "f32": w.add_float32, "str": w.add_string, "bool": w.add_bool}[kind](
         key, int(value) if kind in ("u32", "i32") else float(value) if kind == "f32" else value)
 
 
 def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan, vocab: Vocab,
                    imatrix: Imatrix | None = None) -> None:
-    c, a = ckpt.config, arch.name
+    c, a = hparams(ckpt.config), arch.name
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(ckpt.name)
     w.add_quantized_by(f"qwqq {__version__}")
@@ -80,6 +83,9 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan,
                 raise SourceError(f"config.json lacks {' or '.join(m.fields)}", ckpt.root / "config.json")
             continue
         _put(w, f"{a}.{m.key}", m.kind, v)
+    if arch.extra_meta is not None:
+        for key, kind, value in arch.extra_meta(c, block_count(plan.tensors)):
+            _put(w, f"{a}.{key}", kind, value)
     rp = rope_params(c)
     _put(w, f"{a}.rope.freq_base", "f32", rp["rope_theta"])
     if arch.rope_dims_key:

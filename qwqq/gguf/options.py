@@ -34,6 +34,7 @@ class GGUFOptions:
     calib: CalibOptions = field(default_factory=CalibOptions)
     budget: Budget = field(default_factory=Budget)
     resume: bool = False
+    mtp: bool = True  # keep a hybrid Qwen's multi-token-prediction block (as llama.cpp's converter does)
     mixture: Mixture | None = field(default=None, init=False)  # None with a budget: it chooses the types
 
     def __post_init__(self):

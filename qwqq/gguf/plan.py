@@ -17,7 +17,7 @@ from math import prod
 
 from gguf import GGMLQuantizationType as T, LlamaFileType as FT
 
-from qwqq.archs import Arch, cfg
+from qwqq.archs import Arch, cfg, hparams
 from qwqq.gguf.types import FALLBACK, FLOAT_TYPES, IMATRIX_TYPES, MIXTURES, Mixture, block_size, tensor_bytes
 
 # --------------------------------------------------------------------------- model facts
@@ -40,6 +40,7 @@ class ModelFacts:
 
 
 def model_facts(config: dict, arch: Arch) -> ModelFacts:
+    config = hparams(config)
     n_layer = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(cfg(config, "num_key_value_heads", default=n_head))
@@ -108,13 +109,22 @@ _CATEGORY_NEEDLES = [
 _ATTN_V_LIKE = {"attn_v", "attn_qkv", "attn_kv_b"}
 
 
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims of a numpy-order shape: dimensions up to the last (in ggml's order) larger than 1."""
+    leading_ones = next((i for i, s in enumerate(shape) if int(s) != 1), len(shape))
+    return max(1, len(shape) - leading_ones)
+
+
 def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
-    """Which tensors are ever quantized: 2-D/3-D weights, but not norms or the MoE router."""
+    """Which tensors are ever quantized (tensor_allows_quantization): weights of two or more dimensions as
+    ggml counts them (leading 1s do not count: the shared-expert gate [1, hidden] is a vector), but not
+    norms, the MoE router or the recurrent layers' depthwise conv."""
     return (
-        len(shape) >= 2
+        ggml_n_dims(shape) >= 2
         and name.endswith("weight")
         and "_norm.weight" not in name
         and "ffn_gate_inp.weight" not in name
+        and "ssm_conv1d" not in name
     )
 
 
@@ -309,14 +319,16 @@ def make_plan(
     mix = MIXTURES[mixture] if isinstance(mixture, str) else mixture
     ordered = sorted(tensors, key=lambda nt: llama_order(nt[0]))
     names = {n for n, _ in ordered}
+    blocks = {int(m.group(1)) for n in names if (m := _BLK.match(n))}
     counters = _Counters(
         n_attn_v=sum(category(n) in _ATTN_V_LIKE for n in names),
-        n_layer=facts.n_layer,
+        n_layer=max(blocks) + 1 if blocks else facts.n_layer,  # llama.cpp's n_layer_all: MTP blocks too
         tied="output.weight" not in names,
     )
     plan = Plan(mix)
     for name, shape in ordered:
         shape = tuple(int(s) for s in shape)
+        shape = shape[len(shape) - ggml_n_dims(shape):]  # llama-quantize writes ggml's dims: [1, n] is [n]
         fallback_from = None
         if mix.default == T.F32 or not allows_quantization(name, shape):
             t, quantized = T.F32, False

@@ -50,10 +50,11 @@ class Prepared:
         return build_header(self.ckpt, self.arch, plan, self.vocab, imatrix)
 
 
-def prepare(source: "str | Path | Checkpoint | Prepared") -> Prepared:
-    """Open (a folder or hub id) and map a checkpoint for GGUF; a Prepared is handed back as it is."""
+def prepare(source: "str | Path | Checkpoint | Prepared", mtp: bool = True) -> Prepared:
+    """Open (a folder or hub id) and map a checkpoint for GGUF, its multi-token-prediction blocks left out
+    when `mtp` is False; a Prepared is handed back as it is."""
     if isinstance(source, Prepared):
         return source
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     arch = arch_of(ckpt.config, ckpt.root / "config.json")
-    return Prepared(ckpt, arch, gguf_tensors(ckpt, arch), model_facts(ckpt.config, arch))
+    return Prepared(ckpt, arch, gguf_tensors(ckpt, arch, mtp=mtp), model_facts(ckpt.config, arch))

@@ -78,7 +78,11 @@ def plan_checkpoint(ckpt: Checkpoint | Prepared, mixture: Mixture | str, *, has_
     return src.arch, src.tensors, src.plan(mixture, has_imatrix=has_imatrix, overrides=overrides)
 
 
-def imatrix_rows(plan: Plan, imatrix: Imatrix) -> tuple[dict[str, np.ndarray], list[str]]:
+def _block(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else -1
+
+
+def imatrix_rows(plan: Plan, imatrix: Imatrix, n_layer: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Per quantized tensor, the float32 [n_mat, cols] importance its rows are quantized with, and the
     names of the quantized tensors the imatrix has no data for. Follows src/llama-quant.cpp: an entry
     is used only if it holds cols * experts values (else an error, except for token_embd, which is
@@ -87,6 +91,7 @@ def imatrix_rows(plan: Plan, imatrix: Imatrix) -> tuple[dict[str, np.ndarray], l
     rows: dict[str, np.ndarray] = {}
     missing: list[str] = []
     where = imatrix.path
+    n_layer = 1 + max(map(_block, (t.name for t in plan.tensors)), default=-1) if n_layer is None else n_layer
     quantized = [t for t in plan.tensors if t.quantized]
     for t in quantized:
         cols, n_mat = t.shape[-1], (t.shape[0] if len(t.shape) == 3 else 1)
@@ -97,6 +102,10 @@ def imatrix_rows(plan: Plan, imatrix: Imatrix) -> tuple[dict[str, np.ndarray], l
                                   f"{cols * n_mat} ({n_mat} x {cols}): is the imatrix for another model?", where)
             values = None
         if values is None:
+            if t.needs_imatrix and _block(t.name) >= n_layer:
+                raise SourceError(f"the imatrix has no data for {t.name}, the multi-token-prediction block (llama-imatrix "
+                                  f"does not run it), which {plan.mixture.name} quantizes to {t.type.name} (that needs "
+                                  "one): give --no-mtp to leave the block out", where)
             if t.needs_imatrix:
                 raise SourceError(f"the imatrix has no data for {t.name}, which {plan.mixture.name} quantizes to "
                                   f"{t.type.name} (that needs one): is the imatrix for another model?", where)
@@ -129,7 +138,7 @@ def quantize_to_gguf(source: str | Path | Checkpoint | Prepared, mixture: Mixtur
     src = prepare(source)
     ckpt, arch, tensors, vocab = src.ckpt, src.arch, src.tensors, src.vocab
     plan = src.plan(mixture, has_imatrix=imatrix is not None, overrides=overrides)
-    rows, missing = imatrix_rows(plan, imatrix) if imatrix is not None else (None, [])
+    rows, missing = imatrix_rows(plan, imatrix, src.facts.n_layer) if imatrix is not None else (None, [])
     need = [t for t in plan.tensors if t.needs_imatrix]
     if need and imatrix is None:
         raise UnsupportedError(f"{mixture.name} puts {need[0].type.name} on {need[0].name}, which needs an "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gguf import TokenType
 
+from qwqq.archs.base import hparams
 from qwqq.errors import SourceError, UnsupportedError
 from qwqq.source import Checkpoint
 
@@ -41,7 +42,8 @@ class Vocab:
 def _pre_tokenizer_name(tj: dict, where) -> str:
     """llama.cpp's pre-tokenizer name, recognised from the tokenizer's own pre_tokenizer definition.
 
-    qwen2: Llama-3 style split regex with single digits; llama-bpe: digits in groups of up to three;
+    qwen2: Llama-3 style split regex with single digits; qwen35: the same with combining marks (\\p{M}) kept
+    with letters (Qwen3.5 and later); llama-bpe: digits in groups of up to three;
     smollm: individual digits then GPT-2 byte-level; gpt-2: byte-level with its own regex only.
     """
     pre = _obj(tj.get("pre_tokenizer"))
@@ -54,13 +56,15 @@ def _pre_tokenizer_name(tj: dict, where) -> str:
         pattern = pattern if isinstance(pattern, str) else ""
         if r"\p{N}{1,3}" in pattern:
             return "llama-bpe"
+        if r"[\p{L}\p{M}]+" in pattern and r"\p{N}" in pattern:  # Qwen3.5+: letters with their combining marks
+            return "qwen35"
         if r"\p{N}" in pattern and r"\p{L}+" in pattern:
             return "qwen2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    raise UnsupportedError(f"tokenizer pre-tokenizer {kinds} is not one qwqq knows (qwen2, llama-bpe, smollm, gpt-2)", where)
+    raise UnsupportedError(f"tokenizer pre-tokenizer {kinds} is not one qwqq knows (qwen2, qwen35, llama-bpe, smollm, gpt-2)", where)
 
 
 def _obj(v) -> dict:
@@ -139,7 +143,7 @@ def build_vocab(ckpt: Checkpoint) -> Vocab:
     by_id = {i: t for t, i in vocab.items()}
     if not by_id:
         raise SourceError("malformed tokenizer: the vocabulary is empty", where)
-    config_vocab = ckpt.config.get("vocab_size")
+    config_vocab = hparams(ckpt.config).get("vocab_size")  # a multimodal release: its text_config's
     if config_vocab is not None and not _is_id(config_vocab):
         raise SourceError(f"vocab_size is {_short(config_vocab)}, expected a positive integer", ckpt.root / "config.json")
     n_vocab = config_vocab or (max(by_id) + 1)

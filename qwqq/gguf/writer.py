@@ -67,6 +67,25 @@ def _permute_rows(rows: np.ndarray, head_dim_: int) -> np.ndarray:
     return rows.reshape(n // head_dim_, 2, head_dim_ // 2, cols).swapaxes(1, 2).reshape(n, cols)
 
 
+def elementwise(op: str, rows: np.ndarray, dtype: str) -> np.ndarray:
+    """llama.cpp's converter's value transforms, bit for bit: computed in float32 (a bf16 source is widened
+    first) or, for a float16 source, in float16 as torch computes it; -exp through torch's own kernel where
+    torch is installed (numpy's exp differs in the last bit for some inputs), else in float64, rounded."""
+    half = dtype == "F16"
+    if op == "plus_one":
+        out = rows.astype(np.float16) + np.float16(1) if half else rows + np.float32(1)
+        return np.asarray(out, dtype=np.float32)
+    if op == "neg_exp":
+        try:
+            import torch
+        except ImportError:
+            out = -np.exp(rows.astype(np.float64))
+            return np.asarray(out.astype(np.float16) if half else out, dtype=np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(rows.astype(np.float16) if half else rows))
+        return (-torch.exp(t)).to(torch.float32).numpy()
+    raise ValueError(f"unknown tensor op {op}")
+
+
 def _chunks(job: Job, cols: int):
     """(part, r0, r1, g0) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors;
     g0 is the chunk's first row in the GGUF tensor (counted across experts)."""
@@ -116,6 +135,10 @@ class TensorStreamer:
         rows = self.reader.read_f32(ref, r0, r1, slot["f32"], slot["raw"], widen=ggml.to_f32)
         if job.src.permute_heads:
             rows = np.ascontiguousarray(_permute_rows(rows, job.src.rows // job.src.permute_heads))
+        if job.src.col_perm is not None:
+            rows = np.ascontiguousarray(rows[:, np.asarray(job.src.col_perm)])
+        if job.src.op is not None:
+            rows = elementwise(job.src.op, rows, ref.dtype)
         return rows
 
     @staticmethod

@@ -1,0 +1,29 @@
+"""Qwen3.5 dense (0.8B to 27B), Qwen3.6-27B, Qwen3.8-27B: the hybrid decoder (archs/hybrid.py) with a dense
+SwiGLU MLP, as a multimodal release (Qwen3_5ForConditionalGeneration: text_config, model.language_model.*,
+a vision tower qwqq leaves out) or its text-only form (Qwen3_5ForCausalLM). Separate in_proj_a / in_proj_b,
+value heads reordered to tiled order, interleaved M-RoPE sections, one MTP block."""
+
+import functools
+
+import gguf
+
+from qwqq.archs import hybrid
+from qwqq.archs.base import COMMON, Arch
+
+META = tuple(m for m in COMMON if m.key != "block_count")  # block_count counts the MTP blocks: hybrid.meta
+
+ARCH = Arch(
+    hf_class="Qwen3_5ForConditionalGeneration",
+    also_classes=("Qwen3_5ForCausalLM",),
+    model_types=("qwen3_5", "qwen3_5_text"),
+    gguf_arch=gguf.MODEL_ARCH.QWEN35,
+    shapes=lambda config, output_tensor=False: hybrid.shapes(config, output_tensor, moe=False, split_ba=True),
+    dims=hybrid.dims,
+    meta=META,
+    rename=hybrid.rename,
+    tensor_hook=functools.partial(hybrid.hybrid_tensors, tiled_v=True),
+    extra_meta=lambda hp, n_block: hybrid.meta(hp, n_block, sections=True),
+    has_mtp=True,
+    gated_attention=True,
+    check=hybrid.check,
+)
