@@ -131,9 +131,6 @@ def quantize(f: Flags, say: Say) -> Written:
 
 def _gguf(f: Flags, opts: GGUFOptions, say: Say) -> Written:
     src = prepare(f.source, mtp=opts.mtp)  # opened and mapped once: the imatrix, the budget and the write share it
-    if skipped := left_out(src.ckpt, src.arch):
-        say(f"note: the vision tower ({skipped} tensors) is left out: this GGUF is the language model (an mmproj "
-            "file for images is not written yet)")
     imatrix = resolve_imatrix(src.ckpt, opts.imatrix, progress=f.progress, threads=f.threads, **opts.calib.kwargs())
     mixture, overrides = opts.mixture, None
     if opts.budget.given:
@@ -143,10 +140,17 @@ def _gguf(f: Flags, opts: GGUFOptions, say: Say) -> Written:
         say(f"budget: {note}")
     result = quantize_to_gguf(src, mixture, out=f.out, force=f.force, resume=f.resume, threads=f.threads,
                               progress=f.progress, imatrix=imatrix, overrides=overrides)
-    for line in filter(None, [*fallback_notes(result.plan), imatrix_note(result)]):
+    for line in filter(None, [vision_note(src), *fallback_notes(result.plan), imatrix_note(result)]):
         say(f"note: {line}")
     return Written(result.path, f"({result.file_bytes / 2**30:.2f} GiB, {result.bits_per_weight:.2f} bits/weight, "
                                 f"{result.seconds:.1f} s)")
+
+
+def vision_note(src) -> str | None:
+    if skipped := left_out(src.ckpt, src.arch):
+        return (f"the vision tower ({skipped} tensors) is left out: this GGUF is the language model (an mmproj file "
+                "for images is not written yet)")
+    return None
 
 
 def _mlx(f: Flags, opts: MLXOptions, say: Say) -> Written:

@@ -65,7 +65,7 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch, mtp: bool = True) -> list[GGUFTen
     n_layer = int(c["num_hidden_layers"])
     layers = {int(m.group(1)) for n in named if (m := LAYER.match(n))}
     n_mtp = len(layers - set(range(n_layer))) if arch.has_mtp else 0
-    if arch.has_mtp and not mtp:
+    if not mtp:
         if not n_mtp:
             raise SourceError("has no multi-token-prediction (MTP) layers to leave out: drop --no-mtp", ckpt.root)
         named = {n: r for n, r in named.items() if not ((m := LAYER.match(n)) and int(m.group(1)) >= n_layer)}
