@@ -28,6 +28,7 @@ from qwqq.gguf.plan import make_plan
 from qwqq.gguf.types import MIXTURES
 from qwqq.source import open_checkpoint
 from tests import fixtures
+from tests.fixtures_hybrid import HYBRID_ARCHS, tiny_hybrid_dir
 from tests.conftest import run_qwqq
 
 GiB = 2**30
@@ -41,7 +42,8 @@ def quantized(arch: str, mixture: str) -> Path:
         _DIR.append(Path(tempfile.mkdtemp(prefix="qwqq-fit-")))
         atexit.register(shutil.rmtree, _DIR[0], True)
     out = _DIR[0] / f"{arch}-{mixture}.gguf"
-    quantize_to_gguf(fixtures.tiny_model_dir(arch), MIXTURES[mixture], out=out, threads=2, progress=False)
+    src = tiny_hybrid_dir(arch) if arch in HYBRID_ARCHS else fixtures.tiny_model_dir(arch)
+    quantize_to_gguf(src, MIXTURES[mixture], out=out, threads=2, progress=False)
     return out
 
 

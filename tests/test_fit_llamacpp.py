@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qwqq.fit.constants import backend_constants
-from qwqq.fit.memory import MiB, compute_bytes, cpu_repack_bytes, kv_bytes
+from qwqq.fit.memory import MiB, compute_bytes, cpu_repack_bytes, kv_bytes, recurrent_bytes
 from qwqq.fit.subject import resolve
 from tests.test_fit import quantized
 
@@ -48,10 +48,12 @@ for path, ctx, kv, fa, ub in json.loads(sys.argv[1]):
     text = "".join(log)
     llm.close()
     kv_size = re.search(r"llama_kv_cache: size =\s+([\d.]+) MiB", text)
+    rs_size = re.search(r"llama_memory_recurrent: .*size =\s+([\d.]+) MiB", text)
     print(json.dumps({
         "path": path, "ctx": ctx, "kv": kv, "fa": fa, "ub": ub,
         "model": sum(float(m) for m in re.findall(r"model buffer size =\s+([\d.]+) MiB", text)),
         "kv_size": float(kv_size.group(1)) if kv_size else None,
+        "rs_size": float(rs_size.group(1)) if rs_size else 0.0,
         "compute": sum(float(m) for m in re.findall(r"compute buffer size =\s+([\d.]+) MiB", text)),
     }), flush=True)
 """
@@ -62,7 +64,9 @@ pytestmark = pytest.mark.slow  # llama.cpp loads SmolLM2 at several contexts
 @pytest.fixture(scope="module")
 def reports(smollm2_gguf) -> list[dict]:
     files = [(str(smollm2_gguf), FULL), (str(quantized("qwen3", "Q4_K_M")), SHORT),
-             (str(quantized("qwen3_moe", "Q4_K_M")), SHORT), (str(quantized("qwen2", "Q8_0")), SHORT[:2])]
+             (str(quantized("qwen3_moe", "Q4_K_M")), SHORT), (str(quantized("qwen2", "Q8_0")), SHORT[:2]),
+             (str(quantized("qwen3_5", "Q4_K_M")), SHORT), (str(quantized("qwen3_5_moe", "Q4_K_M")), SHORT[1:3]),
+             (str(quantized("qwen3_next", "Q4_K_M")), SHORT[2:])]  # hybrids: KV on 1 of 4 layers, recurrent state
     jobs = [[path, ctx, kv, fa, ub] for path, grid in files for ctx, kv, fa, ub in grid]
     r = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(jobs)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -74,14 +78,16 @@ def reports(smollm2_gguf) -> list[dict]:
 def _predict(rep: dict) -> dict:
     m, consts = resolve(rep["path"]), backend_constants()
     b = m.gguf_build
+    loaded = b.tensor_bytes - b.split(m.dims.n_layer).unloaded  # an MTP block stays on disk
     return {
-        "model": (b.tensor_bytes + cpu_repack_bytes(b.tensors, consts.repack_types)) / MiB,
+        "model": (loaded + cpu_repack_bytes(b.tensors, consts.repack_types)) / MiB,
         "kv_size": kv_bytes(m.dims, rep["ctx"], rep["kv"]) / MiB,
+        "rs_size": recurrent_bytes(m.dims) / MiB,
         "compute": compute_bytes(m.dims, rep["ctx"], rep["fa"], n_ubatch=rep["ub"], fragmentation=consts.fragmentation) / MiB,
     }
 
 
-@pytest.mark.parametrize("what", ["model", "kv_size", "compute"])
+@pytest.mark.parametrize("what", ["model", "kv_size", "rs_size", "compute"])
 def test_prediction_within_5_percent_and_never_below(reports, what):
     bad = []
     for rep in reports:
@@ -98,6 +104,7 @@ def test_the_grid_covers_what_it_claims(reports):
     assert {r["fa"] for r in reports} == {True, False}
     assert len({r["ctx"] for r in reports}) >= 4
     assert any("qwen3_moe" in r["path"] for r in reports) and any("Q4_K_M" in r["path"] for r in reports)
+    assert {r["path"].rsplit("/", 1)[-1].split("-")[0] for r in reports if r["rs_size"]} == {"qwen3_5", "qwen3_5_moe", "qwen3_next"}
 
 
 def test_quantized_kv_is_exactly_a_fraction_of_f16(reports):

@@ -49,11 +49,19 @@ def find_arch(config: dict, where=None) -> Arch:
     raise UnsupportedError(f"architecture {short(names[0])} is not supported; supported: {', '.join(ARCHS)}", where)
 
 
-def arch_of(config: dict, where=None) -> Arch:
-    """The family quantize, calibration and the runtimes work with: a supported one, else one line."""
+JOBS = {"gguf": "a GGUF", "mlx": "an MLX folder", "gptq": "a GPTQ checkpoint",
+        "calibrate": "calibration (an importance matrix, GPTQ) through transformers"}
+
+
+def arch_of(config: dict, where=None, job: str = "gguf") -> Arch:
+    """The family quantize, calibration and the runtimes work with for `job` (gguf, mlx, gptq, calibrate):
+    a supported one, else one line."""
     arch = find_arch(config, where)
     if not arch.quantizable:
         raise UnsupportedError(f"architecture {arch.hf_class} is not supported; supported: {', '.join(ARCHS)}", where)
+    if job not in arch.jobs:
+        can = " and ".join(JOBS[j] for j in arch.jobs)
+        raise UnsupportedError(f"{arch.hf_class}: qwqq makes {can} of it so far, not {JOBS[job]}", where)
     return arch
 
 

@@ -65,23 +65,26 @@ class Dims:
     n_expert_used: int = 0
     n_ff_exp: int = 0
     ctx_train: int = 0
-    n_layer_kv: int | None = None  # layers with a KV cache (hybrids: the full-attention ones); None: all
-    n_layer_recurrent: int = 0  # layers with a recurrent state instead (Gated DeltaNet)
-    n_embd_r: int = 0  # recurrent conv state per sequence and layer, float32 elements
-    n_embd_s: int = 0  # recurrent delta-net state per sequence and layer, float32 elements
+    recurrent: tuple[bool, ...] = ()  # hybrids: which layers keep a recurrent state instead of a KV cache
+    n_embd_r: int = 0  # recurrent conv state per sequence and recurrent layer, float32 elements
+    n_embd_s: int = 0  # recurrent delta-net state per sequence and recurrent layer, float32 elements
 
     @property
     def moe(self) -> bool:
         return self.n_expert > 1
 
-    @property
-    def kv_layers(self) -> int:
-        return self.n_layer if self.n_layer_kv is None else self.n_layer_kv
+    def has_kv(self, layer: int) -> bool:
+        return not (self.recurrent and self.recurrent[layer])
 
     @property
-    def recurrent_bytes(self) -> int:
-        """The recurrent state of one sequence (llama.cpp keeps it in float32 whatever the context)."""
-        return 4 * self.n_layer_recurrent * (self.n_embd_r + self.n_embd_s)
+    def kv_layers(self) -> int:
+        """Layers with a KV cache (a hybrid's full-attention layers; every layer otherwise)."""
+        return self.n_layer - sum(self.recurrent)
+
+    @property
+    def recurrent_layer_bytes(self) -> int:
+        """One recurrent layer's state for one sequence: float32, whatever the context."""
+        return 4 * (self.n_embd_r + self.n_embd_s)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class Arch:
     rename: Callable[[str, int], str | None] | None = None  # hub name, num_hidden_layers -> canonical name, None: skip
     tensor_hook: Callable | None = None  # (canonical name, ref, hparams, name_map) -> [GGUFTensor] or None (default)
     extra_meta: Callable[[dict, int], list[MetaValue]] | None = None  # (hparams, block count) -> more metadata
+    jobs: tuple[str, ...] = ("gguf", "mlx", "gptq", "calibrate")  # what qwqq does with it (see archs.arch_of)
     also_classes: tuple[str, ...] = ()  # other architectures[0] values of the family (a text-only form)
     has_mtp: bool = False  # may carry multi-token-prediction blocks after its decoder layers
     gated_attention: bool = False  # q_proj holds each head's query rows, then its sigmoid output gate's

@@ -264,11 +264,9 @@ def dims(config: dict, arch) -> Dims:
     n_layer, hidden, n_head = int(hp["num_hidden_layers"]), int(hp["hidden_size"]), int(hp["num_attention_heads"])
     n_kv = int(cfg(hp, "num_key_value_heads", default=n_head))
     hd = head_dim(hp)
-    kinds = layer_types(hp)
-    n_recurrent = sum(k == "linear_attention" for k in kinds)
     return Dims(arch.name, n_layer, hidden, n_head, n_kv, n_kv * hd, n_kv * hd, n_head * hd,
                 int(hp.get("intermediate_size") or 0), int(hp["vocab_size"]), arch.n_expert(hp),
                 int(hp.get("num_experts_per_tok") or 0) if arch.moe else 0,
                 int(hp.get("moe_intermediate_size") or 0) if arch.moe else 0, int(hp.get("max_position_embeddings") or 0),
-                n_layer_kv=n_layer - n_recurrent, n_layer_recurrent=n_recurrent,
+                recurrent=tuple(k == "linear_attention" for k in layer_types(hp)),
                 n_embd_r=(kernel - 1) * (nv * dv + 2 * nk * dk), n_embd_s=dk * dv * nv)

@@ -191,7 +191,7 @@ def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
 
     heap_returns_to_os()
 
-    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    arch = arch_of(ckpt.config, ckpt.root / "config.json", "calibrate")
     check_config(ckpt.config, arch, ckpt.root / "config.json")
     if any(FUSED_ON_DISK.search(n) for n in ckpt.tensors):
         raise UnsupportedError("calibration reads per-expert tensors (the hub's layout); this checkpoint fuses them",

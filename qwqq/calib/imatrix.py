@@ -69,7 +69,7 @@ def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple
 
     Stacked expert tensors get one row per expert, in expert order, as llama-imatrix writes them.
     """
-    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    arch = arch_of(ckpt.config, ckpt.root / "config.json", "calibrate")
     out = {}
     for t in gguf_tensors(ckpt, arch):
         names = [p.ref.name for p in t.parts]

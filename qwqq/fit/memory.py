@@ -35,15 +35,27 @@ def kv_cells(ctx: int, pad: int = 256) -> int:
 
 
 def kv_bytes(d: Dims, ctx: int, kv: str = "f16", n_layers: int | None = None, pad: int = 256) -> int:
-    """llama_kv_cache: size — K and V for `n_layers` layers (default: all)."""
+    """llama_kv_cache: size — K and V for `n_layers` layers (default: every layer that has a KV cache)."""
     t = KV_TYPES[kv]
     per_cell = row_bytes(t, d.n_embd_k) + row_bytes(t, d.n_embd_v)
-    return (d.n_layer if n_layers is None else n_layers) * kv_cells(ctx, pad) * per_cell
+    return (d.kv_layers if n_layers is None else n_layers) * kv_cells(ctx, pad) * per_cell
 
 
 def kv_bytes_per_token(d: Dims, kv: str = "f16") -> int:
     t = KV_TYPES[kv]
-    return d.n_layer * (row_bytes(t, d.n_embd_k) + row_bytes(t, d.n_embd_v))
+    return d.kv_layers * (row_bytes(t, d.n_embd_k) + row_bytes(t, d.n_embd_v))
+
+
+def recurrent_bytes(d: Dims, n_seq: int = 1) -> int:
+    """llama_memory_recurrent's size: every recurrent layer's state for `n_seq` sequences (0 for a transformer)."""
+    return n_seq * sum(d.recurrent) * d.recurrent_layer_bytes
+
+
+def state_bytes(d: Dims, ctx: int, kv: str = "f16", pad: int = 256, n_seq: int = 1) -> list[int]:
+    """Per layer, what the context keeps: its KV cache, or (a hybrid's linear-attention layer) the recurrent
+    state of `n_seq` sequences (llama_memory_recurrent: conv + delta-net state, float32, any context)."""
+    kv = kv_bytes(d, ctx, kv, n_layers=1, pad=pad)
+    return [kv if d.has_kv(i) else n_seq * d.recurrent_layer_bytes for i in range(d.n_layer)]
 
 
 def ubatch(ctx: int, n_ubatch: int = 512) -> int:
@@ -123,11 +135,12 @@ class Weights:
     output_dup: int = 0  # tied embeddings: llama.cpp loads a copy of token_embd as the output
     layers: list[int] = field(default_factory=list)
     experts: list[int] = field(default_factory=list)  # the ffn_*_exps part of each layer
+    unloaded: int = 0  # in the file, not loaded: MTP blocks
 
     @property
     def total(self) -> int:
         """Bytes of tensor data in the file (with alignment padding)."""
-        return self.token_embd + self.output + sum(self.layers)
+        return self.token_embd + self.output + sum(self.layers) + self.unloaded
 
     def layer_range(self, start: int, stop: int, experts: bool = True) -> int:
         return sum(self.layers[start:stop]) - (0 if experts else sum(self.experts[start:stop]))
@@ -147,11 +160,15 @@ class Weights:
 
 
 def split_weights(tensors: list[WeightTensor], n_layer: int) -> Weights:
+    """Bytes per layer of the tensors llama.cpp loads: blocks past `n_layer` (a hybrid's MTP block) it leaves
+    on disk unless asked for speculative decoding (llama_model_loader: TENSOR_SKIP)."""
     w = Weights(n_layer, layers=[0] * n_layer, experts=[0] * n_layer)
     names = {t.name for t in tensors}
     for t in tensors:
         b = padded(t.nbytes)
-        if t.layer is not None:
+        if t.layer is not None and t.layer >= n_layer:
+            w.unloaded += b
+        elif t.layer is not None:
             w.layers[t.layer] += b
             if t.is_expert:
                 w.experts[t.layer] += b

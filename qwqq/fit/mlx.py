@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from qwqq.archs import arch_of, mlx_name
+from qwqq.archs import arch_of, find_arch, mlx_name
 from qwqq.archs.experts import MLX_STACKED
 from qwqq.fit import hardware as hwmod
 from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
@@ -43,7 +43,7 @@ def mlx_plan(model: Model, bits: int, group_size: int = 64, recipe: str | None =
     dtype = target_dtype(cfg) or "BF16"  # config-only: a checkpoint without torch_dtype is taken as bf16
     tensors = [(mlx_name(n), s, dtype) for n, s in model.shapes]
     return make_mlx_plan(tensors, n_layer=int(cfg["num_hidden_layers"]), bits=bits, group_size=group_size,
-                         recipe=recipe, moe_router=arch_of(cfg).moe)
+                         recipe=recipe, moe_router=arch_of(cfg, job="mlx").moe)
 
 
 def kv_cache_bytes(model: Model, ctx: int) -> int:
@@ -135,7 +135,7 @@ def mlx_candidate(model: Model, build: MLXBuild, hw: Hardware, ctx: int) -> MLXC
 
 def mlx_candidates(model: Model, hw: Hardware, req: Request) -> list[MLXCandidate]:
     """One candidate per MLX build: the longest context (of fit's ladder) that fits, else the shortest."""
-    if not (hw.unified and hw.gpus and model.has_source_shapes):
+    if not (hw.unified and hw.gpus and model.has_source_shapes) or "mlx" not in find_arch(model.config).jobs:
         return []
     if req.kv not in ("auto", "f16"):
         return []  # mlx-lm's default cache is f16

@@ -8,7 +8,7 @@ from qwqq.errors import QwqqError
 from qwqq.fit.candidate import Candidate, DeviceUse
 from qwqq.fit.constants import BackendConstants, backend_constants
 from qwqq.fit.hardware import Hardware
-from qwqq.fit.memory import (KV_NEEDS_FLASH_ATTN, KV_TYPES, Weights, compute_bytes, kv_bytes, output_buffer_bytes,
+from qwqq.fit.memory import (KV_NEEDS_FLASH_ATTN, KV_TYPES, Weights, compute_bytes, output_buffer_bytes, state_bytes,
                              tokens_per_second)
 from qwqq.fit.subject import Build, Model
 
@@ -55,7 +55,7 @@ def _layout(model: Model, build: Build, hw: Hardware, ctx: int, kv: str, fa: boo
     """Memory and speed with the last `n_gpu` layers (and the output) on the GPU(s) and the experts
     of the first `cpu_moe` layers in system RAM."""
     d, L = model.dims, model.dims.n_layer
-    kv_layer = kv_bytes(d, ctx, kv, n_layers=1, pad=consts.pad)
+    state = state_bytes(d, ctx, kv, pad=consts.pad)  # per layer: its KV cache, or a hybrid's recurrent state
     comp = lambda out: compute_bytes(d, ctx, fa, n_ubatch=consts.n_ubatch, fragmentation=consts.fragmentation,
                                      with_output=out, pad=consts.pad)
     backend = hw.backend if hw.gpus else "cpu"
@@ -71,7 +71,7 @@ def _layout(model: Model, build: Build, hw: Hardware, ctx: int, kv: str, fa: boo
     cpu_layers = range(0, gpu_start)
     host.layers = len(cpu_layers)
     host.weights = w.token_embd + w.layer_range(0, gpu_start) + sum(w.experts[i] for i in range(gpu_start, min(cpu_moe, L)))
-    host.kv = kv_layer * len(cpu_layers)
+    host.kv = sum(state[i] for i in cpu_layers)
     if not use_gpu:
         host.weights += w.output
         host.compute = comp(True) + output_buffer_bytes(d)
@@ -93,7 +93,7 @@ def _layout(model: Model, build: Build, hw: Hardware, ctx: int, kv: str, fa: boo
             g.compute = comp(False)
         if partial:
             gpus[0].compute += consts.partial_offload_layers * cpu_part
-        _assign_layers(gpus, [on_gpu_bytes(i) + kv_layer for i in range(gpu_start, L)], kv_layer,
+        _assign_layers(gpus, [on_gpu_bytes(i) + state[i] for i in range(gpu_start, L)], state[gpu_start:],
                        [on_gpu_bytes(i) for i in range(gpu_start, L)])
         if hw.unified:  # the GPU's share comes out of the same RAM
             host.budget = consts.ram_budget(hw.ram_bytes) - sum(g.total for g in gpus)
@@ -122,7 +122,7 @@ def _layout(model: Model, build: Build, hw: Hardware, ctx: int, kv: str, fa: boo
                      tps, notes)
 
 
-def _assign_layers(gpus: list[DeviceUse], need: list[int], kv_layer: int, weights: list[int]) -> None:
+def _assign_layers(gpus: list[DeviceUse], need: list[int], state: list[int], weights: list[int]) -> None:
     """Split consecutive layers between GPUs: in proportion to the room each has left (what
     llama.cpp's default split by free memory does), else greedily from the last GPU backwards
     (a split llama.cpp takes with -ts). The first GPU takes any overflow, so it shows."""
@@ -141,7 +141,7 @@ def _assign_layers(gpus: list[DeviceUse], need: list[int], kv_layer: int, weight
     for g, k in zip(gpus, counts):
         g.layers += k
         g.weights += sum(weights[a:a + k])
-        g.kv += kv_layer * k
+        g.kv += sum(state[a:a + k])
         a += k
 
 

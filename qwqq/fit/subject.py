@@ -19,14 +19,14 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
-from qwqq.archs import find_arch
+from qwqq.archs import find_arch, hparams
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.fit.memory import Dims, Weights, WeightTensor, padded, split_weights
 from qwqq.gguf.plan import ModelFacts, make_plan, model_facts
 from qwqq.gguf.prepared import Prepared, prepare
 from qwqq.gguf.types import MIXTURES
 from qwqq.source import Checkpoint
-from qwqq.gguf.reader import read_gguf
+from qwqq.gguf.reader import LazyArray, read_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # Metadata bytes per vocabulary entry of a Qwen-style BPE tokenizer (token string, token type,
@@ -39,12 +39,12 @@ HEADER_FIXED = 16 * 1024  # chat template, scalar keys
 def tensor_shapes(config: dict, output_tensor: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """The GGUF tensors (name, numpy-order shape) a config.json describes, in no particular order: its
     family's own shape function (qwqq/archs/<family>.py)."""
-    return find_arch(config).shapes(config, output_tensor)
+    return find_arch(config).shapes(hparams(config), output_tensor)
 
 
 def dims_from_config(config: dict) -> Dims:
     arch = find_arch(config)
-    return arch.dims(config, arch)
+    return arch.dims(hparams(config), arch)
 
 
 def facts_from_config(config: dict) -> ModelFacts:
@@ -76,9 +76,15 @@ def dims_from_gguf(meta: dict, tensors) -> Dims:
     if key("attention.kv_lora_rank"):  # MLA (deepseek2): the cache holds the compressed latent
         kv_lora, rope = int(key("attention.kv_lora_rank")), int(key("rope.dimension_count", 64))
         n_kv, n_k, n_v, n_q = 1, kv_lora + rope, kv_lora, n_head * (kv_lora + rope)
+    n_layer -= int(key("nextn_predict_layers", 0) or 0)  # MTP blocks: no KV, no state, not loaded
+    recurrent = meta.get(f"{a}.attention.recurrent_layers")
+    recurrent = tuple(bool(x) for x in list(recurrent)[:n_layer]) if recurrent is not None and key("ssm.inner_size") else ()
+    d_inner, d_state = int(key("ssm.inner_size", 0) or 0), int(key("ssm.state_size", 0) or 0)
+    n_embd_r = (int(key("ssm.conv_kernel", 1) or 1) - 1) * (d_inner + 2 * int(key("ssm.group_count", 0) or 0) * d_state)
     return Dims(a, n_layer, n_embd, n_head, n_kv, n_k, n_v, n_q, int(key("feed_forward_length", 0) or 0), int(vocab),
                 int(key("expert_count", 0) or 0), int(key("expert_used_count", 0) or 0),
-                int(key("expert_feed_forward_length", 0) or 0), int(key("context_length", 0) or 0))
+                int(key("expert_feed_forward_length", 0) or 0), int(key("context_length", 0) or 0),
+                recurrent=recurrent, n_embd_r=n_embd_r if recurrent else 0, n_embd_s=d_state * d_inner if recurrent else 0)
 
 
 # --------------------------------------------------------------------------- catalog
@@ -258,7 +264,9 @@ def from_prepared(src: Prepared) -> Model:
 def from_gguf(path: Path) -> Model:
     g = read_gguf(path)
     tensors = [WeightTensor(t.name, tuple(reversed(t.shape)), t.type, t.nbytes) for t in g.tensors]
-    dims = dims_from_gguf(g.metadata, tensors)
+    meta = {k: (g.array(k) if k.endswith(".attention.recurrent_layers") and isinstance(v, LazyArray) else v)
+            for k, v in g.metadata.items()}  # a per-layer array is lazy past 64 layers
+    dims = dims_from_gguf(meta, tensors)
     header = g.data_offset
     ftype = g.get("general.file_type")
     try:

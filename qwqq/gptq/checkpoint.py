@@ -132,7 +132,7 @@ class GPTQPlan:
 
 
 def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "float16") -> GPTQPlan:
-    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    arch = arch_of(ckpt.config, ckpt.root / "config.json", "gptq")
     check_config(ckpt.config, arch, ckpt.root / "config.json")
     if bits not in GPTQ_BITS:
         raise QwqqError(f"unknown --bits {bits} for GPTQ; choose one of {', '.join(map(str, GPTQ_BITS))}")

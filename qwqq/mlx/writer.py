@@ -118,7 +118,7 @@ def target_dtype(config: dict) -> str | None:
 def plan_mlx(ckpt: Checkpoint, bits: int = 4, group_size: int = 64, recipe: str | None = None,
              overrides: dict | None = None) -> tuple[Arch, list[MLXSource], MLXPlan]:
     """Validate the checkpoint (the GGUF path's checks) and plan its MLX folder."""
-    arch = arch_of(ckpt.config, ckpt.root / "config.json")
+    arch = arch_of(ckpt.config, ckpt.root / "config.json", "mlx")
     gguf_tensors(ckpt, arch)  # config values, dtypes, names, shapes and layer count checked, nothing read
     sources = mlx_sources(ckpt, arch)
     cast = target_dtype(ckpt.config)

@@ -149,7 +149,7 @@ def load_dequantized(ckpt: Checkpoint, path: Path, device, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = arch_of(ckpt.config, path / "config.json")
+    arch = arch_of(ckpt.config, path / "config.json", "gptq")
     check_config(ckpt.config, arch, path / "config.json")
     loader = DequantizedLoader(ckpt, ckpt.config.get("quantization_config") or {})
     try:
