@@ -18,7 +18,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import cache
 
-from qwqq.archs import arch_of, find_arch, hub_shapes
+from qwqq.archs import find_arch, hub_shapes
 from qwqq.errors import QwqqError
 from qwqq.fit import hardware as hwmod
 from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
@@ -214,9 +214,7 @@ def gptq_candidates(model: Model, hw: Hardware, req: Request, types: list[str] |
         return []
     if not model.has_source_shapes:  # fit_model says so when nothing else was asked for
         return []
-    if "gptq" not in find_arch(model.config).jobs:
-        if types:
-            arch_of(model.config, job="gptq")  # says which family and what qwqq makes of it
+    if "gptq" not in find_arch(model.config).jobs:  # fit_model: "qwqq cannot write a GPTQ folder for this model"
         return []
     if req.kv not in ("auto", "f16"):
         if types:
