@@ -233,9 +233,13 @@ def run(
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Run an unquantized folder quantized on load to bitsandbytes NF4 (transformers backend; pip install \"qwqq[nf4]\")."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Turn the template's thinking switch (enable_thinking) on or off: Qwen3 and Qwen3.5+ think by default; Qwen3-2507 Instruct / Thinking models have no switch. Default: the template's own."),
+    preserve_thinking: bool = typer.Option(False, "--preserve-thinking", help="Qwen3.6: keep earlier turns' thinking in the conversation (the template's preserve_thinking)."),
+    template_arg: Optional[list[str]] = typer.Option(None, "--template-arg", help="Another chat-template variable, NAME=VALUE (VALUE as JSON: true, 3, \"x\"), as chat_template_kwargs; repeatable."),
 ) -> None:
     """Chat with a quantized model, streamed, with the model's own chat template."""
     from qwqq.run.chat import RunOptions, run_chat
+    from qwqq.run.template import parse_switches
 
     opts = RunOptions(
         model=model, prompt=prompt, backend=backend, ctx=ctx, n_gpu_layers=n_gpu_layers,
@@ -243,6 +247,7 @@ def run(
         min_p=min_p, greedy=greedy, hide_thinking=hide_thinking, system=system, threads=threads,
         profile=profile, kv=kv.lower() if kv else None, flash_attn=flash_attn,
         debug=_state["debug"], load_in_4bit=load_in_4bit,
+        template_switches=_guard(parse_switches, template_arg or [], think, preserve_thinking),
     )
     _guard(run_chat, opts)
 

@@ -134,7 +134,8 @@ def consume(parts: Iterable[tuple[str, str]], sink: Callable[[str, str], None] |
 
 @dataclass
 class Conversation:
-    """The messages sent to the model. Only answers go back in: never the thinking."""
+    """The messages sent to the model. Only answers go back in, never the thinking (unless the template
+    is asked to preserve it)."""
 
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
@@ -148,8 +149,12 @@ class Conversation:
     def with_user(self, text: str) -> list[dict]:
         return [*self.messages, {"role": "user", "content": text}]
 
-    def add(self, user: str, turn: Turn) -> None:
-        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": turn.answer}]
+    def add(self, user: str, turn: Turn, keep_thinking: bool = False) -> None:
+        """`keep_thinking`: the thinking goes back too, as reasoning_content (a template's preserve_thinking)."""
+        answer = {"role": "assistant", "content": turn.answer}
+        if keep_thinking and turn.thinking:
+            answer["reasoning_content"] = turn.thinking
+        self.messages += [{"role": "user", "content": user}, answer]
 
 
 # ---------------------------------------------------------------- rendering
@@ -216,6 +221,7 @@ class RunOptions:
     kv: str | None = None  # f16, q8_0, q4_0; None: fitted
     flash_attn: bool = True
     load_in_4bit: bool = False  # bitsandbytes NF4 on load (transformers backend, unquantized folders)
+    template_switches: dict = field(default_factory=dict)  # the chat template's own variables (enable_thinking, ...)
 
 
 class ChatSession:
@@ -248,7 +254,7 @@ class ChatSession:
         turn = consume(parts)
         turn.finish_reason = self.model.finish_reason
         self.printer.end(turn, self.opts.max_tokens)
-        self.conversation.add(text, turn)
+        self.conversation.add(text, turn, keep_thinking=bool(self.model.template.switches.get("preserve_thinking")))
         return turn
 
 
@@ -334,6 +340,7 @@ def run_chat(opts: RunOptions) -> None:
     with err.status(f"loading {name} with {backend.name}…"):  # shown on a terminal only
         model = backend.load(Path(opts.model), load_options)
     try:
+        model.template.set_switches(opts.template_switches)
         sampling = resolve_sampling(
             model.metadata, Path(opts.model).stem, temperature=opts.temperature, top_p=opts.top_p,
             top_k=opts.top_k, min_p=opts.min_p, seed=opts.seed, greedy=opts.greedy,

@@ -16,22 +16,43 @@ CHATML_TEMPLATE = (
 )
 
 
+RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # what qwqq itself passes
+
+
 class ChatTemplate:
     def __init__(self, source: str | None, bos: str, eos: str, path: Path):
         import jinja2
 
         self.bos, self.eos, self.path = bos, eos, path
+        self.source = source or CHATML_TEMPLATE
+        self.switches: dict = {}  # the template's own variables set by the user: enable_thinking, ...
         try:
-            self._template = _environment().from_string(source or CHATML_TEMPLATE)
+            self._template = _environment().from_string(self.source)
         except jinja2.TemplateError as e:
             raise QwqqError(f"the model's chat template does not parse: {e}", path) from None
+
+    def variables(self) -> set[str]:
+        """The names the template reads from its context (its switches among them)."""
+        from jinja2 import meta
+
+        return meta.find_undeclared_variables(_environment().parse(self.source))
+
+    def set_switches(self, switches: dict) -> None:
+        """Template variables to render with (chat_template_kwargs): each must be one the template reads."""
+        have = self.variables()
+        unknown = [k for k in switches if k in RESERVED or k not in have]
+        if unknown:
+            offered = sorted(have - set(RESERVED) - {"tools", "documents", "raise_exception", "strftime_now"})
+            raise QwqqError(f"this model's chat template has no {', '.join(unknown)} switch"
+                            + (f" (it reads {', '.join(offered)})" if offered else ""), self.path)
+        self.switches = dict(switches)
 
     def render(self, messages: list[dict]) -> str:
         import jinja2
 
         try:
             return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
-                                         eos_token=self.eos)
+                                         eos_token=self.eos, **self.switches)
         except jinja2.TemplateError as e:  # SecurityError (a sandbox escape attempt) is one of these
             raise QwqqError(f"the model's chat template failed: {e}", self.path) from None
 
@@ -66,3 +87,22 @@ def with_bos(tokens: list[int], bos_id: int | None, wanted: bool) -> list[int]:
     if wanted and bos_id is not None and bos_id >= 0 and tokens[:1] != [bos_id]:
         return [bos_id, *tokens]
     return tokens
+
+
+def parse_switches(args: list[str], think: bool | None, preserve_thinking: bool) -> dict:
+    """--template-arg KEY=VALUE (VALUE as JSON where it parses: true, 3, "x"; else the text), --think /
+    --no-think (enable_thinking) and --preserve-thinking, as the template's variables."""
+    out: dict = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise QwqqError(f"--template-arg {arg!r}: expected NAME=VALUE, e.g. enable_thinking=false")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    if think is not None:
+        out["enable_thinking"] = think
+    if preserve_thinking:
+        out["preserve_thinking"] = True
+    return out

@@ -31,6 +31,7 @@ from typing import Iterator, Protocol, runtime_checkable
 from qwqq.errors import UnsupportedError
 from qwqq.formats import detect_format
 from qwqq.run.sampling import Sampling
+from qwqq.run.template import ChatTemplate
 
 
 ENTRY_POINT_GROUP = "qwqq.backends"
@@ -66,6 +67,7 @@ class LoadOptions:
 class ChatModel(Protocol):
     metadata: dict[str, str]
     finish_reason: str | None
+    template: ChatTemplate  # the model's own chat template (its switches set by the user)
 
     def render(self, messages: list[dict]) -> str: ...
 

@@ -84,7 +84,7 @@ class LlamaCppChatModel:
         self.metadata: dict[str, str] = dict(llm.metadata)
         self.finish_reason: str | None = None
         self._bos_id, self._eos_id = llm.token_bos(), llm.token_eos()
-        self._template = ChatTemplate(self.metadata.get("tokenizer.chat_template"), self._token_text(self._bos_id),
+        self.template = ChatTemplate(self.metadata.get("tokenizer.chat_template"), self._token_text(self._bos_id),
                                       self._token_text(self._eos_id), path)
 
     def _token_text(self, token: int) -> str:
@@ -93,7 +93,7 @@ class LlamaCppChatModel:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
     def render(self, messages: list[dict]) -> str:
-        return self._template.render(messages)
+        return self.template.render(messages)
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)

@@ -47,13 +47,13 @@ class MLXChatModel:
         self.finish_reason: str | None = None
         max_pos = int(float(self.metadata.get("max_position_embeddings", 0) or 0))
         self.n_ctx = ctx if ctx > 0 else (max_pos or 4096)
-        self._template = ChatTemplate(getattr(tokenizer, "chat_template", None),
+        self.template = ChatTemplate(getattr(tokenizer, "chat_template", None),
                                       getattr(tokenizer, "bos_token", None) or "",
                                       getattr(tokenizer, "eos_token", None) or "", path)
         self._bos_id = getattr(tokenizer, "bos_token_id", None)
 
     def render(self, messages: list[dict]) -> str:
-        return self._template.render(messages)
+        return self.template.render(messages)
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens = list(self.tokenizer.encode(prompt, add_special_tokens=False))
