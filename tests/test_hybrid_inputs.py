@@ -57,3 +57,20 @@ def test_a_config_that_contradicts_its_linear_attention_sizes(tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     r = run_qwqq("quantize", bad, "--bits", "4", "-o", tmp_path / "out.gguf", "-q")
     one_line_error(r, "but config.json implies")
+
+
+def test_qwen3_5s_tokenizer_is_llama_cpps_qwen35_pre_tokenizer(tmp_path):
+    """Qwen3.5+ keep combining marks with letters ([\\p{L}\\p{M}]+, llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN35
+    regex); the tokenizer.ggml.pre qwqq writes for it is "qwen35", and "qwen2" for the Qwen2/3 regex."""
+    from qwqq.gguf.prepared import prepare
+
+    src = tiny_hybrid_dir("qwen3_5")
+    assert prepare(src).vocab.pre == "qwen2"
+    patched = tmp_path / "qwen35-tokenizer"
+    shutil.copytree(src, patched)
+    tj = json.loads((patched / "tokenizer.json").read_text())
+    split = next(s for s in tj["pre_tokenizer"]["pretokenizers"] if s["type"] == "Split")
+    split["pattern"]["Regex"] = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}| ?[^\\s\\p{L}"
+                                 "\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    (patched / "tokenizer.json").write_text(json.dumps(tj))
+    assert prepare(patched).vocab.pre == "qwen35"
