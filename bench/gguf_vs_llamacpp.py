@@ -45,6 +45,8 @@ RESULTS_JSON = RESULTS_DIR / "gguf_vs_llamacpp.json"
 DOC = DOCS / "bench-gguf.md"
 TARGET_RATIO = 0.75  # qwqq wall / anchor total wall
 TARGET_RSS = 500_000_000  # bytes (0.5 GB)
+# The real models, and a random one of Qwen3.5-0.8B's text shapes (a hybrid: Gated DeltaNet layers, MTP block)
+GGUF_MODELS = {**MODELS, "qwen35": ("Qwen3.5-0.8B-shaped (random weights)", "qwen35_08b_dir")}
 FLAT_MB = 100  # "flat": qwqq's peak RSS grows by at most this many MB from the smallest model to the biggest
 NOISY_CORES = 0.25  # others' load above which a step's wall time is flagged
 
@@ -362,7 +364,7 @@ def write_doc(res: dict) -> None:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog(__spec__), description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(GGUF_MODELS), help=f"comma-separated, of {', '.join(GGUF_MODELS)}")
     ap.add_argument("--mixture", default="Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
@@ -376,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
-        if n not in MODELS:
-            ap.error(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
+        if n not in GGUF_MODELS:
+            ap.error(f"unknown model {n!r}; choose from {', '.join(GGUF_MODELS)}")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
 
@@ -400,7 +402,7 @@ def _main(args, names: list[str], argv, launch: Launcher) -> int:
            "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "rss_floor": floor, "models": {}}
     print(f"anchor: {llama}", flush=True)
     for name in names:
-        display, fn = MODELS[name]
+        display, fn = GGUF_MODELS[name]
         src = Path(getattr(fixtures, fn)())
         files = source_files(src)
         st_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")

@@ -266,6 +266,14 @@ def smollm2_dir(dtype: str = "bfloat16") -> Path:
     return dequantized_dir(smollm2_gguf(), "SmolLM2-135M-Instruct", dtype)
 
 
+def qwen35_08b_dir(dtype: str = "bfloat16") -> Path:
+    """A random model of Qwen3.5-0.8B's text shapes (hybrid: 18 Gated DeltaNet + 6 attention layers, MTP),
+    with the Qwen2 tokenizer (vocab 151936, not the release's 248320): for benchmarks, ~1.5 GB."""
+    from tests.fixtures_hybrid import tiny_hybrid_dir
+
+    return tiny_hybrid_dir("qwen3_5", dtype, mtp=True, vision=False, size="0.8b")
+
+
 def qwen25_coder_dir(dtype: str = "bfloat16") -> Path:
     """Qwen2.5-Coder-1.5B-Instruct as a safetensors checkpoint (Qwen2ForCausalLM, ~3 GB in bf16).
 

@@ -93,6 +93,13 @@ _TEXT = dict(
     initializer_range=STD,
     tie_word_embeddings=False,
 )
+# Larger shapes for benchmarks (bench/), named by the release they copy; "tiny" is the tests' default.
+SIZES = {
+    "tiny": {},
+    "0.8b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                 linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                 intermediate_size=3584, tie_word_embeddings=True, max_position_embeddings=262144),  # Qwen3.5-0.8B
+}
 _MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128)
 _ROPE_THETA = 1e7
 _VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
@@ -117,15 +124,19 @@ def _token_ids() -> dict[str, int]:
     return {key: tok.token_to_id(text) for key, text in names.items()}
 
 
-def _config(arch: str, vision: bool):
+def _config(arch: str, vision: bool, size: str = "tiny"):
     """The transformers config object of the model to build (before config.json is patched)."""
     import transformers
 
     ids = _token_ids()
-    text = dict(_TEXT, bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    sizes = dict(SIZES[size])
+    ff = sizes.pop("intermediate_size", 512)
+    text = dict(_TEXT, **sizes, bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    rope_dims = int(text["head_dim"] * 0.25) // 2  # M-RoPE sections cover half the rotary dims
+    sections = [rope_dims // 3 + (i < rope_dims % 3) for i in range(3)]  # 8 -> [3, 3, 2], 32 -> [11, 11, 10]
     if arch == "qwen3_next":
         return transformers.Qwen3NextConfig(
-            intermediate_size=512,
+            intermediate_size=ff,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             norm_topk_prob=True,
@@ -134,9 +145,9 @@ def _config(arch: str, vision: bool):
             **text,
         )
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": _ROPE_THETA, "partial_rotary_factor": 0.25,
-                               "mrope_section": [3, 3, 2], "mrope_interleaved": True}  # 3+3+2 = 16 rope dims / 2
+                               "mrope_section": sections, "mrope_interleaved": True}
     if arch == "qwen3_5":
-        text_config = transformers.Qwen3_5TextConfig(intermediate_size=512, **text)
+        text_config = transformers.Qwen3_5TextConfig(intermediate_size=ff, **text)
         outer = transformers.Qwen3_5Config
     else:
         text_config = transformers.Qwen3_5MoeTextConfig(**_MOE, **text)
@@ -280,7 +291,8 @@ def _release_layout(path: Path, arch: str, mtp_state: dict | None, torch_dtype) 
 # ---------------------------------------------------------------- the builder
 
 
-def tiny_hybrid_dir(arch: str, dtype: str = "bfloat16", mtp: bool = True, vision: bool = True, seed: int = 0) -> Path:
+def tiny_hybrid_dir(arch: str, dtype: str = "bfloat16", mtp: bool = True, vision: bool = True, seed: int = 0,
+                    size: str = "tiny") -> Path:
     """A tiny seeded random hybrid Qwen checkpoint in the real release's on-disk layout.
 
     ``arch``: ``qwen3_5``, ``qwen3_5_moe`` or ``qwen3_next`` (shapes, layouts and
@@ -311,13 +323,17 @@ def tiny_hybrid_dir(arch: str, dtype: str = "bfloat16", mtp: bool = True, vision
     torch_dtype = _torch_dtype(dtype)
     vision = vision and arch != "qwen3_next"
     name = f"tiny-{arch}-{dtype}-{'mtp' if mtp else 'nomtp'}-{'vision' if vision else 'text'}-seed{seed}-r{RECIPE}"
+    if size != "tiny":  # a benchmark's shape (SIZES), text-only
+        if vision:
+            raise ValueError(f"size {size!r} is built text-only: pass vision=False")
+        name = f"random-{arch}-{size}-{dtype}-{'mtp' if mtp else 'nomtp'}-seed{seed}-r{RECIPE}"
 
     def build(tmp: Path) -> None:
         import transformers
         from transformers import GenerationConfig
 
         cls = getattr(transformers, _CLASSES[arch][0 if vision else 1])
-        config = _config(arch, vision)
+        config = _config(arch, vision, size)
         model = cls(config)  # float32; every parameter is overwritten below
         block = _mtp_block(model) if mtp else None
         # One pass, in this order, so the language model's weights do not depend on ``mtp`` or ``vision``
