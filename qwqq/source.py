@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwqq import fp8
 from qwqq.errors import SourceError
 
 # safetensors dtype -> (numpy dtype used to hold the raw bytes, bytes per element)
@@ -50,6 +51,13 @@ class TensorRef:
     shape: tuple[int, ...]
     start: int
     end: int
+    scale: "TensorRef | None" = None  # a block-scaled FP8 weight's scales (qwqq.fp8)
+    block: tuple[int, int] | None = None
+
+    @property
+    def quantizable(self) -> bool:
+        """A float type qwqq reads as float32: F32, F16, BF16, or FP8 with its block scales."""
+        return self.dtype in FLOAT_DTYPES or self.scale is not None
 
     @property
     def rows(self) -> int:
@@ -180,10 +188,14 @@ class RowReader:
         bf16 -> f32 is exact (a 16-bit shift); f16 -> f32 is exact too. `widen(dtype, raw, out)`, when
         given, does the 16-bit conversion instead of numpy (the GGUF path passes ggml's SIMD rows).
         """
-        if ref.dtype not in FLOAT_DTYPES:
+        if not ref.quantizable:
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
         nrows, cols = r1 - r0, ref.cols
         res = out[: nrows * cols].reshape(nrows, cols) if out is not None else np.empty((nrows, cols), np.float32)
+        if ref.scale is not None:  # block-scaled FP8
+            s = ref.scale
+            return fp8.dequantize(self.read_raw(ref, r0, r1, scratch), ref, r0, r1, res,
+                                  lambda a, b: self.read_f32(s, a, b))
         if ref.dtype == "F32":
             self.read_raw(ref, r0, r1, res.reshape(-1).view(np.uint8))
             return res
@@ -291,7 +303,7 @@ def checkpoint_of(source: "str | Path | Checkpoint") -> Checkpoint:
 def open_checkpoint(spec: str | Path) -> Checkpoint:
     root, hub_id = resolve(spec)
     config = _read_json(root / "config.json", required=True)
-    tensors = _index_tensors(root)
+    tensors = fp8.attach_scales(_index_tensors(root), config, root)
     tok_json = root / "tokenizer.json"
     tok_cfg = _read_json(root / "tokenizer_config.json", required=False)
     template = _chat_template(root, tok_cfg)

@@ -12,7 +12,7 @@ import gguf
 from qwqq.archs.base import Arch, cfg, check_config, head_dim, hparams, short
 from qwqq.archs.experts import EXPERT, FUSED_EXPERT, expert_prefix, expert_weight, fused_rows, merged
 from qwqq.errors import SourceError, UnsupportedError
-from qwqq.source import FLOAT_DTYPES, Checkpoint, TensorRef
+from qwqq.source import Checkpoint, TensorRef
 
 SKIPPED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -60,7 +60,7 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch, mtp: bool = True) -> list[GGUFTen
     check_config(c, arch, ckpt.root / "config.json")
     named = _canonical(ckpt, arch)
     for ref in named.values():
-        if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
+        if not ref.quantizable and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
     n_layer = int(c["num_hidden_layers"])
     layers = {int(m.group(1)) for n in named if (m := LAYER.match(n))}
