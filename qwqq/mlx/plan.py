@@ -12,16 +12,16 @@ w = scale * q + bias per group. Everything else is stored as is, in its float dt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from math import prod
-
-from qwqq.archs import LAYER
 
 MLX_BITS = (2, 3, 4, 5, 6, 8)
 MLX_GROUP_SIZES = (32, 64, 128)
 MLX_RECIPES = {"2_6": (2, 6), "3_4": (3, 4), "3_6": (3, 6), "4_6": (4, 6)}  # low bits, high bits
 MLX_FLOAT_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 MLX_ROUTER = {"group_size": 64, "bits": 8}  # mlx-lm's MoE predicate for the router `mlp.gate` (no "mode" key, as mlx-lm)
+MLX_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a decoder layer's index in an mlx-lm module path
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class MLXTensorPlan:
     bits: int | None = None
     group_size: int | None = None
     config_entry: dict | None = None  # the per-module override mlx-lm writes to config "quantization"
+    counted: bool = True  # in mlx-lm's parameter count (False: held by a module with children, e.g. A_log)
 
     @property
     def quantized(self) -> bool:
@@ -73,7 +74,8 @@ class MLXPlan:
 
     @property
     def n_params(self) -> int:
-        return sum(prod(t.shape) for t in self.tensors)
+        """Parameters as mlx-lm counts them (get_total_parameters: those of leaf modules)."""
+        return sum(prod(t.shape) for t in self.tensors if t.counted)
 
     @property
     def quantization(self) -> dict:
@@ -104,7 +106,7 @@ def mlx_more_bits(layer: int, n_layer: int) -> bool:
 
 def _mlx_recipe_bits(module: str, recipe: str, n_layer: int) -> int:
     low, high = MLX_RECIPES[recipe]
-    m = LAYER.match(module + ".")
+    m = MLX_LAYER.search(module + ".")
     more = mlx_more_bits(int(m.group(1)) if m else 0, n_layer)
     if ("v_proj" in module or "v_a_proj" in module or "v_b_proj" in module) and more:
         return high
@@ -124,13 +126,19 @@ def make_mlx_plan(
     recipe: str | None = None,
     moe_router: bool = False,
     overrides: dict[str, tuple[int, int] | None] | None = None,
+    routers: tuple[str, ...] | None = None,
+    unquantized: tuple[str, ...] = (),
+    uncounted: tuple[str, ...] = (),
 ) -> MLXPlan:
     """Per-parameter (bits, group size) for an MLX folder, exactly as mlx_lm.convert decides it.
 
     `tensors` are (mlx-lm parameter name, logical shape, float dtype stored). `recipe` is one of
     MLX_RECIPES ("3_6" is mlx-lm's mixed_3_6); `moe_router` applies qwen3_moe's rule (router gate at
-    8 bits, group 64), which mlx-lm uses only when no recipe is given. `overrides` maps a module path
-    to (bits, group_size), or None to keep it unquantized, ahead of every other rule.
+    8 bits, group 64), which mlx-lm uses only when no recipe is given; `routers` names the modules (by
+    suffix) that rule pins instead (the hybrids' predicate adds `shared_expert_gate`). `unquantized`:
+    weights (by suffix) of modules mlx's nn.quantize does not reach (a Conv1d); `uncounted`: parameters
+    (by suffix) mlx-lm's parameter count leaves out (not a leaf module's). `overrides` maps a
+    module path to (bits, group_size), or None to keep it unquantized, ahead of every other rule.
 
     mlx-lm's rules: a weight whose row length is not a multiple of `group_size` stays unquantized
     (checked against the global group size, whatever the module's own); a rule that returns explicit
@@ -143,12 +151,13 @@ def make_mlx_plan(
     if recipe is not None and recipe not in MLX_RECIPES:
         raise ValueError(f"MLX recipe must be one of {', '.join(MLX_RECIPES)}, not {recipe!r}")
     plan = MLXPlan(bits, group_size, recipe)
+    routers = tuple(routers) if routers is not None else ("mlp.gate",) if moe_router else ()
     for name, shape, dtype in tensors:
         shape = tuple(int(s) for s in shape)
         if dtype not in MLX_FLOAT_BYTES:
             raise ValueError(f"{name}: dtype {dtype} is not one of {', '.join(MLX_FLOAT_BYTES)}")
         module = name.rsplit(".", 1)[0]
-        if not mlx_quantizable(name, shape) or shape[-1] % group_size:
+        if not mlx_quantizable(name, shape) or shape[-1] % group_size or (unquantized and name.endswith(unquantized)):
             plan.tensors.append(MLXTensorPlan(name, shape, dtype))
             continue
         if overrides and module in overrides:
@@ -161,7 +170,7 @@ def make_mlx_plan(
         elif recipe is not None:
             b, g = _mlx_recipe_bits(module, recipe, n_layer), group_size
             entry = {"group_size": g, "bits": b, "mode": "affine"}
-        elif moe_router and module.endswith("mlp.gate"):
+        elif routers and module.endswith(routers):
             b, g = MLX_ROUTER["bits"], MLX_ROUTER["group_size"]
             entry = dict(MLX_ROUTER)
         else:
@@ -172,4 +181,6 @@ def make_mlx_plan(
             plan.tensors.append(MLXTensorPlan(name, shape, dtype))
             continue
         plan.tensors.append(MLXTensorPlan(name, shape, dtype, b, g, entry))
+    if uncounted:
+        plan.tensors = [replace(t, counted=False) if t.name.endswith(uncounted) else t for t in plan.tensors]
     return plan

@@ -6,13 +6,13 @@ from __future__ import annotations
 import importlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwqq.errors import QwqqError, UnsupportedError
 from qwqq.hf_folder import check_folder_output, copy_side_files, side_files, write_json
 from qwqq.mlx.plan import MLX_BITS, MLX_GROUP_SIZES, MLX_RECIPES, MLXPlan
-from qwqq.mlx.writer import index_json, layout, mlx_config, plan_mlx, write_mlx_weights
+from qwqq.mlx.writer import index_json, layout, left_out_note, mlx_config, plan_mlx, write_mlx_weights
 from qwqq.outputs import atomic_output, fsync_dir
 from qwqq.progress import tensor_progress
 from qwqq.source import Checkpoint, checkpoint_of
@@ -27,6 +27,7 @@ class MLXResult:
     n_params: int
     seconds: float
     plan: MLXPlan
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (what was left out)
 
     @property
     def bits_per_weight(self) -> float:
@@ -97,4 +98,5 @@ def quantize_to_mlx(source: str | Path | Checkpoint, *, bits: int | None = None,
         copy_side_files(copies, tmp)
         fsync_dir(tmp)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    return MLXResult(out, size, plan.n_params, time.perf_counter() - t0, plan)
+    notes = [n for n in (left_out_note(ckpt, arch),) if n]
+    return MLXResult(out, size, plan.n_params, time.perf_counter() - t0, plan, notes)

@@ -1,7 +1,8 @@
 """MLX writer: a Hugging Face checkpoint -> the folder mlx-lm loads, in one streaming pass.
 
 What mlx_lm.convert writes, array for array: the same parameter names (experts stacked per
-projection, a tied lm_head dropped), the same (bits, group size) per module (the plan in
+projection, a tied lm_head dropped; a family whose mlx-lm model renames, reshapes or shifts tensors
+says how in its MLX rules, archs/hybrid.py MLXRules), the same (bits, group size) per module (the plan in
 qwqq.mlx.plan.make_mlx_plan), packed weights, scales and biases computed by mlx's own
 `mx.quantize`, unquantized tensors in the dtype mlx_lm.convert keeps (config "torch_dtype" when it
 names a float type, else each tensor's own), and config.json with the "quantization" block mirrored
@@ -19,14 +20,14 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from qwqq.archs import EXPERT, FUSED_EXPERT, LAYER, SKIPPED, Arch, Part, arch_of, gguf_tensors
+from qwqq.archs import EXPERT, FUSED_EXPERT, LAYER, SKIPPED, Arch, Part, arch_of, gguf_tensors, hparams
 from qwqq.archs.experts import fused_rows, merged, mlx_stacked
+from qwqq.archs.hybrid import MLXRules, mlx_rules
 from qwqq.errors import SourceError
 from qwqq.hf_folder import Layout, ShardFiles, layout_shards, pwrite_all
 from qwqq.mlx.plan import MLXPlan, make_mlx_plan
@@ -43,22 +44,24 @@ class MLXSource:
     """One mlx-lm parameter and where its rows come from (several parts: stacked experts)."""
 
     name: str
-    shape: tuple[int, ...]  # numpy order
+    shape: tuple[int, ...]  # numpy order, as stored (the source's elements in the same order)
     dtype: str  # the source's safetensors dtype
     parts: tuple[Part, ...]  # concatenated along rows
+    op: str | None = None  # element-wise, in the source dtype as mlx-lm's sanitize does it: plus_one
 
     @property
     def cols(self) -> int:
-        return self.shape[-1]
+        """Elements per source row: the unit of reading (a stored shape may split it: conv1d's [C, K, 1])."""
+        return self.parts[0].ref.cols
 
     @property
     def rows(self) -> int:
-        return prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+        return sum(p.row1 - p.row0 for p in self.parts)
 
 
 def is_tied(ckpt: Checkpoint) -> bool:
-    """tie_word_embeddings as config.json says; absent, whether the checkpoint lacks an lm_head."""
-    tied = ckpt.config.get("tie_word_embeddings")
+    """tie_word_embeddings as config.json (or its text_config) says; absent, whether the checkpoint lacks an lm_head."""
+    tied = hparams(ckpt.config).get("tie_word_embeddings")
     return bool(tied) if tied is not None else "lm_head.weight" not in ckpt.tensors
 
 
@@ -71,11 +74,18 @@ def _order(name: str) -> tuple[int, str]:
 
 
 def mlx_sources(ckpt: Checkpoint, arch: Arch) -> list[MLXSource]:
-    """The parameters of mlx-lm's model for this checkpoint, as its `sanitize` leaves them."""
-    c, tied = ckpt.config, is_tied(ckpt)
+    """The parameters of mlx-lm's model for this checkpoint, as its `sanitize` leaves them: the text model's
+    tensors under the family's canonical names (arch.rename), experts stacked, then named, shaped and
+    transformed by the family's MLX rules (archs.hybrid.MLXRules: MTP and vision left out)."""
+    c, tied = hparams(ckpt.config), is_tied(ckpt)
+    rules = mlx_rules(arch)
+    n_layer = int(c["num_hidden_layers"])
     out: list[MLXSource] = []
     experts: dict[tuple[int, str], dict[int, TensorRef]] = {}
-    for name, ref in ckpt.tensors.items():
+    for hub_name, ref in ckpt.tensors.items():
+        name = arch.rename(hub_name, n_layer) if arch.rename else hub_name
+        if name is None or (rules and rules.param(name, n_layer) is None):
+            continue
         if SKIPPED.search(name) or (tied and name == "lm_head.weight"):
             continue
         if arch.moe and (m := EXPERT.match(name)):
@@ -96,7 +106,30 @@ def mlx_sources(ckpt: Checkpoint, arch: Arch) -> list[MLXSource]:
                              refs[0].dtype, tuple(Part(r, 0, r.rows) for r in refs)))
     if not tied and not any(s.name == "lm_head.weight" for s in out):
         raise SourceError("tie_word_embeddings is false but there is no lm_head.weight", ckpt.root)
-    return sorted(out, key=lambda s: _order(s.name))
+    out.sort(key=lambda s: _order(s.name))
+    return out if rules is None else [_as_mlx(s, rules, n_layer) for s in out]
+
+
+def left_out_note(ckpt: Checkpoint, arch: Arch) -> str | None:
+    """One line on the checkpoint's tensors mlx-lm's model does not hold (a vision tower, MTP blocks)."""
+    rules = mlx_rules(arch)
+    if rules is None or arch.rename is None:
+        return None
+    n_layer = int(hparams(ckpt.config)["num_hidden_layers"])
+    names = [arch.rename(n, n_layer) for n in ckpt.tensors]
+    vision = sum(n is None for n in names)
+    mtp = sum(n is not None and rules.param(n, n_layer) is None for n in names)
+    parts = [f"the vision tower ({vision} tensors)"] * bool(vision) + [f"the MTP weights ({mtp} tensors)"] * bool(mtp)
+    if not parts:
+        return None
+    both = len(parts) > 1
+    return f"{' and '.join(parts)} {'are' if both else 'is'} left out, as mlx_lm.convert leaves " \
+           f"{'them' if both else 'it'}: this folder is the language model"
+
+
+def _as_mlx(src: MLXSource, rules: MLXRules, n_layer: int) -> MLXSource:
+    shape, op = rules.tensor(src.name, src.shape)
+    return MLXSource(rules.param(src.name, n_layer), shape, src.dtype, src.parts, op)
 
 
 def _fused_experts(layer: int, which: str, ref: TensorRef) -> list[MLXSource]:
@@ -119,13 +152,25 @@ def plan_mlx(ckpt: Checkpoint, bits: int = 4, group_size: int = 64, recipe: str 
              overrides: dict | None = None) -> tuple[Arch, list[MLXSource], MLXPlan]:
     """Validate the checkpoint (the GGUF path's checks) and plan its MLX folder."""
     arch = arch_of(ckpt.config, ckpt.root / "config.json", "mlx")
+    rules = mlx_rules(arch)
+    if rules is not None:
+        rules.check(ckpt.config, ckpt.root / "config.json")
     gguf_tensors(ckpt, arch)  # config values, dtypes, names, shapes and layer count checked, nothing read
     sources = mlx_sources(ckpt, arch)
     cast = target_dtype(ckpt.config)
-    plan = make_mlx_plan([(s.name, s.shape, cast or s.dtype) for s in sources],
-                         n_layer=int(ckpt.config["num_hidden_layers"]), bits=bits, group_size=group_size,
-                         recipe=recipe, moe_router=arch.moe, overrides=overrides)
+    plan = make_mlx_plan([(s.name, s.shape, cast if cast and (rules is None or rules.cast(s.name)) else s.dtype)
+                          for s in sources], **plan_rules(arch, hparams(ckpt.config)), bits=bits,
+                         group_size=group_size, recipe=recipe, overrides=overrides)
     return arch, sources, plan
+
+
+def plan_rules(arch: Arch, hp: dict) -> dict:
+    """make_mlx_plan's family arguments: the layer count and what the model's own predicate pins or skips."""
+    rules = mlx_rules(arch)
+    if rules is None:
+        return {"n_layer": int(hp["num_hidden_layers"]), "routers": ("mlp.gate",) if arch.moe else ()}
+    return {"n_layer": int(hp["num_hidden_layers"]), "routers": rules.routers if arch.moe else (),
+            "unquantized": rules.unquantized, "uncounted": rules.uncounted}
 
 
 # --------------------------------------------------------------------------- config.json
@@ -161,6 +206,8 @@ def mlx_config(ckpt: Checkpoint, arch: Arch, plan: MLXPlan) -> dict:
         c["tie_word_embeddings"] = is_tied(ckpt)
     c.pop("_name_or_path", None)
     c.pop("vision_config", None)
+    if (rules := mlx_rules(arch)) is not None:
+        c = rules.config(c)
     c["quantization"] = plan.quantization
     c["quantization_config"] = plan.quantization
     return _tag_floats(dict(sorted(c.items())))
@@ -238,8 +285,12 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
                 ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
                 nrows = r1 - r0
                 arrays = tp.arrays()
-                if tp.quantized or tp.dtype != src.dtype:
+                if tp.quantized or tp.dtype != src.dtype or src.op:
                     w = _to_mx(raw, src.dtype, nrows, src.cols)
+                    if src.op == "plus_one":  # mlx-lm's sanitize: v + 1.0, in v's dtype, before any cast
+                        w = w + 1.0
+                    elif src.op is not None:
+                        raise RuntimeError(f"{src.name}: unknown op {src.op}")
                     if tp.dtype != src.dtype:
                         w = w.astype(getattr(mx, _MX_DTYPES[tp.dtype]))
                     outs = mx.quantize(w, tp.group_size, tp.bits, mode="affine") if tp.quantized else (w,)
@@ -248,8 +299,8 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
                 else:
                     pieces = [memoryview(raw)]
                 for (name, _dt, _shape), data in zip(arrays, pieces):
-                    slot = lay.slots[name]
-                    pwrite_all(files.fds[slot.shard], data, slot.offset + out_row * slot.row_bytes)
+                    slot = lay.slots[name]  # bytes per source row: a stored shape may split the rows
+                    pwrite_all(files.fds[slot.shard], data, slot.offset + out_row * (slot.nbytes // src.rows))
                     written[name] += len(data)
                 del raw, pieces
                 if progress:
