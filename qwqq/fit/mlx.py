@@ -3,8 +3,9 @@
 The weights are MLXPlan.tensor_bytes of qwqq.mlx.plan.make_mlx_plan: for a folder with weights,
 the writer's own plan (qwqq.mlx.writer.plan_mlx); for a model known by its config, the same plan over the
 mlx-lm parameter names mapped back from the GGUF tensor shapes fit already has (fit.subject.tensor_shapes).
-Memory on the Mac = weights + mlx-lm's default KV cache (f16, K and V for every layer, the context
-rounded up to mlx-lm's 256-token growth step) + a stated runtime overhead (data/backends.toml [mlx]).
+Memory on the Mac = weights + mlx-lm's default KV cache (f16, K and V for every layer with attention, the
+context rounded up to mlx-lm's 256-token growth step; a hybrid's linear-attention layers keep a fixed
+recurrent state instead) + a stated runtime overhead (data/backends.toml [mlx]).
 MLX has no offload: a build fits in the GPU working set or not at all.
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from qwqq.archs import arch_of, find_arch, mlx_name
+from qwqq.archs import arch_of, find_arch, hparams, mlx_name
 from qwqq.archs.experts import MLX_STACKED
+from qwqq.archs.hybrid import mlx_rules
+from qwqq.errors import UnsupportedError
 from qwqq.fit import hardware as hwmod
 from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
 from qwqq.fit.constants import backend_constants
@@ -22,12 +25,13 @@ from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
 from qwqq.mlx.plan import MLXPlan, make_mlx_plan
-from qwqq.mlx.writer import plan_mlx, target_dtype
+from qwqq.mlx.writer import plan_mlx, plan_rules, target_dtype
 
 # (type name in fit's table, bits, group size, mlx-lm recipe)
 MLX_BUILDS = (("MLX-8bit", 8, 64, None), ("MLX-4bit", 4, 64, None), ("MLX-mixed_3_6", 3, 64, "3_6"))
 KV_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
 KV_BYTES = 2  # f16 (the activations' dtype: bf16 / f16 models)
+CONV_STATE_BYTES, DELTA_STATE_BYTES = 2, 4  # a linear-attention layer's conv state (activations' dtype), delta-net state (float32)
 
 @cache
 def _mlx_settings() -> tuple[int, float]:
@@ -39,18 +43,42 @@ def mlx_plan(model: Model, bits: int, group_size: int = 64, recipe: str | None =
     """The MLX folder's plan: exactly what quantize_to_mlx writes for this model."""
     if model.checkpoint is not None:
         return plan_mlx(model.checkpoint, bits, group_size, recipe)[2]
-    cfg = model.config
-    dtype = target_dtype(cfg) or "BF16"  # config-only: a checkpoint without torch_dtype is taken as bf16
-    tensors = [(mlx_name(n), s, dtype) for n, s in model.shapes]
-    return make_mlx_plan(tensors, n_layer=int(cfg["num_hidden_layers"]), bits=bits, group_size=group_size,
-                         recipe=recipe, moe_router=arch_of(cfg, job="mlx").moe)
+    cfg, hp = model.config, hparams(model.config)
+    arch = arch_of(cfg, job="mlx")
+    cast = target_dtype(cfg)
+    dtype = cast or "BF16"  # config-only: a checkpoint without torch_dtype is taken as bf16
+    rules = mlx_rules(arch)
+    tensors = rules.from_gguf(model.shapes, hp, dtype, cast is not None) if rules is not None \
+        else [(mlx_name(n), s, dtype) for n, s in model.shapes]
+    return make_mlx_plan(tensors, **plan_rules(arch, hp), bits=bits, group_size=group_size, recipe=recipe)
+
+
+def makes_mlx(model: Model) -> bool:
+    """Whether quantize writes an MLX folder of it (mlx-lm has a model for it): a folder as quantize checks
+    it, a model known by its config by its class (a catalog entry summarises the release's config)."""
+    arch = find_arch(model.config)
+    if "mlx" not in arch.jobs:
+        return False
+    rules = mlx_rules(arch)
+    if rules is None:
+        return True
+    if model.checkpoint is not None:
+        try:
+            rules.check(model.config, None)
+        except UnsupportedError:
+            return False
+        return True
+    return (model.config.get("architectures") or [None])[0] in rules.classes
 
 
 def kv_cache_bytes(model: Model, ctx: int) -> int:
-    """mlx-lm's default KVCache: layers x (K + V widths: kv_heads x head_dim) x ctx x 2 bytes."""
+    """mlx-lm's default KVCache: layers x (K + V widths: kv_heads x head_dim) x ctx x 2 bytes; a hybrid's
+    linear-attention layers hold an ArraysCache instead (conv state in the activations' dtype, the
+    delta-net state in float32, whatever the context)."""
     d = model.dims
     cells = -(-ctx // KV_STEP) * KV_STEP
-    return d.n_layer * (d.n_embd_k + d.n_embd_v) * cells * KV_BYTES
+    recurrent = (d.n_layer - d.kv_layers) * (d.n_embd_r * CONV_STATE_BYTES + d.n_embd_s * DELTA_STATE_BYTES)
+    return d.kv_layers * (d.n_embd_k + d.n_embd_v) * cells * KV_BYTES + recurrent
 
 
 
@@ -135,7 +163,7 @@ def mlx_candidate(model: Model, build: MLXBuild, hw: Hardware, ctx: int) -> MLXC
 
 def mlx_candidates(model: Model, hw: Hardware, req: Request) -> list[MLXCandidate]:
     """One candidate per MLX build: the longest context (of fit's ladder) that fits, else the shortest."""
-    if not (hw.unified and hw.gpus and model.has_source_shapes) or "mlx" not in find_arch(model.config).jobs:
+    if not (hw.unified and hw.gpus and model.has_source_shapes) or not makes_mlx(model):
         return []
     if req.kv not in ("auto", "f16"):
         return []  # mlx-lm's default cache is f16
