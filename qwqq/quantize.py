@@ -140,17 +140,15 @@ def _gguf(f: Flags, opts: GGUFOptions, say: Say) -> Written:
         say(f"budget: {note}")
     result = quantize_to_gguf(src, mixture, out=f.out, force=f.force, resume=f.resume, threads=f.threads,
                               progress=f.progress, imatrix=imatrix, overrides=overrides)
-    for line in filter(None, [vision_note(src), *fallback_notes(result.plan), imatrix_note(result)]):
+    for line in filter(None, [left_out_note(src), *fallback_notes(result.plan), imatrix_note(result)]):
         say(f"note: {line}")
     return Written(result.path, f"({result.file_bytes / 2**30:.2f} GiB, {result.bits_per_weight:.2f} bits/weight, "
                                 f"{result.seconds:.1f} s)")
 
 
-def vision_note(src) -> str | None:
-    if skipped := left_out(src.ckpt, src.arch):
-        return (f"the vision tower ({skipped} tensors) is left out: this GGUF is the language model (an mmproj file "
-                "for images is not written yet)")
-    return None
+def left_out_note(src) -> str | None:
+    skipped = left_out(src.ckpt, src.arch)
+    return src.arch.left_out_note.format(n=skipped) if skipped and src.arch.left_out_note else None
 
 
 def _mlx(f: Flags, opts: MLXOptions, say: Say) -> Written:

@@ -468,6 +468,22 @@ HYBRID_FIXTURES = ("tiny_qwen3_5", "tiny_qwen3_5_moe", "tiny_qwen3_next")
 FIXTURES.update({name: _hybrid_fixture(name.removeprefix("tiny_")) for name in HYBRID_FIXTURES})
 
 
+def _deepseek_fixture(dtype: str):
+    """``tests.fixtures_deepseek.tiny_deepseek_dir(dtype)`` with its other defaults (imported on call: that module
+    imports this one)."""
+
+    def build() -> Path:
+        from tests.fixtures_deepseek import tiny_deepseek_dir
+
+        return tiny_deepseek_dir(dtype)
+
+    return build
+
+
+# tests/fixtures_deepseek.py's tiny_deepseek_dir: the FP8 release form and its bf16 cast
+FIXTURES.update(tiny_deepseek_v3_fp8=_deepseek_fixture("fp8"), tiny_deepseek_v3_bf16=_deepseek_fixture("bfloat16"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m tests.fixtures NAME...``: build each fixture and print its path.
 

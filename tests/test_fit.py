@@ -332,8 +332,10 @@ def test_deepseek_r1_on_8x_a100():
     by = {c.build.type_name: c for c in report.candidates}
     assert by["Q4_K_M"].fits and by["Q4_K_M"].mode == "gpu"
     assert by["Q8_0"].mode != "gpu"  # 713 GB of weights: not in 8 x 80 GiB
-    assert report.model.approximate and not report.model.quantizable
-    assert by["Q4_K_M"].commands()["quantize"] is None
+    assert not report.model.approximate and report.model.quantizable  # exact shapes: qwqq writes it from FP8
+    assert by["Q4_K_M"].commands()["quantize"] == "qwqq quantize deepseek-ai/DeepSeek-R1 --type Q4_K_M"
+    # the published stock files (e.g. DeepSeek-R1-Q4_K_M: 404 GB, Q8_0: 713 GB)
+    assert round(by["Q4_K_M"].build.file_bytes / 1e9) == 404 and round(by["Q8_0"].build.file_bytes / 1e9) == 713
 
 
 def test_nothing_fits_says_so_and_offers_a_smaller_model():

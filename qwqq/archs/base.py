@@ -121,6 +121,7 @@ class Arch:
     extra_meta: Callable[[dict, int], list[MetaValue]] | None = None  # (hparams, block count) -> more metadata
     jobs: tuple[str, ...] = ("gguf", "mlx", "gptq", "calibrate")  # what qwqq does with it (see archs.arch_of)
     also_classes: tuple[str, ...] = ()  # other architectures[0] values of the family (a text-only form)
+    left_out_note: str = ""  # quantize's note when `rename` leaves tensors out ({n}: how many)
     has_mtp: bool = False  # may carry multi-token-prediction blocks after its decoder layers
     gated_attention: bool = False  # q_proj holds each head's query rows, then its sigmoid output gate's
     check: Callable[[dict, object], None] | None = None  # (hparams, where): the family's own config checks

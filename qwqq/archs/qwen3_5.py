@@ -24,6 +24,8 @@ ARCH = Arch(
     tensor_hook=functools.partial(hybrid.hybrid_tensors, tiled_v=True),
     extra_meta=lambda hp, n_block: hybrid.meta(hp, n_block, sections=True),
     has_mtp=True,
+    left_out_note="the vision tower ({n} tensors) is left out: this GGUF is the language model (an mmproj file for "
+                  "images is not written yet)",
     jobs=("gguf",),  # MLX, GPTQ and calibration of the hybrid blocks: not yet
     gated_attention=True,
     check=hybrid.check,

@@ -43,6 +43,7 @@ class GGUFTensor:
     permute_heads: int = 0  # llama q/k: number of heads to re-order rows within (0: none)
     col_perm: tuple[int, ...] | None = None  # column j of the GGUF tensor is source column col_perm[j]
     op: str | None = None  # element-wise, in float32 (float16 for a float16 source): plus_one | neg_exp
+    transposed: bool = False  # each part (rows x cols of the source) is written transposed (cols x rows): MLA's k_b
 
     @property
     def rows(self) -> int:

@@ -100,6 +100,14 @@ def write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Arch, plan: Plan,
             if not orig:
                 raise SourceError("yarn rope_scaling lacks original_max_position_embeddings", ckpt.root / "config.json")
             w.add_rope_scaling_orig_ctx_len(int(orig))
+            for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                             ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                             ("attn_factor", w.add_rope_scaling_yarn_attn_factor),
+                             ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                             ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):  # as the converter writes them
+                if isinstance(rp.get(key), (int, float)) and not isinstance(rp.get(key), bool):
+                    if key != "attn_factor" or rp.get("attention_factor") is None:
+                        add(float(rp[key]))
 
     w.add_file_type(int(plan.mixture.ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

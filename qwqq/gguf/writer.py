@@ -89,6 +89,12 @@ def elementwise(op: str, rows: np.ndarray, dtype: str) -> np.ndarray:
 def _chunks(job: Job, cols: int):
     """(part, r0, r1, g0) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors;
     g0 is the chunk's first row in the GGUF tensor (counted across experts)."""
+    if job.src.transposed:  # one part per chunk (a head's block), written as its transpose
+        base = 0
+        for part in job.src.parts:
+            yield part, part.row0, part.row1, base
+            base += part.ref.cols
+        return
     align = job.src.rows // job.src.permute_heads if job.src.permute_heads else 1
     step = max(align, (CHUNK_FLOATS // max(cols, 1)) // align * align)
     base = 0
@@ -135,6 +141,8 @@ class TensorStreamer:
         rows = self.reader.read_f32(ref, r0, r1, slot["f32"], slot["raw"], widen=ggml.to_f32)
         if job.src.permute_heads:
             rows = np.ascontiguousarray(_permute_rows(rows, job.src.rows // job.src.permute_heads))
+        if job.src.transposed:
+            rows = np.ascontiguousarray(rows.T)
         if job.src.col_perm is not None:
             rows = np.ascontiguousarray(rows[:, np.asarray(job.src.col_perm)])
         if job.src.op is not None:
@@ -171,7 +179,7 @@ class TensorStreamer:
         in_kernels = None  # (job, out, futures, n_elements) of the previous chunk
         for k, (job, part, r0, r1, g0) in enumerate(items):
             rows = reading.result()
-            current = (job, *self._submit(k, job, part, rows, g0), (r1 - r0) * job.src.cols)
+            current = (job, *self._submit(k, job, part, rows, g0), rows.size)
             if k + 1 < len(items):
                 reading = self.io.submit(self._read, k + 1, *items[k + 1][:4])
             if in_kernels is not None:

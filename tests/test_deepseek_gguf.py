@@ -1,0 +1,104 @@
+"""DeepSeek-V3 / R1 to GGUF from its FP8 release (and from a bf16 cast), against llama.cpp's own converter
+and quantizer: MLA split into attn_k_b (transposed per head) / attn_v_b, experts stacked, router and
+correction bias float, the MTP layer left out, the deepseek2 metadata. FP8 blocks are dequantized while
+streaming; the reference for an FP8 source is the converter's F32 output (it dequantizes in float32), for
+the bf16 cast its BF16 output."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwqq.gguf.quantize import plan_checkpoint, quantize_to_gguf, resolve_mixture
+from qwqq.gguf.reader import LazyArray, read_gguf
+from qwqq.source import open_checkpoint
+from tests import fixtures
+from tests.fixtures_deepseek import tiny_deepseek_dir
+from tests.reference import llama_quantize_plan, llamacpp_quantize, tensor_table
+from tests.test_plan_vs_llamacpp import MIXTURES
+
+pytestmark = pytest.mark.slow  # llama.cpp's converter and quantizer on each form
+FORMS = {"fp8": "F32", "bfloat16": "BF16"}  # source form -> the converter's lossless output type for it
+DESCRIPTIVE = {"general.name", "general.basename", "general.size_label", "general.finetune", "general.version",
+               "general.type", "general.quantized_by", "general.organization"}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    d, made = tmp_path_factory.mktemp("convert"), {}
+
+    def get(form: str) -> Path:
+        if form not in made:
+            made[form] = fixtures.convert_hf_to_gguf(tiny_deepseek_dir(form), d / f"{form}.gguf", FORMS[form].lower())
+        return made[form]
+
+    return get
+
+
+def _values(path: Path) -> dict:
+    g = read_gguf(path)
+    return {k: (list(g.array(k)) if isinstance(v, LazyArray) else v) for k, v in g.metadata.items()}
+
+
+def _same_tensors(ours: Path, theirs: Path) -> None:
+    a, b = tensor_table(ours), tensor_table(theirs)
+    assert set(a) == set(b), (sorted(set(a) - set(b)), sorted(set(b) - set(a)))
+    bad = {n: (a[n][:3], b[n][:3]) for n in a if a[n] != b[n]}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_lossless_output_is_the_converters(form, converted, tmp_path):
+    """Every metadata key the converter writes (MLA lengths, head_count_kv 1, expert groups, sigmoid gating,
+    yarn) and every tensor, byte for byte: FP8 dequantized exactly as the converter does."""
+    r = quantize_to_gguf(tiny_deepseek_dir(form), resolve_mixture(type_name=FORMS[form]), out=tmp_path / "ours.gguf",
+                         progress=False, threads=2)
+    theirs = converted(form)
+    va, vb = _values(r.path), _values(theirs)
+    differ = {k: (str(va.get(k))[:60], str(vb[k])[:60]) for k in vb if k not in DESCRIPTIVE and (
+        k not in va or not (math.isclose(va[k], vb[k], rel_tol=1e-6) if isinstance(vb[k], float) else va[k] == vb[k]))}
+    assert not differ, differ
+    _same_tensors(r.path, theirs)
+    assert not any(t.name.startswith("blk.4.") for t in read_gguf(r.path).tensors)  # the MTP layer is left out
+
+
+def test_every_mixture_plans_as_llama_quantize(converted):
+    """The plan is a function of names and shapes, the same for both forms: held on the FP8 one."""
+    ckpt = open_checkpoint(tiny_deepseek_dir("fp8"))
+    tools = fixtures.llama_cpp_tools()
+    for mixture in MIXTURES:
+        ours = {t.name: t.type.name for t in plan_checkpoint(ckpt, mixture)[2].tensors}
+        theirs = llama_quantize_plan(tools, converted("fp8"), mixture)
+        assert theirs and ours == theirs, (mixture, {n: (ours.get(n), theirs.get(n)) for n in set(ours) | set(theirs)
+                                                     if ours.get(n) != theirs.get(n)})
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_q4_k_m_is_llama_quantizes_byte_for_byte(form, converted, tmp_path):
+    ours = quantize_to_gguf(tiny_deepseek_dir(form), resolve_mixture(type_name="Q4_K_M"), out=tmp_path / "ours.gguf",
+                            progress=False, threads=2)
+    theirs = tmp_path / "llama.gguf"
+    llamacpp_quantize(converted(form), theirs, "Q4_K_M")
+    _same_tensors(ours.path, theirs)
+
+
+def test_llama_cpp_runs_the_fp8_release_as_transformers_runs_its_bf16_cast(tmp_path):
+    """qwqq's F16 GGUF of the FP8 release: llama.cpp's logits agree with transformers' float32 forward of the
+    bf16 cast (the same weights), and it generates."""
+    import llama_cpp
+
+    out = quantize_to_gguf(tiny_deepseek_dir("fp8"), resolve_mixture(type_name="F32"), out=tmp_path / "f32.gguf",
+                           progress=False, threads=2).path
+    ids = [785, 6722, 315, 9625, 374, 12095, 13, 576]
+    want = fixtures.reference_logits(tiny_deepseek_dir("bfloat16"), ids)
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+        assert np.abs(got - want).max() < 0.05, np.abs(got - want).max()
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+    finally:
+        llm.close()
