@@ -102,3 +102,26 @@ def test_llama_cpp_runs_the_fp8_release_as_transformers_runs_its_bf16_cast(tmp_p
         assert (got.argmax(-1) == want.argmax(-1)).all()
     finally:
         llm.close()
+
+
+def test_a_budget_from_the_fp8_release_is_filled_and_runs(tmp_path):
+    """--target-bpw on DeepSeek's tensor kinds (MLA halves, stacked experts, shared experts): sensitivity is
+    measured on the rows the writer quantizes (transposed k_b included), the file stays within the budget,
+    and llama.cpp runs it."""
+    import llama_cpp
+
+    from tests.conftest import run_qwqq
+
+    out = tmp_path / "budget.gguf"
+    r = run_qwqq("quantize", tiny_deepseek_dir("fp8"), "--target-bpw", "4.5", "-o", out, "-j", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "multi-token-prediction layer (44 tensors) is left out" in r.stderr
+    g = read_gguf(out)
+    bpw = 8 * sum(t.nbytes for t in g.tensors) / sum(t.n_elements for t in g.tensors)
+    assert bpw <= 4.5 and len({t.type for t in g.tensors}) > 2
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False)
+    try:
+        llm.eval(llm.tokenize(b"Hello"))
+        assert np.isfinite(np.asarray(llm.scores[: llm.n_tokens])).all()
+    finally:
+        llm.close()

@@ -31,6 +31,7 @@ from qwqq.gguf import kernels as ggml
 from qwqq.gguf.plan import Plan
 from qwqq.gguf.quantize import imatrix_rows
 from qwqq.gguf.types import FLOAT_TYPES, block_size
+from qwqq.gguf.writer import gguf_rows
 from qwqq.cache import cache_path, identity, read_cached, write_cached
 from qwqq.source import Checkpoint, RowReader
 
@@ -60,13 +61,9 @@ def ladder_for(cols: int) -> tuple[T, ...]:
 def sample_rows_of(src: GGUFTensor, reader: RowReader, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to n rows spread over the tensor (each read from the part that holds it), and each row's expert."""
     pick = np.unique(np.linspace(0, src.rows - 1, min(n, src.rows)).astype(np.int64))
-    ends = np.cumsum([p.row1 - p.row0 for p in src.parts])  # parts are concatenated along rows
     out = np.empty((pick.size, src.cols), np.float32)
     for k, r in enumerate(pick):
-        i = int(np.searchsorted(ends, r, side="right"))
-        p = src.parts[i]
-        row = p.row0 + int(r - (ends[i - 1] if i else 0))
-        reader.read_f32(p.ref, row, row + 1, out=out[k])
+        out[k] = gguf_rows(src, reader, int(r), int(r) + 1)[0]
     rows_per_expert = src.rows // src.shape[0] if len(src.shape) == 3 else src.rows
     return out, pick // rows_per_expert
 

@@ -86,6 +86,26 @@ def elementwise(op: str, rows: np.ndarray, dtype: str) -> np.ndarray:
     raise ValueError(f"unknown tensor op {op}")
 
 
+def gguf_rows(src: GGUFTensor, reader: RowReader, g0: int, g1: int) -> np.ndarray:
+    """Rows [g0, g1) of a GGUF tensor (counted across its parts) as float32, with its column reorder, its
+    transposed parts and its element-wise op applied: the values the writer quantizes (for sampling; the
+    llama q/k row permutation, a reordering of whole rows, is left out)."""
+    pieces, base = [], 0
+    for part in src.parts:
+        n = part.ref.cols if src.transposed else part.row1 - part.row0
+        a, b = max(g0, base), min(g1, base + n)
+        if a < b:
+            if src.transposed:
+                pieces.append(reader.read_f32(part.ref, part.row0, part.row1).T[a - base:b - base])
+            else:
+                pieces.append(reader.read_f32(part.ref, part.row0 + a - base, part.row0 + b - base))
+        base += n
+    rows = np.ascontiguousarray(np.concatenate(pieces) if len(pieces) > 1 else pieces[0])
+    if src.col_perm is not None:
+        rows = np.ascontiguousarray(rows[:, np.asarray(src.col_perm)])
+    return elementwise(src.op, rows, src.parts[0].ref.dtype) if src.op is not None else rows
+
+
 def _chunks(job: Job, cols: int):
     """(part, r0, r1, g0) chunks of at most CHUNK_FLOATS, aligned to whole heads for permuted tensors;
     g0 is the chunk's first row in the GGUF tensor (counted across experts)."""
