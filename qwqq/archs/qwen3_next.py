@@ -25,7 +25,7 @@ ARCH = Arch(
     tensor_hook=functools.partial(hybrid.hybrid_tensors, tiled_v=False),
     extra_meta=lambda hp, n_block: hybrid.meta(hp, n_block, sections=False),
     has_mtp=True,
-    jobs=("gguf", "mlx"),  # GPTQ and calibration of the hybrid blocks: not yet
+    jobs=("gguf", "mlx", "calibrate"),  # GPTQ of the hybrid blocks: not yet
     gated_attention=True,
     check=hybrid.check,
 )

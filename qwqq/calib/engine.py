@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from qwqq.archs import arch_of, check_config
+from qwqq.archs import arch_of, check_config, hparams
 from qwqq.archs.tensors import EMBEDDING, FINAL_NORM
-from qwqq.archs.experts import FUSED_ON_DISK, FUSED_PARAMS, PROJ, expert_weight, mlx_stacked
+from qwqq.archs.experts import FUSED_PARAMS, PROJ, expert_weight, mlx_stacked
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.source import Checkpoint, RowReader
 
@@ -65,6 +65,9 @@ class BlockModel:
     # A quantized source's weights (an MLX or GPTQ folder, for eval): (HF weight name, rows or None) -> float32
     # array, or None where the weight is stored unquantized. Given by the caller, which knows the formats.
     dequantize: Callable[[str, np.ndarray | None], np.ndarray | None] | None = None
+    # The text model's weight name (what the skeleton calls it) -> the checkpoint's, where they differ (a
+    # multimodal release's model.language_model.*: the family's Arch.rename); absent: the same name.
+    names: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self):
@@ -77,10 +80,18 @@ class BlockModel:
     def close(self) -> None:
         self.reader.close()
 
+    def source_name(self, hf_name: str) -> str:
+        """The checkpoint's name of a text-model weight."""
+        return self.names.get(hf_name, hf_name)
+
+    def has(self, hf_name: str) -> bool:
+        return self.source_name(hf_name) in self.ckpt.tensors
+
     def tensor(self, hf_name: str):
-        """One source tensor as float32 on the device."""
+        """One source tensor (named as the text model names it) as float32 on the device."""
         import torch
 
+        hf_name = self.source_name(hf_name)
         ref = self.ckpt.tensors.get(hf_name)
         if self.dequantize is not None and (w := self.dequantize(hf_name, None)) is not None:
             return torch.from_numpy(w).to(self.device)
@@ -93,9 +104,9 @@ class BlockModel:
         """Embedding rows for the sample's tokens only: float32 [n_seq, seqlen, hidden]."""
         import torch
 
-        ref = self.ckpt.tensors[EMBEDDING]
+        ref = self.ckpt.tensors[self.source_name(EMBEDDING)]
         uniq, inverse = np.unique(tokens, return_inverse=True)
-        rows = self.dequantize(EMBEDDING, uniq) if self.dequantize is not None else None  # MLX quantizes it
+        rows = self.dequantize(ref.name, uniq) if self.dequantize is not None else None  # MLX quantizes it
         if rows is None:
             rows = np.empty((uniq.size, ref.cols), np.float32)
             for k, t in enumerate(uniq):
@@ -124,10 +135,10 @@ class BlockModel:
 
         layer_no = prefix.split(".")[2]
         fused = name in FUSED_PARAMS
-        if fused and mlx_stacked(layer_no, "down") in self.ckpt.tensors:  # an MLX folder: experts stacked
+        if fused and self.has(mlx_stacked(layer_no, "down")):  # an MLX folder: experts stacked
             t = self.tensor(mlx_stacked(layer_no, "down")) if name.endswith("down_proj") else \
                 torch.cat([self.tensor(mlx_stacked(layer_no, "gate")), self.tensor(mlx_stacked(layer_no, "up"))], dim=1)
-        elif fused and prefix + name not in self.ckpt.tensors:
+        elif fused and not self.has(prefix + name):  # the hub's layout: one tensor per expert
             n_expert = shape[0]
             if name.endswith("down_proj"):
                 parts = [self.tensor(expert_weight(layer_no, e, "down")) for e in range(n_expert)]
@@ -138,8 +149,8 @@ class BlockModel:
         else:
             t = self.tensor(prefix + name)
         if tuple(t.shape) != shape:
-            raise SourceError(f"tensor {prefix + name} is {list(t.shape)}, the config implies {list(shape)}",
-                              self.ckpt.root)
+            raise SourceError(f"tensor {self.source_name(prefix + name)} is {list(t.shape)}, the config implies "
+                              f"{list(shape)}", self.ckpt.root)
         return t
 
     def rotary(self, seqlen: int):
@@ -184,35 +195,60 @@ def heap_returns_to_os() -> None:
         pass
 
 
+def quiet_kernel_fallbacks() -> None:
+    """transformers says once per kernel that a Gated DeltaNet layer runs its reference PyTorch code (no
+    causal-conv1d / flash-linear-attention for the device): exact, as the tests hold it, so not a user's
+    concern, and a stray stderr line would break qwqq's one-line errors."""
+    import logging
+
+    logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
+
+
+def text_names(ckpt: Checkpoint, arch) -> dict[str, str]:
+    """The text model's weight names -> the checkpoint's, where a family renames them (a multimodal release's
+    language tower); its vision tower and multi-token-prediction block are not the text model's (not run)."""
+    if arch.rename is None:
+        return {}
+    n_layer = int(hparams(ckpt.config)["num_hidden_layers"])
+    out = {}
+    for name in ckpt.tensors:
+        new = arch.rename(name, n_layer)
+        if new is not None and new != name:
+            out[new] = name
+    return out
+
+
 def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
-    """The skeleton of ckpt's model (no weights), for block-by-block passes."""
+    """The skeleton of ckpt's text model (no weights), for block-by-block passes: transformers' *ForCausalLM
+    of the config's text part (a multimodal release's text_config), whatever the checkpoint's own class."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     heap_returns_to_os()
+    quiet_kernel_fallbacks()
 
     arch = arch_of(ckpt.config, ckpt.root / "config.json", "calibrate")
     check_config(ckpt.config, arch, ckpt.root / "config.json")
-    if any(FUSED_ON_DISK.search(n) for n in ckpt.tensors):
-        raise UnsupportedError("calibration reads per-expert tensors (the hub's layout); this checkpoint fuses them",
-                               ckpt.root)
     try:
         config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=False)
+        text = config.get_text_config()
     except (ValueError, OSError, TypeError, KeyError) as e:
         raise SourceError(f"transformers cannot read config.json: {str(e).splitlines()[0]}", ckpt.root) from e
-    config._attn_implementation = "sdpa"
-    config.use_cache = False
-    if hasattr(config, "quantization_config"):  # a GPTQ folder: its linears are dequantized as they are read
-        del config.quantization_config
+    text._attn_implementation = "sdpa"
+    text.use_cache = False
+    for c in {id(config): config, id(text): text}.values():
+        if hasattr(c, "quantization_config"):  # a GPTQ folder: its linears are dequantized as they are read
+            del c.quantization_config
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    return BlockModel(ckpt, device if device is not None else pick_device(), skeleton)
+        skeleton = AutoModelForCausalLM.from_config(text, dtype=torch.float32, trust_remote_code=False)
+    return BlockModel(ckpt, device if device is not None else pick_device(), skeleton, names=text_names(ckpt, arch))
 
 
 def peak_memory(config: dict, n_tokens: int, seqlen: int, method: str) -> dict[str, int]:
     """What one block-at-a-time pass holds at its peak, in bytes, by part (docs/calibration.md's formula), for
     an HF config dict; `method` "imatrix" or "gptq". The runtime itself (Python, torch, transformers) is not
     in it. Nothing here depends on the number of blocks: a deeper model of the same width needs the same."""
+    config = hparams(config)  # a multimodal release's text_config
     hidden = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or hidden // heads)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from qwqq.archs import arch_of, gguf_tensors
-from qwqq.archs.tensors import LM_HEAD
+from qwqq.archs import GGUFTensor, arch_of, gguf_tensors, hparams
+from qwqq.archs.experts import expert_weight
+from qwqq.archs.tensors import LM_HEAD, STACKED_EXPERTS
 from qwqq.calib.engine import (batch_size, blocks, ensure_torch, ffn_size, observing, open_block_model, pick_device,
-                               run_block, threads_for_torch)
+                               run_block, text_names, threads_for_torch)
 from qwqq.calib.text import sample_tokens
 from qwqq.errors import QwqqError
 from qwqq.gguf.imatrix_file import Imatrix, read_imatrix, write_imatrix
@@ -56,7 +57,7 @@ def collect_square_sums(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, ti
                 run_block(layer, x, rope, batch, flush)
             if tick:
                 tick(i)
-        if LM_HEAD in ckpt.tensors:  # the output matrix reads the final norm's output
+        if model.has(LM_HEAD):  # the output matrix reads the final norm's output
             with torch.no_grad():
                 stats([LM_HEAD], model.final_norm()(x).reshape(-1, x.shape[-1]))
     finally:
@@ -67,18 +68,34 @@ def collect_square_sums(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, ti
 def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The statistics under GGUF tensor names: name -> (in_sum2 f32 [n_mat, cols], counts f32 [n_mat]).
 
-    Stacked expert tensors get one row per expert, in expert order, as llama-imatrix writes them.
+    A GGUF tensor's importance is over its own input columns: one made of some rows of a weight (Qwen3-Next's
+    attn_qkv and attn_gate, both from in_proj_qkvz) reads that weight's input; one whose columns are
+    reordered (Qwen3.5's ssm_out, value heads tiled) gets its values in the same order. Stacked expert
+    tensors get one row per expert, in expert order, as llama-imatrix writes them.
     """
     arch = arch_of(ckpt.config, ckpt.root / "config.json", "calibrate")
+    text_name = {hub: text for text, hub in text_names(ckpt, arch).items()}
     out = {}
     for t in gguf_tensors(ckpt, arch):
-        names = [p.ref.name for p in t.parts]
-        if not all(n in stats.sums for n in names):
+        names = _input_weights(t, text_name)
+        if not names or not all(n in stats.sums for n in names):
             continue
         sums = np.stack([stats.sums[n] for n in names]).astype(np.float32)
+        if t.col_perm is not None:
+            sums = sums[:, list(t.col_perm)]
         counts = np.asarray([stats.counts[n] for n in names], np.float32)
         out[t.name] = (sums, counts)
     return out
+
+
+def _input_weights(t: GGUFTensor, text_name: dict[str, str]) -> list[str]:
+    """The text-model weight(s) whose input a GGUF tensor reads: one per expert for a stacked expert tensor,
+    else the one weight its rows come from (none for an embedding or a vector)."""
+    parts = t.name.split(".")
+    if len(t.shape) == 3 and parts[0] == "blk" and parts[2] in STACKED_EXPERTS:
+        return [expert_weight(parts[1], e, STACKED_EXPERTS[parts[2]]) for e in range(t.shape[0])]
+    sources = {text_name.get(p.ref.name, p.ref.name) for p in t.parts}
+    return list(sources) if len(sources) == 1 and len(t.shape) == 2 else []
 
 
 def compute_imatrix(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, dataset: str = "", tick=None):
@@ -95,7 +112,7 @@ def imatrix_from_source(source, *, calib=None, calib_tokens=None, calib_seqlen=N
     threads_for_torch(threads)
     ckpt = checkpoint_of(source)
     tokens = sample_tokens(ckpt, calib, calib_tokens, calib_seqlen)
-    n_layer = int(ckpt.config.get("num_hidden_layers") or 0)
+    n_layer = int(hparams(ckpt.config).get("num_hidden_layers") or 0)
     with step_progress(progress, n_layer, "imatrix") as tick:
         return ckpt, compute_imatrix(ckpt, tokens, device=pick_device(device),
                                      dataset=Path(calib).name if calib else "qwqq calibration.txt",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwqq.archs.base import hparams
 from qwqq.errors import QwqqError, SourceError
 from qwqq.options import DEFAULT_SEQLEN, DEFAULT_TOKENS
 from qwqq.source import Checkpoint
@@ -51,7 +52,7 @@ def tokenize(ckpt: Checkpoint, text: str, n_tokens: int = DEFAULT_TOKENS, seqlen
     ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
     if ids.size < MIN_TOKENS:
         raise QwqqError(f"the calibration text holds {ids.size} tokens; at least {MIN_TOKENS} are needed", where)
-    vocab = int(ckpt.config.get("vocab_size") or 0)
+    vocab = int(hparams(ckpt.config).get("vocab_size") or 0)
     if vocab and int(ids.max()) >= vocab:
         raise SourceError(f"the tokenizer makes token id {int(ids.max())}, beyond the model's vocab_size {vocab}",
                           ckpt.root)
