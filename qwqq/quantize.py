@@ -169,6 +169,8 @@ def _mlx(f: Flags, opts: MLXOptions, say: Say) -> Written:
         overrides, tag = mb.overrides, f"{mb.bits_per_weight:.2f}bpw"
     result = quantize_to_mlx(ckpt, bits=opts.bits, group_size=group_size, mixed=opts.mixed, out=f.out, force=f.force,
                              progress=f.progress, overrides=overrides, tag=tag)
+    for line in result.notes:
+        say(f"note: {line}")
     return Written(result.path, f"({result.file_bytes / 2**30:.2f} GiB, {result.bits_per_weight:.2f} bits/weight, "
                                 f"{result.seconds:.1f} s)")
 

@@ -16,7 +16,7 @@ from functools import cache
 
 from qwqq.archs import arch_of, find_arch, hparams, mlx_name
 from qwqq.archs.experts import MLX_STACKED
-from qwqq.archs.hybrid import mlx_rules
+from qwqq.archs.hybrid_mlx import mlx_rules
 from qwqq.errors import UnsupportedError
 from qwqq.fit import hardware as hwmod
 from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder

@@ -2,7 +2,7 @@
 
 What mlx_lm.convert writes, array for array: the same parameter names (experts stacked per
 projection, a tied lm_head dropped; a family whose mlx-lm model renames, reshapes or shifts tensors
-says how in its MLX rules, archs/hybrid.py MLXRules), the same (bits, group size) per module (the plan in
+says how in its MLX rules, archs/hybrid_mlx.py MLXRules), the same (bits, group size) per module (the plan in
 qwqq.mlx.plan.make_mlx_plan), packed weights, scales and biases computed by mlx's own
 `mx.quantize`, unquantized tensors in the dtype mlx_lm.convert keeps (config "torch_dtype" when it
 names a float type, else each tensor's own), and config.json with the "quantization" block mirrored
@@ -27,7 +27,7 @@ import numpy as np
 
 from qwqq.archs import EXPERT, FUSED_EXPERT, LAYER, SKIPPED, Arch, Part, arch_of, gguf_tensors, hparams
 from qwqq.archs.experts import fused_rows, merged, mlx_stacked
-from qwqq.archs.hybrid import MLXRules, mlx_rules
+from qwqq.archs.hybrid_mlx import MLXRules, mlx_rules
 from qwqq.errors import SourceError
 from qwqq.hf_folder import Layout, ShardFiles, layout_shards, pwrite_all
 from qwqq.mlx.plan import MLXPlan, make_mlx_plan
@@ -76,7 +76,7 @@ def _order(name: str) -> tuple[int, str]:
 def mlx_sources(ckpt: Checkpoint, arch: Arch) -> list[MLXSource]:
     """The parameters of mlx-lm's model for this checkpoint, as its `sanitize` leaves them: the text model's
     tensors under the family's canonical names (arch.rename), experts stacked, then named, shaped and
-    transformed by the family's MLX rules (archs.hybrid.MLXRules: MTP and vision left out)."""
+    transformed by the family's MLX rules (archs.hybrid_mlx.MLXRules: MTP and vision left out)."""
     c, tied = hparams(ckpt.config), is_tied(ckpt)
     rules = mlx_rules(arch)
     n_layer = int(c["num_hidden_layers"])
