@@ -42,8 +42,8 @@ def cell(name: str, flags: dict) -> str:
 
 def table() -> str:
     lines = [HEADING, "", f"`{COMMAND}` (fit's model, from the catalog's shapes; no download). Each cell: the best "
-             "build that fits (GGUF type, file size, context and KV cache type, where it runs, decode speed). Macs: "
-             "GGUF on Metal (qwqq does not write MLX for these families yet). The KV cache is on the full-attention "
+             "build that fits (GGUF type or MLX folder, file size, context and KV cache type, where it runs, decode "
+             "speed). The KV cache is on the full-attention "
              "layers only (one in four); the recurrent state (e.g. 149.6 MiB per sequence for the 27B) and the "
              "MTP block (in the file, not loaded) are counted as llama.cpp counts them.", "",
              "| model | " + " | ".join(MACHINES) + " |", "|---|" + "---|" * len(MACHINES)]
