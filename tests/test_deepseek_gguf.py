@@ -76,13 +76,36 @@ def test_every_mixture_plans_as_llama_quantize(converted):
                                                      if ours.get(n) != theirs.get(n)})
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_q4_k_m_is_llama_quantizes_byte_for_byte(form, converted, tmp_path):
-    ours = quantize_to_gguf(tiny_deepseek_dir(form), resolve_mixture(type_name="Q4_K_M"), out=tmp_path / "ours.gguf",
+CASES = [("fp8", "Q4_K_M"), ("bfloat16", "Q4_K_M"), ("fp8", "Q8_0")]
+
+
+@pytest.mark.parametrize("form, mixture", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_quantized_bytes_are_llama_quantizes(form, mixture, converted, tmp_path):
+    ours = quantize_to_gguf(tiny_deepseek_dir(form), resolve_mixture(type_name=mixture), out=tmp_path / "ours.gguf",
                             progress=False, threads=2)
     theirs = tmp_path / "llama.gguf"
-    llamacpp_quantize(converted(form), theirs, "Q4_K_M")
+    llamacpp_quantize(converted(form), theirs, mixture)
     _same_tensors(ours.path, theirs)
+
+
+def test_iq2_xxs_with_llama_imatrixs_file_is_byte_identical(converted, tmp_path):
+    """An importance matrix from llama-imatrix (on the converter's F32 of the FP8 release) drives both sides."""
+    import subprocess
+
+    from tests.test_imatrix import TEXT, llama_imatrix
+
+    (tmp_path / "calib.txt").write_text(TEXT)
+    tools = fixtures.llama_cpp_tools()
+    imatrix = llama_imatrix(tools, converted("fp8"), tmp_path / "calib.txt", tmp_path / "imatrix.gguf")
+    from tests.conftest import run_qwqq
+
+    r = run_qwqq("quantize", tiny_deepseek_dir("fp8"), "--type", "IQ2_XXS", "--imatrix", imatrix,
+                 "-o", tmp_path / "ours.gguf", "-j", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    theirs = tmp_path / "llama.gguf"
+    subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(converted("fp8")), str(theirs),
+                    "IQ2_XXS", "2"], check=True, capture_output=True)
+    _same_tensors(tmp_path / "ours.gguf", theirs)
 
 
 def test_llama_cpp_runs_the_fp8_release_as_transformers_runs_its_bf16_cast(tmp_path):

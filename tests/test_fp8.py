@@ -50,3 +50,34 @@ def test_fp8_scales_of_the_wrong_shape_are_one_line(tmp_path):
     _fp8_folder(tmp_path, scale_shape=(1, 3))
     with pytest.raises(SourceError, match=r"expected float32 \[2, 3\] scales"):
         open_checkpoint(tmp_path)
+
+
+def test_fp8_bad_input_is_one_line(tmp_path):
+    """An FP8 tensor without its scale, and a DeepSeek-V3.2 checkpoint: one line each, nothing written."""
+    import shutil
+
+    from tests.conftest import one_line_error, run_qwqq
+    from tests.fixtures_deepseek import tiny_deepseek_dir
+
+    src = tiny_deepseek_dir("fp8")
+    bad = tmp_path / "no-scale"
+    shutil.copytree(src, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    gone = "model.layers.0.self_attn.q_a_proj.weight_scale_inv"
+    shard = bad / index["weight_map"].pop(gone)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(shard))
+    del tensors[gone]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = run_qwqq("quantize", bad, "--bits", "4", "-o", tmp_path / "out.gguf", "-q")
+    one_line_error(r, "q_a_proj.weight is F8_E4M3 without block scales")
+    v32 = tmp_path / "v32"
+    shutil.copytree(src, v32)
+    config = json.loads((v32 / "config.json").read_text())
+    config.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32")
+    (v32 / "config.json").write_text(json.dumps(config))
+    r = run_qwqq("quantize", v32, "--bits", "4", "-o", tmp_path / "out.gguf", "-q")
+    one_line_error(r, "architecture DeepseekV32ForCausalLM is not supported")
+    assert not list(tmp_path.glob("out.gguf*"))

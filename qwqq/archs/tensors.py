@@ -21,6 +21,9 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # and lm_head are not.
 LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj"
                     r"|mlp\.experts\.\d+\.(?:gate|up|down)_proj|mlp\.shared_expert\.(?:gate|up|down)_proj)\.weight$")
+# The hybrid decoder's (archs/hybrid.py) Gated DeltaNet linears GPTQ quantizes, as GPTQModel's Qwen3.5 / Qwen3-Next
+# definitions do; in_proj_a / in_proj_b / in_proj_ba (a row per value head), conv1d and shared_expert_gate stay float.
+LINEAR_ATTN = re.compile(r"^model\.layers\.(\d+)\.linear_attn\.(?:in_proj_qkvz|in_proj_qkv|in_proj_z|out_proj)\.weight$")
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
@@ -61,6 +64,9 @@ def gguf_tensors(ckpt: Checkpoint, arch: Arch, mtp: bool = True) -> list[GGUFTen
     check_config(c, arch, ckpt.root / "config.json")
     named = _canonical(ckpt, arch)
     for ref in named.values():
+        if ref.dtype.startswith("F8") and not ref.quantizable:
+            raise SourceError(f"tensor {ref.name} is {ref.dtype} without block scales ({ref.name}_scale_inv and "
+                              "config.json's fp8 quantization_config)", ref.file)
         if not ref.quantizable and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
     n_layer = int(c["num_hidden_layers"])
