@@ -252,6 +252,35 @@ def run(
     _guard(run_chat, opts)
 
 
+# ---------------------------------------------------------------- serve
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="A .gguf file (served with llama.cpp)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Default: this machine only; 0.0.0.0 for every interface."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free one, said on start-up)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Clients must send Authorization: Bearer KEY (/health stays public)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="The API key from the first line of a file (kept out of the process list)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Context length in tokens. Default: the longest `qwqq fit` finds for this machine."),
+    kv: Optional[str] = typer.Option(None, "--kv", help="KV cache type: f16, q8_0 or q4_0. Default: fitted."),
+    n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all). Default: fitted to the GPU's memory."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Fit ctx, KV cache and GPU layers to a hardware profile (see qwqq fit --list-profiles)."),
+    threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
+    reasoning_format: str = typer.Option("deepseek", "--reasoning-format", help="Where the <think> block goes: deepseek (message.reasoning_content, as llama-server and DeepSeek's API), reasoning (message.reasoning, vLLM's newer name) or none (left inline in content)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait while one is decoded; more get 503 with Retry-After."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
+
+    Requests are decoded one at a time on one llama.cpp context, the others queued; a client that disconnects is cancelled. Needs pip install "qwqq\\[serve]".
+    """
+    from qwqq.serve import serve as serve_model
+    from qwqq.serve.options import ServeOptions
+
+    opts = ServeOptions(model=model, host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
+                        kv=kv.lower() if kv else None, n_gpu_layers=n_gpu_layers, profile=profile, threads=threads,
+                        reasoning_format=reasoning_format.lower(), max_queue=max_queue, debug=_state["debug"])
+    _guard(serve_model, opts, say=lambda line: err.print(line, markup=False, highlight=False))
+
+
 # ---------------------------------------------------------------- fit
 @app.command()
 def fit(

@@ -1,0 +1,176 @@
+"""The OpenAI wire format: request bodies (pydantic, unknown fields ignored as OpenAI's own server
+tolerates them), errors as OpenAI's error JSON, and the shapes of responses and stream chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_body(status: int, message: str, type: str = "invalid_request_error", code: str | None = None) -> dict:
+    return APIError(status, message, type=type, code=code).body()
+
+
+# ---------------------------------------------------------------- requests
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class Message(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None  # a previous turn's thinking (templates that keep it read this)
+
+
+class Sampled(_Body):
+    """The fields chat and completions share."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # llama.cpp's and vLLM's extension
+    min_p: float | None = Field(None, ge=0, le=1)  # likewise
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    logprobs: Any = None
+
+    def stops(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 16:
+            raise APIError(400, "at most 16 stop sequences", param="stop")
+        return [s for s in stop if s]
+
+
+class ChatRequest(Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: Literal["deepseek", "reasoning", "none"] | None = None  # llama-server's per-request override
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+
+class CompletionRequest(Sampled):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def parse(raw: bytes, kind: type[BaseModel]) -> Any:
+    """A request body to its model, or a 400 that names what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = kind.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None) from None
+    _refuse_unsupported(req)
+    return req
+
+
+def _refuse_unsupported(req: Sampled) -> None:
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if req.logprobs not in (None, False, 0):
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if isinstance(req, ChatRequest) and req.tools and req.tool_choice != "none":
+        raise APIError(400, "tool calls are not supported by this server yet", param="tools")
+    if isinstance(req, CompletionRequest):
+        if req.echo or req.suffix:
+            raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "only best_of=1 is supported", param="best_of")
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) and len(req.prompt) != 1:
+            raise APIError(400, "one prompt per request", param="prompt")
+
+
+def template_messages(req: ChatRequest) -> list[dict]:
+    """Messages as the chat template reads them: content as text (text parts joined)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        d = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            other = [p.type for p in m.content if p.type != "text"]
+            if other:
+                raise APIError(400, f"messages.{i}.content: only text parts are supported, not {other[0]}",
+                               param=f"messages.{i}.content")
+            d["content"] = "".join(p.text or "" for p in m.content)
+        d.setdefault("content", "")
+        out.append(d)
+    return out
+
+
+# ---------------------------------------------------------------- responses
+class Reply:
+    """The envelope every response and chunk of one request shares."""
+
+    def __init__(self, kind: str, model: str):
+        self.kind, self.model = kind, model  # kind: "chat" or "text"
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _env(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, delta_or_text: dict | str, finish_reason: str | None = None) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            return {**self._env("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._env("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._env("chat.completion.chunk" if self.kind == "chat" else "text_completion"), "choices": [],
+                "usage": usage}
+
+    def whole(self, message_or_text: dict | str, finish_reason: str, usage: dict) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": message_or_text, "logprobs": None, "finish_reason": finish_reason}
+            return {**self._env("chat.completion"), "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": message_or_text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._env("text_completion"), "choices": [choice], "usage": usage}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

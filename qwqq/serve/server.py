@@ -1,0 +1,143 @@
+"""serve(): settings fitted as `qwqq run` fits them, the port bound (a clear error when taken), the model
+loaded in the background while /health answers 503, then uvicorn until SIGINT / SIGTERM (in-flight
+requests get a grace period, then whatever still runs is cancelled, and the exit status is 0)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from qwqq.errors import QwqqError
+from qwqq.run.backends import LoadOptions, pick_backend
+from qwqq.run.chat import RunOptions, fitted_settings
+from qwqq.run.sampling import default_sampling
+from qwqq.serve.options import ServeOptions, api_key, check_options
+
+GRACE_SECONDS = 10  # in-flight requests may finish within this after SIGTERM / Ctrl-C
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free one)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise QwqqError(f"cannot listen on {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise QwqqError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def describe(settings: dict, has_gpu_layers: bool) -> str:
+    ctx = "the model's own context" if settings["ctx"] == 0 else f"ctx {settings['ctx']}"
+    n = settings["n_gpu_layers"]
+    layers = ("all layers on the GPU" if n < 0 else f"{n} GPU layers") if has_gpu_layers else "CPU only"
+    return f"{ctx}, {settings['kv_type']} KV cache, {layers}"
+
+
+def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
+    check_options(opts)
+    key = api_key(opts)
+    backend = pick_backend("llama.cpp", opts.model)  # this slice serves GGUF files on llama.cpp
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    run_opts = RunOptions(model=Path(opts.model), ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, profile=opts.profile,
+                          kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug)
+    settings = fitted_settings(run_opts, backend.name, err)
+
+    import uvicorn
+
+    from qwqq.serve.app import ServerState, create_app
+    from qwqq.serve.metrics import Metrics
+
+    name = Path(opts.model).name
+    model_id = name.removesuffix(".gguf")
+    sock = bind(opts.host, opts.port)
+    state = ServerState(opts=opts, model_id=model_id, key=key, metrics=Metrics())
+    config = uvicorn.Config(create_app(state), log_level="info" if opts.debug else "warning", access_log=opts.debug,
+                            timeout_graceful_shutdown=GRACE_SECONDS, lifespan="off")
+    server = _server_class()(config)
+    loaded: list = []
+
+    def load() -> None:
+        start = time.monotonic()
+        try:
+            model = backend.load(Path(opts.model), LoadOptions(threads=opts.threads, debug=opts.debug, **settings))
+        except QwqqError as e:
+            state.load_error = str(e)
+            server.should_exit = True
+            return
+        loaded.append(model)
+        _ready(state, model)
+        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens, loaded in {time.monotonic() - start:.1f} s")
+
+    gpu = bool(settings["n_gpu_layers"]) and _gpu_offload()
+    say(f"serving {name} (llama.cpp) at {url_of(sock)}: {describe(settings, gpu)}; one request decoded at a time, "
+        f"up to {opts.max_queue} waiting; {'API key required' if key else 'no API key'}; loading…")
+    loader = threading.Thread(target=load, name="qwqq-serve-load", daemon=True)
+    loader.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        loader.join()
+        if state.scheduler is not None:
+            state.scheduler.stop()
+        for model in loaded:
+            model.close()
+        sock.close()
+    if state.load_error:
+        raise QwqqError(state.load_error)
+
+
+def _ready(state, model) -> None:
+    """The loaded model behind the routes: engine, sampling defaults, template variables, worker started."""
+    from qwqq.serve.engine import Scheduler
+    from qwqq.serve.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(model, state.metrics)
+    scheduler = Scheduler(engine.decode, state.opts.max_queue, on_cancel=state.metrics.cancel)
+    state.metrics.watch(depth=lambda: scheduler.depth, running=lambda: int(scheduler.running is not None))
+    state.sampling = default_sampling(model.metadata, Path(state.opts.model).stem)
+    state.template_vars = model.template.variables()
+    scheduler.start()
+    state.scheduler = scheduler
+    state.engine = engine  # last: routes answer from here on
+
+
+def _gpu_offload() -> bool:
+    try:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:
+        return False
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # A signal is how a server is meant to stop: shut down gracefully and exit 0, rather than
+            # have uvicorn raise the signal again once it is done (a KeyboardInterrupt, or death by SIGTERM).
+            self._captured_signals.clear()
+
+    return Server
+
