@@ -73,6 +73,41 @@ def test_metrics_text_format():
     assert "qwqq_decode_tokens_per_second 8" in text  # 4 tokens after the first in 0.5 s
 
 
+def test_while_loading_health_and_generation_answer_503(tmp_path):
+    """The app before its model is loaded, called through ASGI directly (no socket, no model)."""
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from qwqq.serve.app import ServerState, create_app
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    app = create_app(ServerState(opts=ServeOptions(model=model), model_id="m", key=None, metrics=Metrics()))
+
+    async def call(method: str, path: str, body: bytes = b"") -> tuple[int, dict, dict]:
+        sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+                 "raw_path": path.encode(), "query_string": b"", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000), "scheme": "http", "root_path": ""}
+        await app(scope, receive, send)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(text)
+
+    status, headers, body = asyncio.run(call("GET", "/health"))
+    assert status == 503 and body["status"] == "loading" and headers["retry-after"]
+    status, headers, body = asyncio.run(call("POST", "/v1/completions", b'{"prompt": "hi"}'))
+    assert status == 503 and body["error"]["code"] == "loading" and headers["retry-after"]
+    assert asyncio.run(call("GET", "/v1/models"))[2]["data"][0]["id"] == "m"
+
+
 # ---------------------------------------------------------------- servers
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path):
