@@ -19,7 +19,7 @@ from qwqq.errors import QwqqError
 
 app = typer.Typer(
     name="qwqq",
-    help="Quantize Qwen-family reasoning models (QwQ, Qwen3, R1-Distill) to GGUF, MLX or GPTQ; fit them to your hardware; chat with them and measure what quantization cost.",
+    help="Quantize Qwen-family reasoning models (QwQ, Qwen3, Qwen3.5/3.6/3.8, Qwen3-Next, DeepSeek-R1 and its distills) to GGUF, MLX or GPTQ; fit them to your hardware; chat with them, serve them to OpenAI clients, and measure what quantization cost.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -111,7 +111,7 @@ def quantize(
     no_mtp: bool = typer.Option(False, "--no-mtp", help="GGUF of Qwen3.5+ / Qwen3-Next: leave out the multi-token-prediction block (kept by default, as llama.cpp's converter keeps it; llama.cpp loads it only for speculative decoding)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Quantize fp16/bf16 safetensors into a GGUF file, an MLX folder or a GPTQ folder, streaming, in bounded memory.
+    """Quantize fp16/bf16 (or FP8, as DeepSeek-R1 ships) safetensors into a GGUF file, an MLX folder or a GPTQ folder, streaming, in bounded memory.
 
     GGUF and MLX stream row chunks in one pass (no intermediate F16 file). GPTQ and --imatrix auto
     read the model one decoder block at a time to calibrate it on sample text."""
