@@ -152,6 +152,6 @@ ARCH = Arch(
     tensor_hook=tensors,
     extra_meta=meta,
     check=check,
-    jobs=("gguf",),
+    jobs=("gguf", "mlx"),
     left_out_note="the multi-token-prediction layer ({n} tensors) is left out, as llama.cpp's converter does",
 )

@@ -16,7 +16,6 @@ from functools import cache
 
 from qwqq.archs import arch_of, find_arch, hparams, mlx_name
 from qwqq.archs.experts import MLX_STACKED
-from qwqq.archs.hybrid_mlx import mlx_rules
 from qwqq.errors import UnsupportedError
 from qwqq.fit import hardware as hwmod
 from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
@@ -25,6 +24,7 @@ from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
 from qwqq.mlx.plan import MLXPlan, make_mlx_plan
+from qwqq.mlx.rules import kv_elements, mlx_rules
 from qwqq.mlx.writer import plan_mlx, plan_rules, target_dtype
 
 # (type name in fit's table, bits, group size, mlx-lm recipe)
@@ -72,13 +72,15 @@ def makes_mlx(model: Model) -> bool:
 
 
 def kv_cache_bytes(model: Model, ctx: int) -> int:
-    """mlx-lm's default KVCache: layers x (K + V widths: kv_heads x head_dim) x ctx x 2 bytes; a hybrid's
-    linear-attention layers hold an ArraysCache instead (conv state in the activations' dtype, the
-    delta-net state in float32, whatever the context)."""
+    """mlx-lm's default KVCache: layers x (K + V widths: kv_heads x head_dim; DeepSeek's MLA: the latent and
+    the rope part, qwqq.mlx.rules.kv_elements) x ctx x 2 bytes; a hybrid's linear-attention layers hold an
+    ArraysCache instead (conv state in the activations' dtype, the delta-net state in float32, whatever the
+    context)."""
     d = model.dims
     cells = -(-ctx // KV_STEP) * KV_STEP
     recurrent = (d.n_layer - d.kv_layers) * (d.n_embd_r * CONV_STATE_BYTES + d.n_embd_s * DELTA_STATE_BYTES)
-    return d.kv_layers * (d.n_embd_k + d.n_embd_v) * cells * KV_BYTES + recurrent
+    width = kv_elements(mlx_rules(find_arch(model.config)), d)
+    return d.kv_layers * width * cells * KV_BYTES + recurrent
 
 
 

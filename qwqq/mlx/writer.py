@@ -1,8 +1,9 @@
 """MLX writer: a Hugging Face checkpoint -> the folder mlx-lm loads, in one streaming pass.
 
 What mlx_lm.convert writes, array for array: the same parameter names (experts stacked per
-projection, a tied lm_head dropped; a family whose mlx-lm model renames, reshapes or shifts tensors
-says how in its MLX rules, archs/hybrid_mlx.py MLXRules), the same (bits, group size) per module (the plan in
+projection, a tied lm_head dropped; a family whose mlx-lm model renames, reshapes, splits or shifts
+tensors says how in its MLX rules, looked up by qwqq.mlx.rules; a block-scaled FP8 weight dequantized
+as the family's sanitize does it), the same (bits, group size) per module (the plan in
 qwqq.mlx.plan.make_mlx_plan), packed weights, scales and biases computed by mlx's own
 `mx.quantize`, unquantized tensors in the dtype mlx_lm.convert keeps (config "torch_dtype" when it
 names a float type, else each tensor's own), and config.json with the "quantization" block mirrored
@@ -27,10 +28,11 @@ import numpy as np
 
 from qwqq.archs import EXPERT, FUSED_EXPERT, LAYER, SKIPPED, Arch, Part, arch_of, gguf_tensors, hparams
 from qwqq.archs.experts import fused_rows, merged, mlx_stacked
-from qwqq.archs.hybrid_mlx import MLXRules, mlx_rules
-from qwqq.errors import SourceError
+from qwqq.archs.hybrid_mlx import MLXRules
+from qwqq.errors import SourceError, UnsupportedError
 from qwqq.hf_folder import Layout, ShardFiles, layout_shards, pwrite_all
 from qwqq.mlx.plan import MLXPlan, make_mlx_plan
+from qwqq.mlx.rules import fp8_dtype, mlx_rules, module_order, renamed_away, split
 from qwqq.source import Checkpoint, RowReader, TensorRef
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB = 5, counted in GiB
@@ -44,19 +46,32 @@ class MLXSource:
     """One mlx-lm parameter and where its rows come from (several parts: stacked experts)."""
 
     name: str
-    shape: tuple[int, ...]  # numpy order, as stored (the source's elements in the same order)
-    dtype: str  # the source's safetensors dtype
+    shape: tuple[int, ...]  # numpy order, as stored (the source's elements in the same order, unless transposed)
+    dtype: str  # the dtype mlx-lm's model holds it in before convert's cast: the source's safetensors dtype,
+    # or for a block-scaled FP8 weight (parts' refs with scales) what the family's sanitize dequantizes it to
     parts: tuple[Part, ...]  # concatenated along rows
     op: str | None = None  # element-wise, in the source dtype as mlx-lm's sanitize does it: plus_one
+    transposed: bool = False  # each part (rows x cols of the source), read whole, stored as its transpose
+    # (cols x rows): DeepSeek's embed_q, as GGUFTensor.transposed (the budget samples an MLXSource as one)
+    col_perm = None  # never reordered (GGUFTensor's field, for the budget's sampling)
 
     @property
     def cols(self) -> int:
-        """Elements per source row: the unit of reading (a stored shape may split it: conv1d's [C, K, 1])."""
-        return self.parts[0].ref.cols
+        """Elements per row written: a source row (a stored shape may split it: conv1d's [C, K, 1]), or the
+        rows of a transposed part."""
+        p = self.parts[0]
+        return p.row1 - p.row0 if self.transposed else p.ref.cols
 
     @property
     def rows(self) -> int:
+        """Rows written, each the same number of bytes."""
+        if self.transposed:
+            return sum(p.ref.cols for p in self.parts)
         return sum(p.row1 - p.row0 for p in self.parts)
+
+    @property
+    def fp8(self) -> bool:
+        return self.parts[0].ref.scale is not None
 
 
 def is_tied(ckpt: Checkpoint) -> bool:
@@ -82,6 +97,15 @@ def mlx_sources(ckpt: Checkpoint, arch: Arch) -> list[MLXSource]:
     n_layer = int(c["num_hidden_layers"])
     out: list[MLXSource] = []
     experts: dict[tuple[int, str], dict[int, TensorRef]] = {}
+
+    def held(ref: TensorRef) -> str:
+        if ref.scale is None:
+            return ref.dtype
+        if (dtype := fp8_dtype(rules)) is None:
+            raise UnsupportedError(f"tensor {ref.name} is block-scaled FP8, which mlx-lm's model for "
+                                   f"{arch.hf_class} does not read", ref.file)
+        return dtype
+
     for hub_name, ref in ckpt.tensors.items():
         name = arch.rename(hub_name, n_layer) if arch.rename else hub_name
         if name is None or (rules and rules.param(name, n_layer) is None):
@@ -94,20 +118,26 @@ def mlx_sources(ckpt: Checkpoint, arch: Arch) -> list[MLXSource]:
         if arch.moe and (m := FUSED_EXPERT.match(name)):
             out.extend(_fused_experts(int(m.group(1)), m.group(2), ref))
             continue
-        out.append(MLXSource(name, ref.shape, ref.dtype, (Part(ref, 0, ref.rows),)))
+        out.append(MLXSource(name, ref.shape, held(ref), (Part(ref, 0, ref.rows),)))
     n_expert = arch.n_expert(c)
     for (layer, proj), by_id in sorted(experts.items()):
         if sorted(by_id) != list(range(n_expert)):
             raise SourceError(f"layer {layer} {proj}_proj has experts {len(by_id)} of {n_expert}", ckpt.root)
         refs = [by_id[e] for e in range(n_expert)]
-        if any(r.shape != refs[0].shape or r.dtype != refs[0].dtype for r in refs):
+        if any(r.shape != refs[0].shape or r.dtype != refs[0].dtype or (r.scale is None) != (refs[0].scale is None)
+               for r in refs):
             raise SourceError(f"layer {layer} {proj}_proj experts disagree on shape or dtype", ckpt.root)
         out.append(MLXSource(mlx_stacked(layer, proj), (n_expert, *refs[0].shape),
-                             refs[0].dtype, tuple(Part(r, 0, r.rows) for r in refs)))
+                             held(refs[0]), tuple(Part(r, 0, r.rows) for r in refs)))
     if not tied and not any(s.name == "lm_head.weight" for s in out):
         raise SourceError("tie_word_embeddings is false but there is no lm_head.weight", ckpt.root)
     out.sort(key=lambda s: _order(s.name))
-    return out if rules is None else [_as_mlx(s, rules, n_layer) for s in out]
+    if rules is None:
+        return out
+    out = [m for s in out for m in _as_mlx(s, rules, n_layer, c)]
+    if (key := module_order(rules)) is not None:
+        out.sort(key=lambda s: key(s.name))
+    return out
 
 
 def left_out_note(ckpt: Checkpoint, arch: Arch) -> str | None:
@@ -119,7 +149,8 @@ def left_out_note(ckpt: Checkpoint, arch: Arch) -> str | None:
     names = [arch.rename(n, n_layer) for n in ckpt.tensors]
     vision = sum(n is None for n in names)
     mtp = sum(n is not None and rules.param(n, n_layer) is None for n in names)
-    parts = [f"the vision tower ({vision} tensors)"] * bool(vision) + [f"the MTP weights ({mtp} tensors)"] * bool(mtp)
+    parts = [f"{renamed_away(rules)} ({vision} tensors)"] * bool(vision) + \
+        [f"the MTP weights ({mtp} tensors)"] * bool(mtp)
     if not parts:
         return None
     both = len(parts) > 1
@@ -127,9 +158,12 @@ def left_out_note(ckpt: Checkpoint, arch: Arch) -> str | None:
            f"{'them' if both else 'it'}: this folder is the language model"
 
 
-def _as_mlx(src: MLXSource, rules: MLXRules, n_layer: int) -> MLXSource:
+def _as_mlx(src: MLXSource, rules: MLXRules, n_layer: int, hp: dict) -> list[MLXSource]:
+    if len(src.parts) == 1 and (pieces := split(rules, src.name, src.parts[0].ref, hp)):
+        return [MLXSource(rules.param(name, n_layer), shape, src.dtype, parts, transposed=t)
+                for name, shape, parts, t in pieces]
     shape, op = rules.tensor(src.name, src.shape)
-    return MLXSource(rules.param(src.name, n_layer), shape, src.dtype, src.parts, op)
+    return [MLXSource(rules.param(src.name, n_layer), shape, src.dtype, src.parts, op)]
 
 
 def _fused_experts(layer: int, which: str, ref: TensorRef) -> list[MLXSource]:
@@ -235,7 +269,12 @@ _RAW_VIEW = {"BF16": "<u2", "F16": "<f2", "F32": "<f4"}
 
 
 def _chunks(src: MLXSource) -> Iterator[tuple[int, Part, int, int]]:
-    """(first output row, part, row0, row1): row ranges of at most CHUNK_ELEMENTS elements."""
+    """(first row written, of src.rows, part, row0, row1): row ranges of at most CHUNK_ELEMENTS elements;
+    a part to transpose whole (one head's block of DeepSeek's kv_b_proj)."""
+    if src.transposed:
+        for i, part in enumerate(src.parts):
+            yield i * part.ref.cols, part, part.row0, part.row1
+        return
     step = max(1, CHUNK_ELEMENTS // max(1, src.cols))
     out_row = 0
     for part in src.parts:
@@ -272,9 +311,9 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
     written = {name: 0 for name in lay.slots}
     files = ShardFiles(folder, lay)
 
-    def read(job_chunk):
+    def read(job_chunk):  # raw bytes, or an FP8 weight's rows dequantized in float32 (qwqq/fp8.py)
         (src, _tp), (_o, part, r0, r1) = job_chunk
-        return reader.read_raw(part.ref, r0, r1)
+        return reader.read_f32(part.ref, r0, r1) if src.fp8 else reader.read_raw(part.ref, r0, r1)
 
     chunks = [((src, tp), ch) for src, tp in jobs for ch in _chunks(src)]
     try:
@@ -285,12 +324,17 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
                 ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
                 nrows = r1 - r0
                 arrays = tp.arrays()
-                if tp.quantized or tp.dtype != src.dtype or src.op:
-                    w = _to_mx(raw, src.dtype, nrows, src.cols)
+                if tp.quantized or tp.dtype != src.dtype or src.op or src.fp8 or src.transposed:
+                    if src.fp8:  # mlx-lm's sanitize: float32(q x scale) stored in its dequantized dtype
+                        w = mx.array(raw).astype(getattr(mx, _MX_DTYPES[src.dtype]))
+                    else:
+                        w = _to_mx(raw, src.dtype, nrows, part.ref.cols)
                     if src.op == "plus_one":  # mlx-lm's sanitize: v + 1.0, in v's dtype, before any cast
                         w = w + 1.0
                     elif src.op is not None:
                         raise RuntimeError(f"{src.name}: unknown op {src.op}")
+                    if src.transposed:  # the part's [rows, cols] stored as [cols, rows]
+                        w = mx.contiguous(w.T)
                     if tp.dtype != src.dtype:
                         w = w.astype(getattr(mx, _MX_DTYPES[tp.dtype]))
                     outs = mx.quantize(w, tp.group_size, tp.bits, mode="affine") if tp.quantized else (w,)
@@ -299,12 +343,12 @@ def write_mlx_weights(folder: Path, sources: list[MLXSource], plan: MLXPlan, lay
                 else:
                     pieces = [memoryview(raw)]
                 for (name, _dt, _shape), data in zip(arrays, pieces):
-                    slot = lay.slots[name]  # bytes per source row: a stored shape may split the rows
+                    slot = lay.slots[name]  # bytes per unit row: a stored shape may split the rows
                     pwrite_all(files.fds[slot.shard], data, slot.offset + out_row * (slot.nbytes // src.rows))
                     written[name] += len(data)
                 del raw, pieces
                 if progress:
-                    progress(src.name, nrows * src.cols * part.ref.itemsize)
+                    progress(src.name, nrows * part.ref.cols * part.ref.itemsize)
         for name, slot in lay.slots.items():
             if written[name] != slot.nbytes:
                 raise RuntimeError(f"{name}: wrote {written[name]} bytes, planned {slot.nbytes}")
