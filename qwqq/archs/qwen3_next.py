@@ -25,7 +25,7 @@ ARCH = Arch(
     tensor_hook=functools.partial(hybrid.hybrid_tensors, tiled_v=False),
     extra_meta=lambda hp, n_block: hybrid.meta(hp, n_block, sections=False),
     has_mtp=True,
-    jobs=("gguf", "mlx", "calibrate"),  # GPTQ of the hybrid blocks: not yet
+    jobs=("gguf", "mlx", "calibrate"),  # "gptq" (written and tested) once fit sizes the hybrids' GPTQ folders
     gated_attention=True,
     check=hybrid.check,
 )

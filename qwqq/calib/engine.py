@@ -15,6 +15,11 @@ The embedding is read only for the token ids the sample uses. Observers are plai
 ``observe(names, x)``: ``names`` lists the weights (Hugging Face names) that read the activation
 matrix ``x`` [tokens, in_features] (q/k/v share one input, gate/up another; each expert of a
 Qwen3-MoE block sees only the tokens routed to it).
+
+The skeleton is transformers' text *ForCausalLM of the config's text part, so a multimodal release
+(Qwen3.5: model.language_model.*) is read through its family's rename, and its vision tower and MTP block
+are never built. The hybrids' Gated DeltaNet layers run without a cache: each window starts from a zero
+recurrent and conv state, as every window starts from position 0 for attention.
 """
 
 from __future__ import annotations
@@ -215,6 +220,8 @@ def text_names(ckpt: Checkpoint, arch) -> dict[str, str]:
         new = arch.rename(name, n_layer)
         if new is not None and new != name:
             out[new] = name
+            if name.endswith(".qweight"):  # a GPTQ folder's linear: its weight is read through `dequantize`
+                out[new.removesuffix(".qweight") + ".weight"] = name.removesuffix(".qweight") + ".weight"
     return out
 
 

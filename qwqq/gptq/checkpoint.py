@@ -12,7 +12,6 @@ Memory: one tensor.
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -23,13 +22,14 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from qwqq import __version__
-from qwqq.archs import FUSED_EXPERT, LAYER, LINEAR, SKIPPED, Part, arch_of, check_config
-from qwqq.archs.experts import expert_prefix, fused_rows
+from qwqq.archs import FUSED_EXPERT, LINEAR, SKIPPED, arch_of, check_config
 from qwqq.errors import OutputError, QwqqError, SourceError
 from qwqq.outputs import atomic_output, fsync_dir
 from qwqq.progress import tensor_progress
 from qwqq.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards,
                                      pwrite_all, side_files, write_json)
+from qwqq.gptq.linears import (GPTQLinear, float_tensors, gptq_linear_names, gptq_linears,  # noqa: F401 (re-exported)
+                                is_gptq_linear, order_key, text_names)
 from qwqq.gptq.packing import FORMATS, GPTQ_BITS, PACKED, to_numpy, default_g_idx, linear_bytes, packed_shapes
 from qwqq.source import FLOAT_DTYPES, Checkpoint, RowReader, TensorRef, open_checkpoint
 
@@ -39,59 +39,7 @@ QUANT_CONFIG_FILE = "quantize_config.json"  # GPTQModel's own copy of quantizati
 STORED_FLOAT_DTYPES = {"float16": "F16", "bfloat16": "BF16"}  # how unquantized tensors may be stored (gptq_output float_dtype)
 
 # =========================================================================== what a checkpoint holds
-@dataclass(frozen=True)
-class GPTQLinear:
-    """One quantized linear and where its weight rows come from in the source."""
-
-    name: str  # module name, e.g. model.layers.0.mlp.experts.3.down_proj
-    out_features: int
-    in_features: int
-    parts: tuple[Part, ...]  # source rows, concatenated (a fused-experts tensor: this expert's slice)
-
-
-def is_gptq_linear(name: str) -> bool:
-    """Whether a source tensor (Hugging Face name) is quantized in a GPTQ checkpoint."""
-    return bool(LINEAR.match(name) or FUSED_EXPERT.match(name))
-
-
-def _fused(ref: TensorRef, layer: int, which: str) -> list[GPTQLinear]:
-    """transformers 5 fused experts -> the per-expert modules GPTQ checkpoints hold."""
-    cols = ref.shape[-1] if len(ref.shape) == 3 else 0
-    return [GPTQLinear(f"{expert_prefix(layer)}.{i}.{proj}_proj", r1 - r0, cols, (Part(ref, r0, r1),))
-            for proj, ranges in fused_rows(ref, which).items() for i, (r0, r1) in enumerate(ranges)]
-
-
-def _order(name: str) -> tuple:
-    """Embedding, then layer by layer (numbers compared as numbers: experts.2 before experts.10), then
-    the final norm and lm_head."""
-    natural = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name))
-    m = LAYER.match(name)
-    group = 1 if m else 0 if name.startswith("model.embed_tokens.") else 2 if name.startswith("model.") else 3
-    return (group, natural)
-
-
-def gptq_linears(ckpt: Checkpoint) -> list[GPTQLinear]:
-    """Every linear a GPTQ checkpoint of `ckpt` quantizes, in model order (layer by layer)."""
-    out: list[GPTQLinear] = []
-    for name, ref in ckpt.tensors.items():
-        if LINEAR.match(name):
-            if len(ref.shape) != 2:
-                raise SourceError(f"tensor {name} should be 2-D, is {ref.shape}", ref.file)
-            out.append(GPTQLinear(name.removesuffix(".weight"), ref.shape[0], ref.shape[1], (Part(ref, 0, ref.rows),)))
-        elif m := FUSED_EXPERT.match(name):
-            out.extend(_fused(ref, int(m.group(1)), m.group(2)))
-    return sorted(out, key=lambda lin: _order(lin.name))
-
-
-def gptq_linear_names(ckpt: Checkpoint) -> list[str]:
-    """The module names (no .weight) of gptq_linears."""
-    return [lin.name for lin in gptq_linears(ckpt)]
-
-
-def float_tensors(ckpt: Checkpoint) -> list[TensorRef]:
-    """The source tensors a GPTQ checkpoint keeps unquantized (stored in fp16)."""
-    return sorted((ref for name, ref in ckpt.tensors.items() if not is_gptq_linear(name) and not SKIPPED.search(name)),
-                  key=lambda r: _order(r.name))
+# (qwqq.gptq.linears: which tensors are quantized linears, under which names)
 
 
 def gptq_bytes(shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int) -> int:
@@ -144,6 +92,7 @@ def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "
         if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
     linears, floats = gptq_linears(ckpt), float_tensors(ckpt)
+    key = order_key(text_names(ckpt))
     if not linears:
         raise SourceError("no linear layers to quantize", ckpt.root)
     items: list[tuple[tuple, str, str, tuple]] = []
@@ -153,9 +102,9 @@ def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "
         except ValueError as e:
             raise QwqqError(f"{lin.name}: {e}", ckpt.root) from None
         for suffix, (dtype, shape) in shapes.items():
-            items.append((_order(lin.name), f"{lin.name}.{suffix}", dtype, shape))
+            items.append((key(lin.name), f"{lin.name}.{suffix}", dtype, shape))
     for ref in floats:
-        items.append((_order(ref.name), ref.name, STORED_FLOAT_DTYPES[float_dtype], ref.shape))
+        items.append((key(ref.name), ref.name, STORED_FLOAT_DTYPES[float_dtype], ref.shape))
     items.sort(key=lambda t: t[0])
     return GPTQPlan(bits, group_size, linears, floats, [(n, d, s) for _, n, d, s in items], float_dtype)
 

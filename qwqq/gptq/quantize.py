@@ -2,8 +2,9 @@
 
 For block i: (1) run the calibration activations through it with the original weights while
 observers sum x x^T for every distinct linear input (q/k/v share one, gate/up another, each expert
-its own routed tokens); (2) quantize each linear with GPTQ against its Hessian and put the
-quantized weights back into the block; (3) run the activations through the quantized block, so that
+its own routed tokens); (2) quantize each linear the checkpoint holds quantized (qwqq.gptq.linears: not
+the hybrids' in_proj_a / in_proj_b / in_proj_ba or shared_expert_gate) with GPTQ against its Hessian and put
+the quantized weights back into the block; (3) run the activations through the quantized block, so that
 block i+1 is calibrated on what it will really see. Memory is one block, its Hessians and the
 activations (see qwqq.calib.engine).
 
@@ -22,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qwqq.archs import EXPERT
+from qwqq.archs import EXPERT, hparams
 from qwqq.calib.text import sample_tokens
 from qwqq.calib.engine import (BlockModel, batch_size, blocks, ensure_torch, ffn_size, observing, open_block_model,
                                pick_device, run_block, threads_for_torch)
@@ -107,11 +108,13 @@ def quantized_names(layer, prefix: str) -> list[str]:
     return names
 
 
-def quantize_block(layer, prefix: str, hess: Hessians, opts: SolverSettings, report: BlockReport
-                   ) -> dict[str, SolvedLinear]:
-    """GPTQ (or RTN, for starved experts) of every weight in the block; the block's weights are replaced."""
+def quantize_block(layer, prefix: str, hess: Hessians, opts: SolverSettings, report: BlockReport,
+                   only: Callable[[str], bool] | None = None) -> dict[str, SolvedLinear]:
+    """GPTQ (or RTN, for starved experts) of every weight in the block (`only`: of those it accepts; the hybrids'
+    in_proj_a / in_proj_b and shared_expert_gate stay float, as the checkpoint keeps them); the block's weights
+    are replaced."""
     by_name = {n: key for key in hess.sums for n in key}
-    names = quantized_names(layer, prefix)
+    names = [n for n in quantized_names(layer, prefix) if only is None or only(n)]
     uses = Counter(by_name[n] for n in names if n in by_name)  # q/k/v share one Hessian, gate/up another
     results = {}
     for name in names:
@@ -149,8 +152,10 @@ def unquantized_params(layer, prefix: str) -> dict[str, torch.Tensor]:
 
 def gptq_model(model: BlockModel, tokens: np.ndarray, opts: SolverSettings,
                emit: Callable[[int, dict[str, SolvedLinear], dict[str, torch.Tensor]], None],
-               tick: Callable[[int], None] | None = None) -> list[BlockReport]:
-    """GPTQ every block; emit(i, quantized, unquantized) is called once per block, in order."""
+               tick: Callable[[int], None] | None = None, only: Callable[[str], bool] | None = None
+               ) -> list[BlockReport]:
+    """GPTQ every block (`only`: the text-model weight names to quantize, default every linear); emit(i,
+    quantized, unquantized) is called once per block, in order."""
     cfg = model.config
     batch = batch_size(tokens.shape[1], cfg.hidden_size, ffn_size(cfg))
     reports = []
@@ -160,7 +165,7 @@ def gptq_model(model: BlockModel, tokens: np.ndarray, opts: SolverSettings,
         with observing(layer, prefix, hess) as flush:
             run_block(layer, x, rope, batch, flush, update=False)
         report = BlockReport(i)
-        results = quantize_block(layer, prefix, hess, opts, report)
+        results = quantize_block(layer, prefix, hess, opts, report, only)
         del hess
         emit(i, results, unquantized_params(layer, prefix))
         run_block(layer, x, rope, batch)  # what block i+1 will really see
@@ -212,15 +217,18 @@ def quantize_to_gptq(source, *, bits: int = 4, group_size: int = 128, sym: bool 
                          force=force) as writer, \
                 step_progress(progress, model.n_layer, "gptq") as tick:
             writer.write_floats(model.reader)
+            module = {lin.text_name + ".weight": lin.name for lin in writer.plan.linears}  # text -> checkpoint
 
             def emit(i, results, _floats):
                 for name, r in results.items():
-                    writer.write_linear(name.removesuffix(".weight"),
-                                        pack(r.q.cpu(), r.scales.cpu(), r.zeros.cpu(), r.g_idx.cpu(), bits))
+                    packed = pack(r.q.cpu(), r.scales.cpu(), r.zeros.cpu(), r.g_idx.cpu(), bits)
+                    writer.write_linear(module[name], packed)
 
-            reports = gptq_model(model, tokens, opts, emit, (lambda i: tick()) if tick else None)
+            reports = gptq_model(model, tokens, opts, emit, (lambda i: tick()) if tick else None,
+                                 only=module.__contains__)
     finally:
         model.close()
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    widest = max(int(ckpt.config.get(k) or 0) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size"))
+    hp = hparams(ckpt.config)  # a multimodal release's text_config
+    widest = max(int(hp.get(k) or 0) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size"))
     return GPTQRun(out, size, time.perf_counter() - t0, reports, int(tokens.size), widest)
