@@ -169,7 +169,7 @@ def test_llama_cpp_converter_reads_it(arch, built, tmp_path):
         assert np.array_equal(theirs[name], w), name
 
 
-@pytest.mark.parametrize("arch", HYBRIDS)
+@pytest.mark.parametrize("arch", ["qwen3_5_moe"])  # 2048 calibration tokens and two evals: one family, the MoE
 def test_gptq_beats_round_to_nearest(arch, built, tmp_path, monkeypatch):
     """qwqq eval reads the folder back through the block engine (the GPTQ linears dequantized, a multimodal
     release's names included): GPTQ's KL divergence from the source is below round-to-nearest's."""
