@@ -50,7 +50,7 @@ def find_arch(config: dict, where=None) -> Arch:
 
 
 JOBS = {"gguf": "a GGUF", "mlx": "an MLX folder", "gptq": "a GPTQ checkpoint",
-        "calibrate": "calibration (an importance matrix, GPTQ) through transformers"}
+        "calibrate": "an importance matrix (calibrated through transformers)"}
 
 
 def arch_of(config: dict, where=None, job: str = "gguf") -> Arch:
@@ -60,7 +60,8 @@ def arch_of(config: dict, where=None, job: str = "gguf") -> Arch:
     if not arch.quantizable:
         raise UnsupportedError(f"architecture {arch.hf_class} is not supported; supported: {', '.join(ARCHS)}", where)
     if job not in arch.jobs:
-        can = " and ".join(JOBS[j] for j in arch.jobs)
+        names = [JOBS[j] for j in arch.jobs]
+        can = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         raise UnsupportedError(f"{arch.hf_class}: qwqq makes {can} of it so far, not {JOBS[job]}", where)
     return arch
 
