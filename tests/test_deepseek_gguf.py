@@ -76,7 +76,7 @@ def test_every_mixture_plans_as_llama_quantize(converted):
                                                      if ours.get(n) != theirs.get(n)})
 
 
-CASES = [("fp8", "Q4_K_M"), ("bfloat16", "Q4_K_M"), ("fp8", "Q8_0")]
+CASES = [("fp8", "Q4_K_M"), ("fp8", "Q8_0")]  # the bf16 cast: its lossless tensors are held above
 
 
 @pytest.mark.parametrize("form, mixture", CASES, ids=[f"{f}-{m}" for f, m in CASES])

@@ -20,7 +20,9 @@ MIXTURES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_S", "Q5_K_M", "Q4_K_S", "Q4_K_M
             "Q3_K_L", "Q2_K", "IQ4_XS", "IQ4_NL"]
 # SmolLM2 (rows of 576: the 256-block fall-backs) byte for byte in every mixture but IQ4_NL, whose 32-blocks
 # never fall back: its bytes are held on a tiny Qwen3 below, at a third of the cost.
-SMOLLM2_MIXTURES = [m for m in MIXTURES if m != "IQ4_NL"]
+SMOLLM2_MIXTURES = [m for m in MIXTURES if m not in ("IQ4_NL", "Q5_K_S", "Q4_K_S", "Q3_K_S", "Q3_K_L")]
+# The _S / _L variants use the kernels of their _M siblings with other per-tensor types: their plans are held
+# against llama-quantize's --dry-run below (test_smollm2_plans_as_llama_quantize), every mixture.
 TINY_ARCHS = ["qwen2", "qwen3", "qwen3_moe", "llama"]
 # Tiny models byte for byte: the K-quant mixtures on every arch; the IQ4 kernels on Qwen3 (tied) and
 # Qwen3-MoE (the 8-expert rules). Every arch's plan in every mixture is held against llama-quantize's
@@ -56,6 +58,18 @@ def test_smollm2_matches_llama_quantize(mixture, smollm2_dir, smollm2_bf16_gguf,
     _compare(ours.path, theirs)
     # the plan predicts the file's tensor bytes exactly
     assert ours.plan.tensor_bytes == sum(v[2] for v in tensor_table(ours.path, with_hash=False).values())
+
+
+@pytest.mark.slow
+def test_smollm2_plans_as_llama_quantize(smollm2_dir, smollm2_bf16_gguf):
+    """Every mixture's plan on a real model with rows of 576 (the fall-backs), type for type."""
+    ckpt = open_checkpoint(smollm2_dir)
+    tools = fixtures.llama_cpp_tools()
+    for mixture in MIXTURES:
+        ours = {t.name: t.type.name for t in plan_checkpoint(ckpt, mixture)[2].tensors}
+        theirs = llama_quantize_plan(tools, smollm2_bf16_gguf, mixture)
+        assert theirs and ours == theirs, (mixture, {n: (ours.get(n), theirs.get(n)) for n in set(ours) | set(theirs)
+                                                     if ours.get(n) != theirs.get(n)})
 
 
 @pytest.fixture(scope="module")
