@@ -24,6 +24,7 @@ import re
 import gguf
 
 from qwqq.archs.base import Dims, MetaValue, cfg, embedding_shapes, head_dim, rope_params
+from qwqq.archs.experts import merged
 from qwqq.archs.tensors import GGUFTensor, Part
 from qwqq.errors import SourceError
 
@@ -118,16 +119,6 @@ def _v_heads(base: int, nk: int, nv: int, hd: int) -> list[tuple[int, int]]:
     return [(base + (g * r + j) * hd, base + (g * r + j + 1) * hd) for j in range(r) for g in range(nk)]
 
 
-def _joined(ranges) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 def _cols(ranges) -> tuple[int, ...]:
     return tuple(c for a, b in ranges for c in range(a, b))
 
@@ -154,7 +145,7 @@ def hybrid_tensors(name: str, ref, hp: dict, name_map, *, tiled_v: bool):
     whole = (Part(ref, 0, ref.rows),)
 
     def rows(ranges):
-        return tuple(Part(ref, a, b) for a, b in _joined(ranges))
+        return tuple(Part(ref, a, b) for a, b in merged(ranges))
 
     if key == "in_proj_qkvz.weight":  # Qwen3-Next: per key head [q, k, v, z] -> attn_qkv (q.., k.., v..), attn_gate
         r = nv // nk
