@@ -6,24 +6,21 @@ the bf16 cast its BF16 output."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qwqq.gguf.quantize import plan_checkpoint, quantize_to_gguf, resolve_mixture
-from qwqq.gguf.reader import LazyArray, read_gguf
+from qwqq.gguf.reader import read_gguf
 from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.fixtures_deepseek import tiny_deepseek_dir
-from tests.reference import llama_quantize_plan, llamacpp_quantize, tensor_table
+from tests.reference import assert_same_tensors, keys_unlike_the_converters, llama_quantize_plan, llamacpp_quantize
 from tests.test_plan_vs_llamacpp import MIXTURES
 
 pytestmark = pytest.mark.slow  # llama.cpp's converter and quantizer on each form
 FORMS = {"fp8": "F32", "bfloat16": "BF16"}  # source form -> the converter's lossless output type for it
-DESCRIPTIVE = {"general.name", "general.basename", "general.size_label", "general.finetune", "general.version",
-               "general.type", "general.quantized_by", "general.organization"}
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +35,6 @@ def converted(tmp_path_factory):
     return get
 
 
-def _values(path: Path) -> dict:
-    g = read_gguf(path)
-    return {k: (list(g.array(k)) if isinstance(v, LazyArray) else v) for k, v in g.metadata.items()}
-
-
-def _same_tensors(ours: Path, theirs: Path) -> None:
-    a, b = tensor_table(ours), tensor_table(theirs)
-    assert set(a) == set(b), (sorted(set(a) - set(b)), sorted(set(b) - set(a)))
-    bad = {n: (a[n][:3], b[n][:3]) for n in a if a[n] != b[n]}
-    assert not bad, bad
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_lossless_output_is_the_converters(form, converted, tmp_path):
     """Every metadata key the converter writes (MLA lengths, head_count_kv 1, expert groups, sigmoid gating,
@@ -57,11 +42,9 @@ def test_lossless_output_is_the_converters(form, converted, tmp_path):
     r = quantize_to_gguf(tiny_deepseek_dir(form), resolve_mixture(type_name=FORMS[form]), out=tmp_path / "ours.gguf",
                          progress=False, threads=2)
     theirs = converted(form)
-    va, vb = _values(r.path), _values(theirs)
-    differ = {k: (str(va.get(k))[:60], str(vb[k])[:60]) for k in vb if k not in DESCRIPTIVE and (
-        k not in va or not (math.isclose(va[k], vb[k], rel_tol=1e-6) if isinstance(vb[k], float) else va[k] == vb[k]))}
+    differ = keys_unlike_the_converters(r.path, theirs)
     assert not differ, differ
-    _same_tensors(r.path, theirs)
+    assert_same_tensors(r.path, theirs)
     assert not any(t.name.startswith("blk.4.") for t in read_gguf(r.path).tensors)  # the MTP layer is left out
 
 
@@ -85,7 +68,7 @@ def test_quantized_bytes_are_llama_quantizes(form, mixture, converted, tmp_path)
                             progress=False, threads=2)
     theirs = tmp_path / "llama.gguf"
     llamacpp_quantize(converted(form), theirs, mixture)
-    _same_tensors(ours.path, theirs)
+    assert_same_tensors(ours.path, theirs)
 
 
 def test_iq2_xxs_with_llama_imatrixs_file_is_byte_identical(converted, tmp_path):
@@ -105,7 +88,7 @@ def test_iq2_xxs_with_llama_imatrixs_file_is_byte_identical(converted, tmp_path)
     theirs = tmp_path / "llama.gguf"
     subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(converted("fp8")), str(theirs),
                     "IQ2_XXS", "2"], check=True, capture_output=True)
-    _same_tensors(tmp_path / "ours.gguf", theirs)
+    assert_same_tensors(tmp_path / "ours.gguf", theirs)
 
 
 def test_llama_cpp_runs_the_fp8_release_as_transformers_runs_its_bf16_cast(tmp_path):

@@ -25,7 +25,7 @@ from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.conftest import one_line_error, run_qwqq
 from tests.fixtures_hybrid import tiny_hybrid_dir
-from tests.reference import tensor_table
+from tests.reference import assert_same_tensors
 from tests.test_imatrix import TEXT, llama_imatrix
 
 HYBRIDS = ["qwen3_5", "qwen3_5_moe", "qwen3_next"]
@@ -183,13 +183,6 @@ def test_entries_are_llama_imatrixs(arch, converted, work):
 
 
 # ---------------------------------------------------------------- (c) llama-quantize takes qwqq's file
-def _same_tensors(ours: Path, theirs: Path) -> None:
-    a, b = tensor_table(ours), tensor_table(theirs)
-    assert set(a) == set(b), (sorted(set(a) - set(b)), sorted(set(b) - set(a)))
-    bad = {n: (a[n][:3], b[n][:3]) for n in a if a[n] != b[n]}
-    assert not bad, bad
-
-
 def _llama_quantize(src: Path, dst: Path, mixture: str, imatrix: Path) -> Path:
     subprocess.run([str(fixtures.llama_cpp_tools() / "llama-quantize"), "--imatrix", str(imatrix), str(src), str(dst),
                     mixture, "2"], check=True, capture_output=True, timeout=600)
@@ -211,7 +204,7 @@ def test_a_qwqq_imatrix_file_drives_llama_quantize(arch, converted, tmp_path):  
     r = run_qwqq("quantize", tiny_hybrid_dir(arch), "--type", "IQ2_XXS", "--imatrix", path, "--no-mtp",
                  "-o", out, "-j", "2", "-q")
     assert r.returncode == 0, r.stderr
-    _same_tensors(out, theirs)
+    assert_same_tensors(out, theirs)
 
 
 @pytest.mark.slow  # two calibration passes and two Q4_K_M writes
@@ -234,4 +227,4 @@ def test_imatrix_auto_with_the_mtp_block_kept(converted, tmp_path):
     assert "blk.4.attn_q.weight" in note and "as llama-quantize does" in note, note
     path = tmp_path / "same-sample.imatrix.gguf"  # the same sample as auto's: the same importance data
     assert run_qwqq("imatrix", src, "-o", path, *calib, "-q").returncode == 0
-    _same_tensors(out, _llama_quantize(converted(arch, mtp=True), tmp_path / "theirs.gguf", "Q4_K_M", path))
+    assert_same_tensors(out, _llama_quantize(converted(arch, mtp=True), tmp_path / "theirs.gguf", "Q4_K_M", path))

@@ -8,7 +8,6 @@ llama.cpp must run the result and agree with transformers' forward pass.
 
 from __future__ import annotations
 
-import math
 import subprocess
 from pathlib import Path
 
@@ -16,17 +15,15 @@ import numpy as np
 import pytest
 
 from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
-from qwqq.gguf.reader import LazyArray, read_gguf
 from tests import fixtures
 from tests.conftest import one_line_error, run_qwqq
 from tests.fixtures_hybrid import tiny_hybrid_dir
-from tests.reference import llamacpp_quantize, tensor_table
+from tests.reference import (assert_same_tensors, keys_unlike_the_converters, llamacpp_quantize, metadata_values,
+                             tensor_table)
 from tests.test_imatrix import TEXT, llama_imatrix
 
 pytestmark = pytest.mark.slow  # each case runs llama.cpp's converter and quantizer
 HYBRIDS = ["qwen3_5", "qwen3_5_moe", "qwen3_next"]
-DESCRIPTIVE = {"general.name", "general.basename", "general.size_label", "general.finetune", "general.version",
-               "general.type", "general.quantized_by", "general.organization"}
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +40,6 @@ def converted(tmp_path_factory):
     return get
 
 
-def _values(path: Path) -> dict:
-    g = read_gguf(path)
-    return {k: (list(g.array(k)) if isinstance(v, LazyArray) else v) for k, v in g.metadata.items()}
-
-
-def _same_tensors(ours: Path, theirs: Path) -> None:
-    a, b = tensor_table(ours), tensor_table(theirs)
-    assert set(a) == set(b), (sorted(set(a) - set(b)), sorted(set(b) - set(a)))
-    bad = {n: (a[n][:3], b[n][:3]) for n in a if a[n] != b[n]}
-    assert not bad, bad
-
-
 @pytest.mark.parametrize("arch", HYBRIDS)
 def test_bf16_metadata_and_tensors_are_the_converters(arch, converted, tmp_path):
     """Every key the converter writes (ssm sizes, recurrent layers, rope sections, nextn count, ...) with its
@@ -63,14 +48,13 @@ def test_bf16_metadata_and_tensors_are_the_converters(arch, converted, tmp_path)
     ours = quantize_to_gguf(tiny_hybrid_dir(arch), resolve_mixture(type_name="BF16"), out=tmp_path / "ours.gguf",
                             progress=False, threads=2).path
     theirs = converted(arch)
-    va, vb = _values(ours), _values(theirs)
-    differ = {k: (str(va.get(k))[:60], str(vb[k])[:60]) for k in vb if k not in DESCRIPTIVE and (
-        k not in va or not (math.isclose(va[k], vb[k], rel_tol=1e-6) if isinstance(vb[k], float) else va[k] == vb[k]))}
+    differ = keys_unlike_the_converters(ours, theirs)
     assert not differ, differ
-    assert vb[f"{va['general.architecture']}.nextn_predict_layers"] == 1
+    vb = metadata_values(theirs)
+    assert vb[f"{vb['general.architecture']}.nextn_predict_layers"] == 1
     requantized = tmp_path / "llama-bf16.gguf"
     llamacpp_quantize(theirs, requantized, "BF16")
-    _same_tensors(ours, requantized)
+    assert_same_tensors(ours, requantized)
 
 
 CASES = [(a, "Q4_K_M") for a in HYBRIDS] + [("qwen3_5", "Q8_0"), ("qwen3_next", "Q2_K")]
@@ -82,7 +66,7 @@ def test_quantized_bytes_are_llama_quantizes(arch, mixture, converted, tmp_path)
                             progress=False, threads=2)
     theirs = tmp_path / "llama.gguf"
     llamacpp_quantize(converted(arch), theirs, mixture)
-    _same_tensors(ours.path, theirs)
+    assert_same_tensors(ours.path, theirs)
     assert ours.plan.tensor_bytes == sum(v[2] for v in tensor_table(ours.path, with_hash=False).values())
 
 
@@ -100,7 +84,7 @@ def test_iq_type_with_an_imatrix_is_llama_quantizes_and_mtp_asks_for_no_mtp(conv
     theirs = tmp_path / "llama.gguf"
     subprocess.run([str(fixtures.llama_cpp_tools() / "llama-quantize"), "--imatrix", str(imatrix),
                     str(converted(arch, mtp=False)), str(theirs), "IQ2_XXS", "2"], check=True, capture_output=True)
-    _same_tensors(tmp_path / "ours.gguf", theirs)
+    assert_same_tensors(tmp_path / "ours.gguf", theirs)
     r = run_qwqq("quantize", tiny_hybrid_dir(arch), "--type", "IQ2_XXS", "--imatrix", imatrix,
                  "-o", tmp_path / "with-mtp.gguf", "-j", "2", "-q")
     one_line_error(r, "multi-token-prediction block", "--no-mtp")
