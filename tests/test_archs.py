@@ -28,10 +28,12 @@ def test_quantize_takes_the_quantizable_families_and_fit_knows_them_all():
         if not a.quantizable:
             with pytest.raises(UnsupportedError, match=f"architecture {a.hf_class} is not supported"):
                 arch_of({"architectures": [a.hf_class]})
-    # DeepSeek: GGUF and MLX; GPTQ and calibration refused in one line
-    for job in ("gptq", "calibrate"):
-        with pytest.raises(UnsupportedError, match="DeepseekV3ForCausalLM: qwqq makes a GGUF and an MLX folder of it so far"):
-            arch_of({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}, job=job)
+    # DeepSeek: GGUF, MLX and importance matrices; GPTQ refused in one line
+    deepseek = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    assert arch_of(deepseek, job="calibrate").hf_class == "DeepseekV3ForCausalLM"
+    with pytest.raises(UnsupportedError, match="DeepseekV3ForCausalLM: qwqq makes a GGUF, an MLX folder and an "
+                                               "importance matrix .* of it so far, not a GPTQ checkpoint"):
+        arch_of(deepseek, job="gptq")
 
 
 def test_sampling_patterns_in_family_order():

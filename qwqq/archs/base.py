@@ -125,6 +125,10 @@ class Arch:
     has_mtp: bool = False  # may carry multi-token-prediction blocks after its decoder layers
     gated_attention: bool = False  # q_proj holds each head's query rows, then its sigmoid output gate's
     check: Callable[[dict, object], None] | None = None  # (hparams, where): the family's own config checks
+    # Latent attention (MLA): (GGUF tensor kind, the statistic calibration records as its input, under the block:
+    # "<attention module>.q_nope" | "<attention module>.latent_out", qwqq/calib/latent.py), for the absorbed
+    # matrices llama.cpp multiplies at run time and transformers never does
+    absorbed_inputs: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:

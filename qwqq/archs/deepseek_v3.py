@@ -139,6 +139,12 @@ def dims(c: dict, arch: Arch) -> Dims:
                 int(c["num_experts_per_tok"]), int(c["moe_intermediate_size"]), int(c.get("max_position_embeddings") or 0))
 
 
+# Calibration. transformers' DeepseekV3DecoderLayer runs each block (every nn.Linear's input observed; the routed
+# experts per expert under the hub's per-expert names, archs/experts.py). llama.cpp runs MLA absorbed, so
+# llama-imatrix records what attn_k_b and attn_v_b multiply (src/models/deepseek2.cpp: wk_b x q_nope per head;
+# llama-graph.cpp build_attn_mha: v_mla x the attention output over the latent per head), not kv_b_proj's input.
+ABSORBED_INPUTS = (("attn_k_b", "self_attn.q_nope"), ("attn_v_b", "self_attn.latent_out"))
+
 ARCH = Arch(
     hf_class="DeepseekV3ForCausalLM",
     model_types=("deepseek_v3",),
@@ -152,6 +158,7 @@ ARCH = Arch(
     tensor_hook=tensors,
     extra_meta=meta,
     check=check,
-    jobs=("gguf", "mlx"),
+    jobs=("gguf", "mlx", "calibrate"),
+    absorbed_inputs=ABSORBED_INPUTS,
     left_out_note="the multi-token-prediction layer ({n} tensors) is left out, as llama.cpp's converter does",
 )

@@ -34,6 +34,7 @@ import numpy as np
 from qwqq.archs import arch_of, check_config, hparams
 from qwqq.archs.tensors import EMBEDDING, FINAL_NORM
 from qwqq.archs.experts import FUSED_PARAMS, PROJ, expert_weight, mlx_stacked
+from qwqq.calib import latent as latent_stats
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.source import Checkpoint, RowReader
 
@@ -73,6 +74,7 @@ class BlockModel:
     # The text model's weight name (what the skeleton calls it) -> the checkpoint's, where they differ (a
     # multimodal release's model.language_model.*: the family's Arch.rename); absent: the same name.
     names: dict[str, str] = field(default_factory=dict)
+    latent: tuple[str, ...] = ()  # the family's latent-attention statistics (Arch.absorbed_inputs; calib/latent.py)
 
     @property
     def config(self):
@@ -129,6 +131,9 @@ class BlockModel:
         with torch.no_grad():
             for name, param in layer.named_parameters():
                 param.copy_(self._param(prefix, name, tuple(param.shape)))
+            for name, buf in layer.named_buffers():  # stored buffers (DeepSeek's router correction bias)
+                if self.has(prefix + name):
+                    buf.copy_(self.tensor(prefix + name).reshape(buf.shape))
         layer.eval()
         return layer
 
@@ -241,14 +246,15 @@ def open_block_model(ckpt: Checkpoint, device=None) -> BlockModel:
         text = config.get_text_config()
     except (ValueError, OSError, TypeError, KeyError) as e:
         raise SourceError(f"transformers cannot read config.json: {str(e).splitlines()[0]}", ckpt.root) from e
-    text._attn_implementation = "sdpa"
+    text._attn_implementation = latent_stats.register() if arch.absorbed_inputs else "sdpa"
     text.use_cache = False
     for c in {id(config): config, id(text): text}.values():
         if hasattr(c, "quantization_config"):  # a GPTQ folder: its linears are dequantized as they are read
             del c.quantization_config
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(text, dtype=torch.float32, trust_remote_code=False)
-    return BlockModel(ckpt, device if device is not None else pick_device(), skeleton, names=text_names(ckpt, arch))
+    return BlockModel(ckpt, device if device is not None else pick_device(), skeleton, names=text_names(ckpt, arch),
+                      latent=tuple(stat for _, stat in arch.absorbed_inputs))
 
 
 def peak_memory(config: dict, n_tokens: int, seqlen: int, method: str) -> dict[str, int]:
@@ -283,12 +289,13 @@ def peak_memory(config: dict, n_tokens: int, seqlen: int, method: str) -> dict[s
 
 
 @contextlib.contextmanager
-def observing(layer, prefix: str, observe: Observer) -> Iterator[None]:
+def observing(layer, prefix: str, observe: Observer, latent: tuple[str, ...] = ()) -> Iterator[None]:
     """Calls observe(names, x) with the input of every linear of a block while it runs.
 
     Linears that read the same tensor (q/k/v, gate/up) are reported once with all their names.
     A Qwen3-MoE expert set is observed per expert: the tokens routed to expert e, then the input
-    of its down_proj (act(gate x) * up x), recomputed from the block's current weights.
+    of its down_proj (act(gate x) * up x), recomputed from the block's current weights. `latent`: the
+    statistics of a latent attention's absorbed matrices (calib/latent.py), e.g. "self_attn.q_nope".
     """
     import torch
 
@@ -328,11 +335,14 @@ def observing(layer, prefix: str, observe: Observer) -> Iterator[None]:
             handles.append(module.register_forward_pre_hook(linear_hook(f"{prefix}{name}.weight")))
         elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and name.endswith("experts"):
             handles.append(module.register_forward_pre_hook(experts_hook))
+    undo = latent_stats.observe_latent(layer, prefix, latent, observe) if latent else []
     try:
         yield flush
     finally:
         for h in handles:
             h.remove()
+        for u in undo:
+            u()
         last["x"], last["names"] = None, None
 
 

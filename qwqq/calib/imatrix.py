@@ -53,7 +53,7 @@ def collect_square_sums(ckpt: Checkpoint, tokens: np.ndarray, *, device=None, ti
     batch = batch_size(tokens.shape[1], cfg_.hidden_size, ffn_size(cfg_))
     try:
         for i, layer, x, rope in blocks(model, tokens):
-            with observing(layer, f"model.layers.{i}.", stats) as flush:
+            with observing(layer, f"model.layers.{i}.", stats, model.latent) as flush:
                 run_block(layer, x, rope, batch, flush)
             if tick:
                 tick(i)
@@ -76,8 +76,9 @@ def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple
     arch = arch_of(ckpt.config, ckpt.root / "config.json", "calibrate")
     text_name = {hub: text for text, hub in text_names(ckpt, arch).items()}
     out = {}
+    absorbed = dict(arch.absorbed_inputs)
     for t in gguf_tensors(ckpt, arch):
-        names = _input_weights(t, text_name)
+        names = _input_weights(t, text_name, absorbed)
         if not names or not all(n in stats.sums for n in names):
             continue
         sums = np.stack([stats.sums[n] for n in names]).astype(np.float32)
@@ -88,12 +89,16 @@ def gguf_imatrix_entries(ckpt: Checkpoint, stats: SquareSums) -> dict[str, tuple
     return out
 
 
-def _input_weights(t: GGUFTensor, text_name: dict[str, str]) -> list[str]:
+def _input_weights(t: GGUFTensor, text_name: dict[str, str], absorbed: dict[str, str]) -> list[str]:
     """The text-model weight(s) whose input a GGUF tensor reads: one per expert for a stacked expert tensor,
-    else the one weight its rows come from (none for an embedding or a vector)."""
+    the latent attention's statistic for an absorbed matrix (all heads in one row, one count, as llama-imatrix
+    keeps a 3-D weight read by a plain matmul), else the one weight its rows come from (none for an embedding
+    or a vector)."""
     parts = t.name.split(".")
     if len(t.shape) == 3 and parts[0] == "blk" and parts[2] in STACKED_EXPERTS:
         return [expert_weight(parts[1], e, STACKED_EXPERTS[parts[2]]) for e in range(t.shape[0])]
+    if parts[0] == "blk" and parts[2] in absorbed:
+        return [f"model.layers.{parts[1]}.{absorbed[parts[2]]}"]
     sources = {text_name.get(p.ref.name, p.ref.name) for p in t.parts}
     return list(sources) if len(sources) == 1 and len(t.shape) == 2 else []
 
