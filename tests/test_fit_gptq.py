@@ -234,3 +234,65 @@ def test_without_torch_and_transformers_says_what_to_install(monkeypatch):
     finally:
         gptq_fit.transformers_backend.cache_clear()
     assert gptq_fit.transformers_backend() is True  # this test environment has both
+
+
+# --------------------------------------------------------------------------- the hybrid Qwen families
+def _hybrid_config(src) -> dict:
+    config = json.loads((src / "config.json").read_text())
+    if config["architectures"] == ["Qwen3NextForCausalLM"]:
+        config["mtp_layers"] = 1  # Qwen3-Next's config does not declare its MTP block (a catalog entry states it)
+    return config
+
+
+@pytest.mark.parametrize("arch,kw", [("qwen3_5", {}), ("qwen3_5", {"vision": False}), ("qwen3_5", {"mtp": False}),
+                                     ("qwen3_5_moe", {}), ("qwen3_next", {})])
+def test_hybrid_release_tensors_are_the_checkpoints(arch, kw):
+    """A hybrid's GPTQ folder keeps the release's names, vision tower and MTP block: the tensors fit lists from
+    config.json alone are the checkpoint's own, and gptq_bytes over them is plan_gptq's total at every width."""
+    from tests.fixtures_hybrid import tiny_hybrid_dir
+
+    src = tiny_hybrid_dir(arch, **kw)
+    ckpt = open_checkpoint(src)
+    m = models.from_config(_hybrid_config(src), arch, "hub", f"x/{arch}")
+    assert gptq_fit.hf_shapes(m) == {n: tuple(r.shape) for n, r in ckpt.tensors.items()}
+    folder = models.resolve(str(src))
+    for bits in (2, 3, 4, 8):
+        for gs in (32, 128, -1):
+            want = plan_gptq(ckpt, bits, gs).tensor_bytes
+            by_config, by_folder = (gptq_fit.gptq_build(x, "t", bits, gs) for x in (m, folder))
+            assert by_config.tensor_bytes == by_folder.tensor_bytes == want, (bits, gs)
+            assert sum(n for _, n in by_config.tensors) == sum(n for _, n in by_folder.tensors) == want
+    # read per token: the text model only (no vision tower, no MTP block), experts by their routed share
+    b = gptq_fit.gptq_build(m, "t", 4, 128)
+    per_tensor = dict(b.tensors)
+    text = sum(n for name, n in per_tensor.items() if not name.startswith(("mtp.", "model.visual.")))
+    embed = next(n for name, n in per_tensor.items() if name.endswith("embed_tokens.weight"))
+    assert b.bytes_per_token(m) < text - embed + 1 and b.bytes_per_token(m) == b.bytes_per_token(folder)
+
+
+def test_hybrid_predicted_bytes_equal_written_folder(tmp_path):
+    """fit's GPTQ-Int4 of the tiny Qwen3.5 (dense, vision tower, MTP block), from config.json alone and from the
+    folder, = the tensor data of the folder the writer writes, to the byte (round to nearest: the bytes are
+    calibration's too). The two MoE families are held against their calibrated folders in test_hybrid_gptq.py."""
+    pytest.importorskip("torch")
+    from qwqq.gptq.checkpoint import write_gptq
+    from tests.fixtures_hybrid import tiny_hybrid_dir
+
+    arch, src = "qwen3_5", tiny_hybrid_dir("qwen3_5")
+    by_config = gptq_fit.gptq_build(models.from_config(_hybrid_config(src), arch, "hub", f"x/{arch}"), "t", 4, 128)
+    by_folder = gptq_fit.gptq_build(models.resolve(str(src)), "t", 4, 128)
+    res = write_gptq(src, tmp_path / "gptq", _rtn(4, 128), bits=4, group_size=128)
+    assert by_config.tensor_bytes == by_folder.tensor_bytes == _tensor_data_bytes(res.path) == res.tensor_bytes
+
+
+def test_hybrid_catalog_rows():
+    """Catalog hybrids get GPTQ rows; a multimodal release summarised without vision_config says its vision
+    tower is not counted."""
+    m = models.resolve("Qwen3.6-27B")
+    c = next(c for c in F.fit_model(m, F.machine(**GPU24), C.Request()) if c.build.type_name == "GPTQ-Int4")
+    assert c.format == "gptq" and c.fits and 17e9 < c.build.tensor_bytes < 20e9
+    assert any("vision tower" in n for n in c.notes)
+    nxt = models.resolve("Qwen3-Next-80B-A3B")
+    b = gptq_fit.gptq_build(nxt, "GPTQ-Int4", 4, 128)
+    assert b.bytes_per_token(nxt) < 0.1 * b.tensor_bytes  # 10 of 512 experts read per token
+    assert not any("vision tower" in n for n in gptq_fit.gptq_candidate(nxt, b, F.machine(vram=80, ram=64), 4096).notes)

@@ -129,6 +129,8 @@ class Arch:
     # "<attention module>.q_nope" | "<attention module>.latent_out", qwqq/calib/latent.py), for the absorbed
     # matrices llama.cpp multiplies at run time and transformers never does
     absorbed_inputs: tuple[tuple[str, str], ...] = ()
+    hub_tensors: Callable[[dict], dict] | None = None  # config -> the release's tensors (hub name -> shape), for
+    # fit's GPTQ sizes; None: the GGUF shapes mapped back (tensors.release_shapes)
 
     @property
     def name(self) -> str:

@@ -6,7 +6,7 @@ import functools
 
 import gguf
 
-from qwqq.archs import hybrid
+from qwqq.archs import hybrid, hybrid_hub
 from qwqq.archs.base import COMMON, MOE, Arch, Meta
 
 META = tuple(m for m in COMMON if m.key not in ("block_count", "feed_forward_length")) + MOE + (
@@ -27,7 +27,8 @@ ARCH = Arch(
     has_mtp=True,
     left_out_note="the vision tower ({n} tensors) is left out: this GGUF is the language model (an mmproj file for "
                   "images is not written yet)",
-    jobs=("gguf", "mlx", "calibrate"),  # "gptq" (written and tested) once fit sizes the hybrids' GPTQ folders
+    jobs=("gguf", "mlx", "gptq", "calibrate"),
+    hub_tensors=functools.partial(hybrid_hub.hub_tensors, moe=True, split_ba=True, fused_experts=True),
     gated_attention=True,
     check=hybrid.check,
 )

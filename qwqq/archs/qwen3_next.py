@@ -7,7 +7,7 @@ import functools
 
 import gguf
 
-from qwqq.archs import hybrid
+from qwqq.archs import hybrid, hybrid_hub
 from qwqq.archs.base import COMMON, MOE, Arch, Meta
 
 META = tuple(m for m in COMMON if m.key != "block_count") + MOE + (
@@ -25,7 +25,8 @@ ARCH = Arch(
     tensor_hook=functools.partial(hybrid.hybrid_tensors, tiled_v=False),
     extra_meta=lambda hp, n_block: hybrid.meta(hp, n_block, sections=False),
     has_mtp=True,
-    jobs=("gguf", "mlx", "calibrate"),  # "gptq" (written and tested) once fit sizes the hybrids' GPTQ folders
+    jobs=("gguf", "mlx", "gptq", "calibrate"),
+    hub_tensors=functools.partial(hybrid_hub.hub_tensors, moe=True, split_ba=False),
     gated_attention=True,
     check=hybrid.check,
 )

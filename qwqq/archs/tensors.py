@@ -218,3 +218,9 @@ def hub_shapes(shapes) -> dict[str, tuple[int, ...]]:
         else:
             out[mlx_name(name)] = tuple(shape)
     return out
+
+
+def release_shapes(arch: Arch, config: dict, gguf_shapes) -> dict[str, tuple[int, ...]]:
+    """The hub's tensors (name -> shape) of a model known by its config: the family's own list where its
+    releases differ from the GGUF beyond names (Arch.hub_tensors: the hybrids), else the GGUF shapes mapped back."""
+    return arch.hub_tensors(config) if arch.hub_tensors is not None else hub_shapes(gguf_shapes)

@@ -2,9 +2,11 @@
 
 The weights are the tensor data of the GPTQ checkpoint: for a folder with weights, GPTQPlan.tensor_bytes of
 the writer's own plan (qwqq.gptq.checkpoint.plan_gptq); for a model known by its config, qwqq.gptq.checkpoint.gptq_bytes over
-the Hugging Face tensors mapped back from the GGUF shapes fit already has (fit.subject.tensor_shapes): packed
-linears (qweight, qzeros, scales, g_idx) and 2 bytes per element for everything else (embeddings, norms,
-biases, the MoE router, lm_head), as the writer stores them.
+the Hugging Face tensors of its release (qwqq.archs.release_shapes: the family's own list, Arch.hub_tensors, else
+the GGUF shapes fit already has mapped back): packed linears (qweight, qzeros, scales, g_idx) and 2 bytes per
+element for everything else (embeddings, norms, biases, the MoE router, lm_head, a hybrid release's vision tower
+and MTP block), as the writer stores them. Which tensors are linears is decided on the text model's names
+(qwqq.gptq.linears.text_names), as the writer decides it.
 
 Memory on the GPU = weights + a 16-bit KV cache + the CUDA context estimate of data/backends.toml [cuda].
 The runtime's own overhead (transformers / vLLM) is not measured (data/backends.toml [gptq]): no number is
@@ -18,7 +20,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import cache
 
-from qwqq.archs import find_arch, hub_shapes
+from qwqq.archs import LAYER, find_arch, release_shapes
 from qwqq.errors import QwqqError
 from qwqq.fit import hardware as hwmod
 from qwqq.fit.candidate import Candidate, DeviceUse, Request, ctx_ladder
@@ -26,7 +28,7 @@ from qwqq.fit.constants import backend_constants
 from qwqq.fit.hardware import Hardware
 from qwqq.fit.memory import MiB, tokens_per_second
 from qwqq.fit.subject import Model
-from qwqq.gptq.checkpoint import gptq_bytes, plan_gptq
+from qwqq.gptq.checkpoint import TextNames, gptq_bytes, plan_gptq, text_names
 
 # (type name in fit's table, bits, group size); the defaults fit lists, then the ones only --type asks for
 GPTQ_BUILDS = (("GPTQ-Int8", 8, 128), ("GPTQ-Int4", 4, 128))
@@ -62,11 +64,10 @@ def settings() -> GPTQSettings:
 
 def hf_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     """The Hugging Face tensors (name -> shape) of the source checkpoint: the folder's own, or for a model
-    known by its config the GGUF shapes mapped back (stacked experts split into per-expert linears)."""
+    known by its config its release's (archs.release_shapes)."""
     if model.checkpoint is not None:
         return {name: tuple(ref.shape) for name, ref in model.checkpoint.tensors.items()}
-    return hub_shapes(model.shapes)
-
+    return release_shapes(find_arch(model.config), model.config, model.shapes)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class GPTQBuild:
     tensors: list[tuple[str, int]]  # (source tensor, bytes it becomes in the checkpoint)
     tensor_bytes: int  # the checkpoint's tensor data: what the writer writes, safetensors headers excluded
     n_params: int
+    names: TextNames = TextNames()  # how the source names its text model (what is read per token)
 
     header_exact = False
 
@@ -91,16 +93,20 @@ class GPTQBuild:
         return 8 * self.tensor_bytes / max(1, self.n_params)
 
     def bytes_per_token(self, model: Model) -> float:
-        """Weights read per generated token: every tensor but the embedding (one row), experts by their
-        routed share; a tied embedding is read whole as the output layer."""
+        """Weights read per generated token: every tensor of the text model but the embedding (one row),
+        experts by their routed share; a tied embedding is read whole as the output layer. A release's vision
+        tower and MTP block are not read."""
         d = model.dims
         tied = not any(n == "lm_head.weight" for n, _ in self.tensors)
         share = d.n_expert_used / d.n_expert if d.n_expert else 1.0
         out = 0.0
         for name, nbytes in self.tensors:
-            if name.startswith("model.embed_tokens.") and not tied:
+            text = self.names.text(name)
+            if text is None or (m := LAYER.match(text)) and not self.names.in_decoder(m.group(1)):
                 continue
-            out += nbytes * (share if ".mlp.experts." in name else 1.0)
+            if text.startswith("model.embed_tokens.") and not tied:
+                continue
+            out += nbytes * (share if ".mlp.experts." in text else 1.0)
         return out
 
 
@@ -110,13 +116,13 @@ def gptq_build(model: Model, type_name: str, bits: int, group_size: int) -> GPTQ
     key = f"gptq:{type_name}:{bits}:{group_size}"  # cached with the model's GGUF builds (fit asks many times)
     if key in model._builds:
         return model._builds[key]
-    shapes = hf_shapes(model)
-    tensors = [(name, gptq_bytes({name: shape}, bits, group_size)) for name, shape in shapes.items()]
+    shapes, names = hf_shapes(model), text_names(model.config)
+    tensors = [(name, gptq_bytes({name: shape}, bits, group_size, names)) for name, shape in shapes.items()]
     if model.checkpoint is not None:  # the writer's own plan for this folder
         total = plan_gptq(model.checkpoint, bits, group_size).tensor_bytes
-    else:
-        total = gptq_bytes(shapes, bits, group_size)
-    model._builds[key] = GPTQBuild(type_name, bits, group_size, tensors, total, model.n_params)
+    else:  # gptq_bytes is a sum over tensors
+        total = sum(n for _, n in tensors)
+    model._builds[key] = GPTQBuild(type_name, bits, group_size, tensors, total, model.n_params, names)
     return model._builds[key]
 
 
@@ -190,11 +196,22 @@ def gptq_candidate(model: Model, build: GPTQBuild, hw: Hardware, ctx: int) -> GP
              f"tok/s: the bandwidth bound at efficiency {s.efficiency:.2f}; transformers / vLLM decode speed not measured"]
     if n > 1:
         notes.append(f"split evenly over {n} GPUs (vLLM --tensor-parallel-size {n})")
+    if vision_not_counted(model):
+        notes.append("a multimodal release: its vision tower, which the GPTQ folder keeps as floats, is not counted "
+                     "(this config has no vision_config)")
     if not transformers_backend():
         notes.append(f"qwqq run's transformers backend needs torch and transformers ({GPTQ_INSTALL}); "
                      "`vllm serve` also loads the folder")
     return GPTQCandidate(model, build, hw, ctx, "f16", False, "gpu", gpus, host, model.dims.n_layer,
                          tokens_per_s=tokens_per_second(reads, s.efficiency), notes=notes)
+
+
+def vision_not_counted(model: Model) -> bool:
+    """A multimodal release (architectures[0] a *ForConditionalGeneration, transformers' naming) sized from a
+    config without vision_config (a catalog entry summarising the language model): its vision tower is unknown."""
+    names = (model.config or {}).get("architectures") or [""]
+    return (model.checkpoint is None and str(names[0]).endswith("ForConditionalGeneration")
+            and "vision_config" not in model.config)
 
 
 def runs_gptq(hw: Hardware) -> bool:

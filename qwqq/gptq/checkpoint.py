@@ -22,14 +22,14 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from qwqq import __version__
-from qwqq.archs import FUSED_EXPERT, LINEAR, SKIPPED, arch_of, check_config
+from qwqq.archs import FUSED_EXPERT, SKIPPED, arch_of, check_config
 from qwqq.errors import OutputError, QwqqError, SourceError
 from qwqq.outputs import atomic_output, fsync_dir
 from qwqq.progress import tensor_progress
 from qwqq.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards,
                                      pwrite_all, side_files, write_json)
-from qwqq.gptq.linears import (GPTQLinear, float_tensors, gptq_linear_names, gptq_linears,  # noqa: F401 (re-exported)
-                                is_gptq_linear, order_key, text_names)
+from qwqq.gptq.linears import (GPTQLinear, TextNames, float_tensors, gptq_linear_names,  # noqa: F401 (re-exported)
+                                gptq_linears, is_gptq_linear, order_key, quantized, text_names)
 from qwqq.gptq.packing import FORMATS, GPTQ_BITS, PACKED, to_numpy, default_g_idx, linear_bytes, packed_shapes
 from qwqq.source import FLOAT_DTYPES, Checkpoint, RowReader, TensorRef, open_checkpoint
 
@@ -42,24 +42,27 @@ STORED_FLOAT_DTYPES = {"float16": "F16", "bfloat16": "BF16"}  # how unquantized 
 # (qwqq.gptq.linears: which tensors are quantized linears, under which names)
 
 
-def gptq_bytes(shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int) -> int:
+def gptq_bytes(shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int,
+               names: TextNames = TextNames()) -> int:
     """Exact bytes of tensor data (safetensors headers excluded) in the GPTQ checkpoint of a source
     whose tensors (Hugging Face names) have these shapes: packed linears plus 2 bytes (fp16 or bf16)
-    per element for the rest."""
+    per element for the rest. `names`: how the source's family names its text model (text_names(config)),
+    which decides the linears as plan_gptq decides them (a release's vision tower and MTP block stay float)."""
     total = 0
     for name, shape in shapes.items():
         if SKIPPED.search(name):
             continue
-        if LINEAR.match(name):
+        m = quantized(names, name)
+        if m is None:
+            total += 2 * math.prod(shape)
+        elif m.re is not FUSED_EXPERT:
             total += linear_bytes(shape[0], shape[1], bits, group_size)
-        elif m := FUSED_EXPERT.match(name):
+        else:
             e, rows, cols = shape
             if m.group(2) == "down_proj":
                 total += e * linear_bytes(rows, cols, bits, group_size)
             else:
                 total += 2 * e * linear_bytes(rows // 2, cols, bits, group_size)
-        else:
-            total += 2 * math.prod(shape)
     return total
 
 
@@ -92,7 +95,7 @@ def plan_gptq(ckpt: Checkpoint, bits: int, group_size: int, float_dtype: str = "
         if ref.dtype not in FLOAT_DTYPES and not SKIPPED.search(ref.name):
             raise SourceError(f"tensor {ref.name}: dtype {ref.dtype} is not a float type qwqq can quantize", ref.file)
     linears, floats = gptq_linears(ckpt), float_tensors(ckpt)
-    key = order_key(text_names(ckpt))
+    key = order_key(text_names(ckpt.config))
     if not linears:
         raise SourceError("no linear layers to quantize", ckpt.root)
     items: list[tuple[tuple, str, str, tuple]] = []

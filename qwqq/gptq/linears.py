@@ -50,16 +50,17 @@ class TextNames:
         return self.n_layer is None or int(layer) < self.n_layer
 
 
-def text_names(ckpt: Checkpoint) -> TextNames:
+def text_names(config: dict) -> TextNames:
+    """How a checkpoint of this config.json names its text model (a checkpoint's, or for fit a release's)."""
     try:
-        arch = find_arch(ckpt.config)
+        arch = find_arch(config)
     except QwqqError:  # an unknown class: its names are taken as they are (plan_gptq refuses it anyway)
         return TextNames()
-    n_layer = int(hparams(ckpt.config).get("num_hidden_layers") or 0)
+    n_layer = int(hparams(config).get("num_hidden_layers") or 0)
     return TextNames(arch.rename, n_layer if arch.has_mtp else None)
 
 
-def _quantized(names: TextNames, name: str):
+def quantized(names: TextNames, name: str):
     """The match (layer number in group 1) that makes a source tensor a quantized linear, else None."""
     text = names.text(name)
     if text is None:
@@ -70,7 +71,7 @@ def _quantized(names: TextNames, name: str):
 
 def is_gptq_linear(name: str, names: TextNames = TextNames()) -> bool:
     """Whether a source tensor is quantized in a GPTQ checkpoint (`names`: how its family names it)."""
-    return _quantized(names, name) is not None
+    return quantized(names, name) is not None
 
 
 def _module(text: str, name: str, text_module: str) -> str:
@@ -112,10 +113,10 @@ def order_key(names: TextNames):
 
 def gptq_linears(ckpt: Checkpoint) -> list[GPTQLinear]:
     """Every linear a GPTQ checkpoint of `ckpt` quantizes, in model order (layer by layer)."""
-    names = text_names(ckpt)
+    names = text_names(ckpt.config)
     out: list[GPTQLinear] = []
     for name, ref in ckpt.tensors.items():
-        m = _quantized(names, name)
+        m = quantized(names, name)
         if m is None:
             continue
         text = names.text(name)
@@ -137,7 +138,7 @@ def gptq_linear_names(ckpt: Checkpoint) -> list[str]:
 
 def float_tensors(ckpt: Checkpoint) -> list[TensorRef]:
     """The source tensors a GPTQ checkpoint keeps unquantized (stored in fp16)."""
-    names = text_names(ckpt)
+    names = text_names(ckpt.config)
     key = order_key(names)
     return sorted((ref for name, ref in ckpt.tensors.items()
                    if not is_gptq_linear(name, names) and not SKIPPED.search(name)), key=lambda r: key(r.name))
