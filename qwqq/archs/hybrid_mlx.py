@@ -74,6 +74,16 @@ class MLXRules:
             return shape, "plus_one"
         return shape, None
 
+    def hub_value(self, name: str, w):
+        """A parameter as `tensor` says mlx-lm stores it (float32, dequantized), back in the hub's layout and
+        values, which transformers' modules compute with (eval's block engine reads an MLX folder so). Each of
+        `tensor`'s changes is its own inverse in shape (the conv1d's [C, 1, K] <-> [C, K, 1] moves an axis of
+        1: the same bytes, so a reshape); a plus-one norm loses its 1 again, exactly in float32 (the 1 was
+        rounded into the stored dtype, so this is the weight mlx computes with)."""
+        shape, op = self.tensor(name, tuple(w.shape))
+        w = w.reshape(shape)
+        return w - 1 if op == "plus_one" else w
+
     def cast(self, name: str) -> bool:
         return not name.endswith(self.keep_dtype)
 

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from qwqq.archs import hparams
 from qwqq.errors import QwqqError, UnsupportedError
 from qwqq.calib.engine import ensure_torch, threads_for_torch
 from qwqq.source import open_checkpoint
@@ -81,11 +82,11 @@ def _gguf(path: Path, ctx: int, threads: int) -> LogitsModel:
     return LogitsModel(n_vocab, logits, close, tokenize, f"llama.cpp {path.name}")
 
 
-def _safetensors(path: Path, ctx: int, threads: int) -> LogitsModel:
+def _safetensors(path: Path, ctx: int, threads: int, mlx: bool = False) -> LogitsModel:
     ensure_torch("evaluating an unquantized checkpoint")
     threads_for_torch(threads)
     ckpt = open_checkpoint(path)
-    model = BlockLogits(ckpt)
+    model = BlockLogits(ckpt, mlx=mlx)
     return LogitsModel(model.n_vocab, model.logits, model.close, model.tokenize, f"transformers blocks {path.name}",)
 
 
@@ -98,7 +99,7 @@ def _mlx(path: Path, ctx: int, threads: int) -> LogitsModel:
     except ImportError:
         raise UnsupportedError('evaluating MLX needs mlx-lm: pip install "qwqq[mlx]"') from None
     if mx.default_device() == mx.cpu:
-        model = _safetensors(path, ctx, threads)
+        model = _safetensors(path, ctx, threads, mlx=True)
         model.describe = f"mlx weights (mx.dequantize), transformers blocks {path.name}"
         return model
     return _mlx_lm(path)
@@ -122,7 +123,7 @@ def _mlx_lm(path: Path) -> LogitsModel:
     def tokenize(text: str) -> np.ndarray:
         return np.asarray(tok.encode(text, add_special_tokens=False), dtype=np.int64)
 
-    n_vocab = int(model.args.vocab_size)
+    n_vocab = int(hparams(open_checkpoint(path).config)["vocab_size"])  # a multimodal release's: its text_config's
     return LogitsModel(n_vocab, logits, lambda: None, tokenize, f"mlx-lm {path.name}")
 
 
