@@ -5,21 +5,18 @@ release's own names (a Qwen3.5's `model.language_model.*`), the text decoder's l
 Gated DeltaNet in_proj_qkv / in_proj_z / in_proj_qkvz / out_proj, MLP, shared expert, each routed expert), the
 rest copied as floats: in_proj_a / in_proj_b / in_proj_ba, conv1d, norms, routers, shared_expert_gate,
 embeddings, lm_head, the vision tower and the MTP block. Held against the solver's own weights, llama.cpp's
-converter (which dequantizes GPTQ itself) and qwqq eval (GPTQ closer to the source than round-to-nearest).
-
-The families' Arch.jobs leave "gptq" out until `qwqq fit` sizes their GPTQ folders (see the module fixture).
+converter (which dequantizes GPTQ itself), qwqq eval (GPTQ closer to the source than round-to-nearest), qwqq fit's
+predicted size, and qwqq run's transformers backend (the folder loaded and generating).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import qwqq.archs as archs
 from qwqq.calib import engine as calibrate
 from qwqq.calib import text as calib_text
 from qwqq.gptq.checkpoint import write_gptq
@@ -35,17 +32,6 @@ HYBRIDS = ["qwen3_5_moe", "qwen3_next"]  # between them every kind of linear the
 # qwen3_5 adds none: its in_proj_qkv / in_proj_z are qwen3_5_moe's, its MLP a plain one); a GPTQ build each
 CALIB = dict(calib_tokens=2048, calib_seqlen=128)  # 512 starve the experts (8, top-2) and GPTQ fits the sample
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def gptq_job():
-    """The hybrids with "gptq" among their jobs, as they will be once fit sizes them."""
-    with pytest.MonkeyPatch.context() as mp:
-        for table in (archs.KNOWN, archs.ARCHS, archs.BY_MODEL_TYPE):
-            for key, arch in list(table.items()):
-                if arch.has_mtp and "gptq" not in arch.jobs:
-                    mp.setitem(table, key, dataclasses.replace(arch, jobs=(*arch.jobs, "gptq")))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +174,105 @@ def test_gptq_beats_round_to_nearest(arch, built, tmp_path, monkeypatch):
     k_gptq = evaluate(built(arch).path, src, **kw).summary.kld_mean
     k_rtn = evaluate(rtn_dir, src, **kw).summary.kld_mean
     assert 0 < k_gptq < k_rtn, (k_gptq, k_rtn)
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_fit_predicts_the_written_folder(arch, built):
+    """qwqq fit's GPTQ-Int4 size of the source, from config.json alone and from the folder, is the calibrated
+    folder's safetensors tensor data, to the byte."""
+    from qwqq.fit import gptq as gptq_fit
+    from qwqq.fit import subject as models
+
+    src = tiny_hybrid_dir(arch)
+    config = json.loads((src / "config.json").read_text())
+    if arch == "qwen3_next":
+        config["mtp_layers"] = 1  # its config does not declare the MTP block (a catalog entry states it)
+    written = 0
+    for f in built(arch).path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            written += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    by_config = gptq_fit.gptq_build(models.from_config(config, arch, "hub", f"x/{arch}"), "GPTQ-Int4", 4, 128)
+    by_folder = gptq_fit.gptq_build(models.resolve(str(src)), "GPTQ-Int4", 4, 128)
+    assert by_config.tensor_bytes == by_folder.tensor_bytes == written
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5_moe"])  # release names, fused experts; Qwen3.5 dense runs in the CLI test
+def test_transformers_backend_runs_the_folder(arch, built, monkeypatch):
+    """`qwqq run --backend transformers` without GPTQModel: the text model (transformers' *ForCausalLM) holds the
+    folder's weights, read here with safetensors under the release's names (linears dequantized, experts fused as
+    transformers 5 holds them), and its greedy answer through the cache is the direct argmax, step by step."""
+    from qwqq.run.backends import LoadOptions
+    from qwqq.run.backends import transformers as tb
+    from qwqq.run.sampling import Sampling
+
+    monkeypatch.setattr(tb, "missing_kernels", lambda: ["gptqmodel"])
+    out = _tensors(built(arch).path)
+    prefix = "model.language_model." if arch != "qwen3_next" else "model."
+
+    def weight(hub: str) -> np.ndarray:
+        module = hub.removesuffix(".weight")
+        if f"{module}.qweight" in out:
+            return dequantize({k: out[f"{module}.{k}"] for k in PACKED}, 4)
+        return out[hub].astype(np.float32)
+
+    def stored(name: str) -> np.ndarray:
+        hub = name if name.startswith("lm_head.") else prefix + name.removeprefix("model.")
+        base, _, which = hub.rpartition(".")
+        if which not in ("gate_up_proj", "down_proj") or hub in out:
+            return weight(hub)
+        n = sum(k.startswith(base + ".") and k.endswith(".down_proj.qweight") for k in out)
+        if which == "down_proj":
+            return np.stack([weight(f"{base}.{e}.down_proj.weight") for e in range(n)])
+        return np.stack([np.concatenate([weight(f"{base}.{e}.gate_proj.weight"), weight(f"{base}.{e}.up_proj.weight")])
+                         for e in range(n)])
+
+    m = tb.backend.load(built(arch).path, LoadOptions(ctx=256, threads=2, n_gpu_layers=0))
+    try:
+        assert m.metadata["transformers.weights"] == "gptq dequantized"
+        params = dict(m.model.named_parameters())
+        assert any(n.endswith("linear_attn.out_proj.weight") for n in params)
+        for name, p in params.items():
+            np.testing.assert_array_equal(p.detach().numpy(), stored(name), err_msg=name)
+        messages = [{"role": "user", "content": "hi"}]
+        text = "".join(m.stream_chat(messages, Sampling(greedy=True), max_tokens=6))
+        ids, want = m._tokens(m.render(messages)), []
+        with torch.no_grad():
+            while len(want) < 6:
+                t = int(m.model(torch.tensor([ids + want]), use_cache=False).logits[0, -1].argmax())
+                if t in m.eos_ids:
+                    break
+                want.append(t)
+        assert want and m.generated == want and text == m.tokenizer.decode(want, skip_special_tokens=True)
+    finally:
+        m.close()
+
+
+def test_cli_quantize_fit_and_run(tmp_path):
+    """The three commands on the tiny Qwen3.5 (dense, vision tower, MTP block), as a user types them: quantize
+    writes the GPTQ folder, fit predicts its tensor data to the byte, run answers from it (without GPTQModel:
+    dequantized, one note, no kernel chatter)."""
+    from tests.conftest import run_qwqq
+
+    src, out = tiny_hybrid_dir("qwen3_5"), tmp_path / "q35-gptq"
+    r = run_qwqq("quantize", src, "--format", "gptq", "--bits", "4", "--calib-tokens", "256", "--calib-seqlen", "128",
+                 "-o", out, "-q", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    tensors = _tensors(out)
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.qweight" in tensors
+    assert "mtp.fc.weight" in tensors and any(n.startswith("model.visual.") for n in tensors)
+    written = 0
+    for f in out.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            written += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    fit = run_qwqq("fit", src, "--vram", "8", "--type", "GPTQ-Int4", "--json")
+    assert fit.returncode == 0, fit.stderr
+    row = json.loads(fit.stdout)[0]
+    assert row["type"] == "GPTQ-Int4" and row["file_bytes"] == written
+    run = run_qwqq("run", out, "--backend", "transformers", "-p", "hi", "--greedy", "-n", "4", "--threads", "2",
+                   "--ctx", "256", timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() and "falling back" not in run.stderr
+    from qwqq.run.backends.transformers_weights import missing_kernels
+
+    if missing_kernels():
+        assert sum(line.startswith("note:") for line in run.stderr.splitlines()) == 1

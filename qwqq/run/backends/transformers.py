@@ -58,6 +58,7 @@ from qwqq.source import open_checkpoint
 
 INSTALL_HINT = 'install it with: pip install "qwqq[gptq]"'
 NF4_HINT = 'pip install "qwqq[nf4]"'
+KERNEL_FALLBACK_LOGGER = "transformers.integrations.hub_kernels"  # "falling back to its reference implementation"
 
 
 @contextmanager
@@ -345,6 +346,8 @@ class TransformersBackend:
             raise QwqqError(f"{what} cannot load this model: {one_line(e)}", path) from None
         if gptq and missing:
             print(dequantized_note(missing), file=sys.stderr)
+        if not options.debug:  # a hybrid's Gated DeltaNet on transformers' reference kernels (exact): not a user's concern
+            logging.getLogger(KERNEL_FALLBACK_LOGGER).setLevel(logging.ERROR)
         return TransformersChatModel(model, tokenizer, path, options.ctx, weights, ckpt.chat_template)
 
 

@@ -7,7 +7,10 @@
   scale[g] * (q - zero[g]), as the kernels compute them) in a plain transformers model built from the config
   without its quantization_config: the same weights, more memory, slower (dequantized_note says so). That model
   is built on the meta device and its parameters filled one tensor at a time (read from the validated
-  safetensors by qwqq.source), so memory is the model's float weights plus one tensor: load_dequantized;
+  safetensors by qwqq.source), so memory is the model's float weights plus one tensor: load_dequantized. It is
+  the text model (transformers' *ForCausalLM of the config's text part), whose parameters are found under the
+  checkpoint's own names through the family's rename (a Qwen3.5 release's `model.language_model.*`; its vision
+  tower and MTP block are not loaded);
 - an unquantized folder, with AutoModelForCausalLM.from_pretrained (a parameter it finds no weights for is an
   error, never a silently random weight), optionally quantized while it loads by bitsandbytes (NF4 with
   double-quantized scales, blocks of 64, as QLoRA; the embedding and lm_head stay in the checkpoint's dtype, as
@@ -25,6 +28,7 @@ import numpy as np
 from qwqq.archs import arch_of, check_config
 from qwqq.archs.experts import FUSED_PARAMS, PER_EXPERT, expert_weight
 from qwqq.errors import SourceError, UnsupportedError
+from qwqq.gptq.linears import text_names
 from qwqq.gptq.packing import GPTQ_BITS, default_g_idx, dequantize
 from qwqq.source import Checkpoint, RowReader
 
@@ -61,6 +65,8 @@ class DequantizedLoader:
 
     def __init__(self, ckpt: Checkpoint, qcfg: dict):
         self.ckpt, self.reader = ckpt, RowReader()
+        names = text_names(ckpt.config)  # the text model's name of each checkpoint tensor
+        self.hub = {text: name for name in ckpt.tensors if (text := names.text(name)) is not None}
         try:
             self.bits = int(qcfg.get("bits", 4))
             self.group_size = int(qcfg.get("group_size", 128))
@@ -102,23 +108,22 @@ class DequantizedLoader:
             raise SourceError(f"GPTQ tensors of {module} do not fit together ({one_line(e)})", self.ckpt.root) from None
 
     def tensor(self, name: str) -> np.ndarray:
-        """One weight (Hugging Face name) as float32: stored as is, or a GPTQ linear dequantized."""
-        ref = self.ckpt.tensors.get(name)
+        """One weight (the text model's name) as float32: stored as is, or a GPTQ linear dequantized."""
+        ref = self.ckpt.tensors.get(self.hub.get(name, ""))
         if ref is not None:
             return self.reader.read_f32(ref, 0, ref.rows).reshape(ref.shape)
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and f"{module}.qweight" in self.ckpt.tensors:
-            return self.linear(module)
+        qweight = self.hub.get(name.removesuffix(".weight") + ".qweight")
+        if name.endswith(".weight") and qweight is not None:
+            return self.linear(qweight.removesuffix(".qweight"))
         raise SourceError(f"tensor {name} is missing", self.ckpt.root)
 
     def param(self, name: str) -> np.ndarray:
         """A parameter of the transformers model by its own name (fused experts built from per-expert tensors)."""
         m = LAYER_PARAM.match(name)
-        if m and m.group(2) in FUSED_PARAMS and name not in self.ckpt.tensors:
+        if m and m.group(2) in FUSED_PARAMS and name not in self.hub:
             prefix, which = m.group(1), m.group(2)
             layer = prefix.split(".")[2]
-            experts = sorted({int(k.group(2)) for t in self.ckpt.tensors
-                              if (k := PER_EXPERT.match(t)) and k.group(1) == layer})
+            experts = sorted({int(k.group(2)) for t in self.hub if (k := PER_EXPERT.match(t)) and k.group(1) == layer})
             if which.endswith("down_proj"):
                 parts = [self.tensor(expert_weight(layer, e, "down")) for e in experts]
             else:  # transformers 5 fuses gate and up: rows [gate; up]
@@ -153,7 +158,7 @@ def load_dequantized(ckpt: Checkpoint, path: Path, device, dtype):
     check_config(ckpt.config, arch, path / "config.json")
     loader = DequantizedLoader(ckpt, ckpt.config.get("quantization_config") or {})
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False).get_text_config()
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
@@ -163,7 +168,7 @@ def load_dequantized(ckpt: Checkpoint, path: Path, device, dtype):
         for name, meta in list(model.named_parameters(remove_duplicate=False)):
             param = real.get(id(meta))
             if param is None:
-                if name == "lm_head.weight" and name not in ckpt.tensors and getattr(config, "tie_word_embeddings", False):
+                if name == "lm_head.weight" and name not in loader.hub and getattr(config, "tie_word_embeddings", False):
                     arr = loader.param("model.embed_tokens.weight")
                 else:
                     arr = loader.param(name)
