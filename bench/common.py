@@ -100,13 +100,18 @@ for line in sys.stdin:
     with open(req["log"], "wb") as f:
         b0, t0 = busy(), time.perf_counter()
         p = subprocess.Popen(req["cmd"], stdout=f, stderr=subprocess.STDOUT, cwd=req["cwd"], env=req["env"])
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: its /proc/<pid>/io is still there
+        try:
+            io = dict((k, int(v)) for k, v in (l.split(":") for l in open(f"/proc/{p.pid}/io").read().splitlines()))
+        except OSError:
+            io = {}
         _, status, ru = os.wait4(p.pid, 0)
         wall, b1 = time.perf_counter() - t0, busy()
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
     cpu = ru.ru_utime + ru.ru_stime
     print(json.dumps({"rc": p.returncode, "wall_s": wall, "maxrss_kib": ru.ru_maxrss, "cpu_s": cpu,
                       "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "majflt": ru.ru_majflt, "inblock": ru.ru_inblock,
-                      "others_cores": max(0.0, (b1 - b0 - cpu) / wall)}), flush=True)
+                      "others_cores": max(0.0, (b1 - b0 - cpu) / wall), "io": io}), flush=True)
 """
 
 
@@ -123,7 +128,9 @@ class Launcher:
         self.p.wait()
 
     def measure(self, cmd: list[str], log: Path, env: dict | None = None) -> dict:
-        """Run one child; its wall time, peak RSS (bytes) and CPU seconds."""
+        """Run one child; its wall time, peak RSS (bytes), CPU seconds and its /proc/<pid>/io at exit (rchar,
+        wchar: bytes through read/write calls, mmap not counted; read_bytes, write_bytes: what it made the
+        storage layer read and write; the children it waited for included)."""
         req = {"cmd": cmd, "log": str(log), "cwd": str(REPO), "env": dict(os.environ if env is None else env)}
         self.p.stdin.write(json.dumps(req) + "\n")
         self.p.stdin.flush()
@@ -136,7 +143,7 @@ class Launcher:
             raise RuntimeError(f"{shlex.join(cmd)} exited {r['rc']}; log {log}:\n{tail}")
         return {"wall_s": r["wall_s"], "peak_rss": r["maxrss_kib"] * 1024, "cpu_s": r["cpu_s"], "user_s": r["user_s"],
                 "sys_s": r["sys_s"], "major_faults": r["majflt"], "disk_read": r["inblock"] * 512,
-                "others_cores": r["others_cores"]}
+                "others_cores": r["others_cores"], "io": r.get("io", {})}
 
 
 # --------------------------------------------------------------------------- environment

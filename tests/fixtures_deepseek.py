@@ -161,12 +161,13 @@ SHARDS = 2
 # ---------------------------------------------------------------- config
 
 
-def _config_json(fp8: bool) -> dict:
-    """config.json of the checkpoint, in R1's layout (see the module docstring)."""
+def _config_json(fp8: bool, experts: int = 8) -> dict:
+    """config.json of the checkpoint, in R1's layout (see the module docstring); `experts` routed experts."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(qwen_tokenizer_dir() / "tokenizer.json"))
-    config = dict(_CONFIG, bos_token_id=tok.token_to_id("<|endoftext|>"), eos_token_id=tok.token_to_id("<|im_end|>"))
+    config = dict(_CONFIG, bos_token_id=tok.token_to_id("<|endoftext|>"), eos_token_id=tok.token_to_id("<|im_end|>"),
+                  n_routed_experts=experts)
     if fp8:
         config["quantization_config"] = QUANTIZATION_CONFIG
     return json.loads(json.dumps(dict(sorted(config.items()))))  # a deep copy: transformers edits rope_scaling in place
@@ -318,14 +319,15 @@ def _write_shards(tmp: Path, tensors: dict) -> None:
 # ---------------------------------------------------------------- the builder
 
 
-def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0) -> Path:
+def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, experts: int = 8) -> Path:
     """A tiny seeded random DeepSeek-V3 / R1 checkpoint in the real release's on-disk layout.
 
     ``dtype``: ``fp8`` (the release form: blockwise ``float8_e4m3fn`` weights with
     float32 ``weight_scale_inv``, ``quantization_config`` in config.json) or
     ``bfloat16`` (the same weights dequantized, as DeepSeek's ``fp8_cast_bf16.py``
     writes them: no scale tensors, no ``quantization_config``).  ``mtp``: add the
-    release's multi-token-prediction layer ``model.layers.4.*``.  Shapes, names,
+    release's multi-token-prediction layer ``model.layers.4.*``.  ``experts``: the
+    number of routed experts (8; the memory benchmark builds 16 and 256).  Shapes, names,
     shards and weight statistics in the module docstring.
 
     The folder holds config.json, two safetensors shards with
@@ -354,13 +356,15 @@ def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0) -> Pa
         raise ValueError(f"dtype must be one of {DEEPSEEK_DTYPES}, not {dtype!r}")
     fp8 = dtype == "fp8"
     name = f"tiny-deepseek_v3-{dtype}-{'mtp' if mtp else 'nomtp'}-seed{seed}-r{RECIPE}"
+    if experts != 8:  # another expert count (a multiple of n_group 4; bench/deepseek_experts.py), all else equal
+        name += f"-e{experts}"
 
     def build(tmp: Path) -> None:
         from transformers import GenerationConfig
 
-        config = _config_json(fp8)
+        config = _config_json(fp8, experts)
         tensors = _release_tensors(_checkpoint_state(config, mtp, seed), fp8)
-        if config != _config_json(fp8):
+        if config != _config_json(fp8, experts):
             raise RuntimeError("config.json was modified while building")
         allowed = {torch.bfloat16, torch.float32} | ({torch.float8_e4m3fn} if fp8 else set())
         if any(t.dtype not in allowed for t in tensors.values()):
