@@ -228,6 +228,7 @@ def run(
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     min_p: Optional[float] = typer.Option(None, "--min-p"),
+    presence_penalty: Optional[float] = typer.Option(None, "--presence-penalty", help="Subtracted from the logit of each token already in the recent output (0: off). Default: the model's recommendation (Qwen3.5+: 1.5)."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (not recommended for reasoning models)."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the <think> block."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
@@ -244,8 +245,8 @@ def run(
     opts = RunOptions(
         model=model, prompt=prompt, backend=backend, ctx=ctx, n_gpu_layers=n_gpu_layers,
         max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, greedy=greedy, hide_thinking=hide_thinking, system=system, threads=threads,
-        profile=profile, kv=kv.lower() if kv else None, flash_attn=flash_attn,
+        min_p=min_p, presence_penalty=presence_penalty, greedy=greedy, hide_thinking=hide_thinking, system=system,
+        threads=threads, profile=profile, kv=kv.lower() if kv else None, flash_attn=flash_attn,
         debug=_state["debug"], load_in_4bit=load_in_4bit,
         template_switches=_guard(parse_switches, template_arg or [], think, preserve_thinking),
     )

@@ -132,7 +132,63 @@ def test_family_defaults(metadata, name, expected):
 
 
 def test_family_table_covers_the_documented_families():
-    assert [s.label for s in sampling_table()] == ["QwQ", "DeepSeek-R1-Distill", "Qwen3 thinking"]
+    assert list(dict.fromkeys(s.label for s in sampling_table())) == [
+        "QwQ", "DeepSeek-R1-Distill", "Qwen3-2507 Thinking", "Qwen3-2507 Instruct", "Qwen3 thinking",
+        "Qwen3 non-thinking", "Qwen3.5+ thinking", "Qwen3.5+ non-thinking", "Qwen3-Next Thinking", "Qwen3-Next Instruct"]
+
+
+THINK, INSTRUCT = (0.6, 0.95, 20, 0.0, 0.0), (0.7, 0.8, 20, 0.0, 0.0)
+QWEN35_THINK, QWEN35_INSTRUCT = (1.0, 0.95, 20, 0.0, 1.5), (0.7, 0.8, 20, 0.0, 1.5)
+
+
+@pytest.mark.parametrize(
+    "metadata, name, thinking, expected, label",
+    [  # the model cards' values, by family (GGUF general.architecture or config.json model_type) and thinking mode
+        ({"general.architecture": "qwen3", "general.name": "Qwen3 8B"}, "", None, THINK, "Qwen3 thinking"),
+        ({"general.architecture": "qwen3", "general.name": "Qwen3 8B"}, "", True, THINK, "Qwen3 thinking"),
+        ({"general.architecture": "qwen3", "general.name": "Qwen3 8B"}, "", False, INSTRUCT, "Qwen3 non-thinking"),
+        ({"model_type": "qwen3_moe"}, "Qwen3-30B-A3B", False, INSTRUCT, "Qwen3 non-thinking"),
+        ({"general.architecture": "qwen3moe", "general.name": "Qwen3 30B A3B Thinking 2507"}, "", None, THINK,
+         "Qwen3-2507 Thinking"),
+        ({"general.architecture": "qwen3"}, "Qwen3-4B-Instruct-2507-Q4_K_M", None, INSTRUCT, "Qwen3-2507 Instruct"),
+        ({"general.architecture": "qwen35", "general.name": "Qwen3.5 27B"}, "", None, QWEN35_THINK, "Qwen3.5+ thinking"),
+        ({"general.architecture": "qwen35"}, "Qwen3.6-27B-Q4_K_M", True, QWEN35_THINK, "Qwen3.5+ thinking"),
+        ({"general.architecture": "qwen35"}, "Qwen3.8-27B-Q4_K_M", False, QWEN35_INSTRUCT, "Qwen3.5+ non-thinking"),
+        ({"general.architecture": "qwen35moe"}, "Qwen3.6-35B-A3B-Q4_K_M", None, QWEN35_THINK, "Qwen3.5+ thinking"),
+        ({"model_type": "qwen3_5_moe", "general.name": "Qwen3.5-397B-A17B"}, "", False, QWEN35_INSTRUCT,
+         "Qwen3.5+ non-thinking"),
+        ({"model_type": "qwen3_5", "general.name": "mlx"}, "", None, QWEN35_THINK, "Qwen3.5+ thinking"),
+        ({"general.architecture": "qwen3next"}, "Qwen3-Next-80B-A3B-Thinking-Q4_K_M", None, THINK, "Qwen3-Next Thinking"),
+        ({"general.architecture": "qwen3next"}, "Qwen3-Next-80B-A3B-Instruct-Q4_K_M", None, INSTRUCT,
+         "Qwen3-Next Instruct"),
+        ({"model_type": "qwen3_next"}, "my-finetune", False, INSTRUCT, "Qwen3-Next Instruct"),
+        ({"general.architecture": "qwen2", "general.name": "QwQ 32B"}, "", False, (0.6, 0.95, 40, 0.0, 0.0), "QwQ"),
+        ({"general.architecture": "llama"}, "DeepSeek-R1-Distill-Llama-8B", None, (0.6, 0.95, 0, 0.0, 0.0),
+         "DeepSeek-R1-Distill"),
+        ({"general.architecture": "llama", "general.name": "Smollm2 135M"}, "", False, INSTRUCT, "generic"),
+    ],
+)
+def test_family_and_thinking_mode_pick_the_published_values(metadata, name, thinking, expected, label):
+    s = resolve_sampling(metadata, name, thinking=thinking)
+    assert (*values(s), s.presence_penalty) == pytest.approx(expected)
+    assert s.source == f"{label} defaults"
+    assert s.describe().endswith(f"presence_penalty {expected[4]:g} ({label} defaults)")
+
+
+def test_status_line_names_each_values_origin_and_what_a_backend_leaves_out():
+    md = {"general.architecture": "qwen35", "general.sampling.temp": "0.8", "general.sampling.top_k": "30"}
+    s = resolve_sampling(md, "", top_p=0.9)
+    assert (*values(s), s.presence_penalty) == pytest.approx((0.8, 0.9, 30, 0.0, 1.5))
+    assert s.source == ("min_p, presence_penalty: Qwen3.5+ thinking defaults; temp, top_k: model's generation config; "
+                        "top_p: flags")
+    assert s.describe(("presence_penalty",)).endswith("top_p: flags)")
+    assert s.describe(()).endswith("top_p: flags); presence_penalty not applied by this backend")
+    off = resolve_sampling(md, "", presence_penalty=0.0)
+    assert off.presence_penalty == 0 and "not applied" not in off.describe(())
+    folder = {"model_type": "qwen3_5", "temperature": "0.6", "presence_penalty": "0.5"}  # generation_config.json
+    s = resolve_sampling(folder, "", thinking=False)
+    assert (*values(s), s.presence_penalty) == pytest.approx((0.6, 0.8, 20, 0.0, 0.5))
+    assert s.source == "top_p, top_k, min_p: Qwen3.5+ non-thinking defaults; temp, presence_penalty: model's generation config"
 
 
 def test_model_generation_config_in_gguf_beats_family():

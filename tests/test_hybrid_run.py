@@ -79,3 +79,17 @@ def test_run_answers_with_thinking_switched_off_and_refuses_unknown_switches(qwe
     assert r.returncode == 0 and "thinking" in r.stderr  # the template opened <think>: shown apart
     r = run_qwqq("run", qwen35_gguf, "-p", "Hello", "--template-arg", "reasoning_effort=high", "--ctx", "256")
     one_line_error(r, "has no reasoning_effort switch")
+
+
+@pytest.mark.slow
+def test_presence_penalty_reaches_llama_cpp_and_the_status_line_says_where_values_came_from(qwen35_gguf):
+    """llama.cpp subtracts the presence penalty from the logit of every token in the recent output: a negative
+    one with top_k 1 makes the first answer token win ever after (a random model otherwise repeats none), so
+    the flag's value reached llama.cpp's sampler. Under --no-think the rest are Qwen3.5's non-thinking values."""
+    r = run_qwqq("--debug", "run", qwen35_gguf, "-p", "Hello", "-n", "8", "--top-k", "1", "--presence-penalty", "-50",
+                 "--no-think", "--ctx", "256")
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.split()
+    assert len(words) >= 6 and set(words) == {words[0]}, r.stdout
+    assert ("sampling: temp 0.7, top_p 0.8, top_k 1, min_p 0, presence_penalty -50 (temp, top_p, min_p: "
+            "Qwen3.5+ non-thinking defaults; top_k, presence_penalty: flags)") in r.stderr

@@ -89,12 +89,15 @@ class Dims:
 
 @dataclass(frozen=True)
 class Sampling:
-    """A family's published sampling recommendation, for models whose name matches `pattern`
-    (lower-cased, spaces, "-", "_", "." and "/" removed)."""
+    """A published sampling recommendation (the model card's), for models whose name matches `pattern`
+    (lower-cased, spaces, "-", "_", "." and "/" removed; "": any model of the family itself, never one of
+    another family), with thinking on (`thinking` True: also the default, when no --think/--no-think is
+    given), off (False: --no-think) or either (None: a model that always or never thinks)."""
 
     pattern: str
     label: str
-    values: dict
+    values: dict  # temperature, top_p, top_k (0: off), min_p (0: off), presence_penalty (absent: 0, off)
+    thinking: bool | None = None
 
 
 @dataclass(frozen=True)

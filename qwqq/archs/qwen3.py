@@ -4,7 +4,16 @@ import gguf
 
 from qwqq.archs.base import Arch, Sampling, decoder_dims, decoder_shapes
 
-THINKING = Sampling("qwen3", "Qwen3 thinking", dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0))
+THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+INSTRUCT = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+# The model cards: Qwen3 with thinking on / off (enable_thinking); Qwen3-2507 ships apart as Instruct (never
+# thinks) and Thinking (always does), so those two go by name whatever --think says. Qwen3-MoE shares them.
+SAMPLING = (
+    Sampling("thinking2507", "Qwen3-2507 Thinking", THINKING),
+    Sampling("instruct2507", "Qwen3-2507 Instruct", INSTRUCT),
+    Sampling("qwen3", "Qwen3 thinking", THINKING, thinking=True),
+    Sampling("qwen3", "Qwen3 non-thinking", INSTRUCT, thinking=False),
+)
 
 ARCH = Arch(
     hf_class="Qwen3ForCausalLM",
@@ -14,5 +23,5 @@ ARCH = Arch(
         config, attn_bias=bool(config.get("attention_bias")), attn_out_bias=True, qk_norm=True,
         mlp_bias=bool(config.get("mlp_bias")), output_tensor=output_tensor),
     dims=decoder_dims,
-    sampling=(THINKING,),
+    sampling=SAMPLING,
 )

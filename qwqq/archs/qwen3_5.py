@@ -8,9 +8,17 @@ import functools
 import gguf
 
 from qwqq.archs import hybrid, hybrid_hub
-from qwqq.archs.base import COMMON, Arch
+from qwqq.archs.base import COMMON, Arch, Sampling
 
 META = tuple(m for m in COMMON if m.key != "block_count")  # block_count counts the MTP blocks: hybrid.meta
+# The Qwen3.5 / 3.6 / 3.8 cards (general tasks): thinking (the default) 1.0 / 0.95 / 20 / 0 with presence
+# penalty 1.5; non-thinking (--no-think; the card's "instruct" values, Qwen3.5's) 0.7 / 0.8 / 20 / 0, 1.5.
+SAMPLING = (
+    Sampling("", "Qwen3.5+ thinking", dict(temperature=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5),
+             thinking=True),
+    Sampling("", "Qwen3.5+ non-thinking", dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5),
+             thinking=False),
+)
 
 ARCH = Arch(
     hf_class="Qwen3_5ForConditionalGeneration",
@@ -30,4 +38,5 @@ ARCH = Arch(
     hub_tensors=functools.partial(hybrid_hub.hub_tensors, moe=False, split_ba=True),
     gated_attention=True,
     check=hybrid.check,
+    sampling=SAMPLING,
 )

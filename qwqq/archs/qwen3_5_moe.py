@@ -6,7 +6,7 @@ import functools
 
 import gguf
 
-from qwqq.archs import hybrid, hybrid_hub
+from qwqq.archs import hybrid, hybrid_hub, qwen3_5
 from qwqq.archs.base import COMMON, MOE, Arch, Meta
 
 META = tuple(m for m in COMMON if m.key not in ("block_count", "feed_forward_length")) + MOE + (
@@ -31,4 +31,5 @@ ARCH = Arch(
     hub_tensors=functools.partial(hybrid_hub.hub_tensors, moe=True, split_ba=True, fused_experts=True),
     gated_attention=True,
     check=hybrid.check,
+    sampling=qwen3_5.SAMPLING,  # Qwen3.5 / 3.6 MoE: the same cards
 )

@@ -5,6 +5,7 @@ them per projection, mlx-lm into switch_mlp, GPTQ keeps a linear per expert (see
 
 import gguf
 
+from qwqq.archs import qwen3
 from qwqq.archs.base import COMMON, MOE, Arch, decoder_dims, decoder_shapes
 
 ARCH = Arch(
@@ -17,4 +18,5 @@ ARCH = Arch(
     dims=decoder_dims,
     meta=COMMON + MOE,
     moe=True,
+    sampling=qwen3.SAMPLING,  # Qwen3-30B-A3B / 235B-A22B and their 2507 releases: the same cards
 )

@@ -8,10 +8,19 @@ import functools
 import gguf
 
 from qwqq.archs import hybrid, hybrid_hub
-from qwqq.archs.base import COMMON, MOE, Arch, Meta
+from qwqq.archs.qwen3 import INSTRUCT, THINKING
+from qwqq.archs.base import COMMON, MOE, Arch, Meta, Sampling
 
 META = tuple(m for m in COMMON if m.key != "block_count") + MOE + (
     Meta("expert_shared_feed_forward_length", ("shared_expert_intermediate_size",), "u32"),)
+# Qwen3-Next-80B-A3B ships as Instruct (never thinks) and Thinking (always does): by name, else by --think /
+# --no-think (a model named neither: Thinking's values unless thinking is switched off).
+SAMPLING = (
+    Sampling("qwen3next.*thinking", "Qwen3-Next Thinking", THINKING),
+    Sampling("qwen3next.*instruct", "Qwen3-Next Instruct", INSTRUCT),
+    Sampling("", "Qwen3-Next Thinking", THINKING, thinking=True),
+    Sampling("", "Qwen3-Next Instruct", INSTRUCT, thinking=False),
+)
 
 ARCH = Arch(
     hf_class="Qwen3NextForCausalLM",
@@ -29,4 +38,5 @@ ARCH = Arch(
     hub_tensors=functools.partial(hybrid_hub.hub_tensors, moe=True, split_ba=False),
     gated_attention=True,
     check=hybrid.check,
+    sampling=SAMPLING,
 )

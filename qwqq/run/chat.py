@@ -212,6 +212,7 @@ class RunOptions:
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    presence_penalty: float | None = None
     greedy: bool = False
     hide_thinking: bool = False
     system: str | None = None
@@ -341,12 +342,15 @@ def run_chat(opts: RunOptions) -> None:
         model = backend.load(Path(opts.model), load_options)
     try:
         model.template.set_switches(opts.template_switches)
+        think = opts.template_switches.get("enable_thinking")  # --think / --no-think: the family's values for it
         sampling = resolve_sampling(
             model.metadata, Path(opts.model).stem, temperature=opts.temperature, top_p=opts.top_p,
-            top_k=opts.top_k, min_p=opts.min_p, seed=opts.seed, greedy=opts.greedy,
+            top_k=opts.top_k, min_p=opts.min_p, presence_penalty=opts.presence_penalty, seed=opts.seed,
+            greedy=opts.greedy, thinking=think if isinstance(think, bool) else None,
         )
         if err.is_terminal or opts.debug:
-            err.print(f"{name} ({backend.name}), sampling: {sampling.describe()}", style="dim", markup=False)
+            applies = getattr(backend, "sampling_extras", ())  # a plugin that does not say applies none
+            err.print(f"{name} ({backend.name}), sampling: {sampling.describe(applies)}", style="dim", markup=False)
         session = ChatSession(model, sampling, opts, err)
         if opts.prompt is not None:
             session.ask(opts.prompt, stop_on_interrupt=False)

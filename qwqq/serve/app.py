@@ -196,7 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
         return GenParams(tokens=tokens, max_tokens=max_tokens or room, temperature=pick(req.temperature, d.temperature),
                          top_p=pick(req.top_p, d.top_p), top_k=pick(req.top_k, d.top_k), min_p=pick(req.min_p, d.min_p),
                          seed=(req.seed if req.seed is not None else random.randrange(2**31)) % 2**32,
-                         stop=req.stops(), presence_penalty=req.presence_penalty or 0.0,
+                         stop=req.stops(), presence_penalty=pick(req.presence_penalty, d.presence_penalty),
                          frequency_penalty=req.frequency_penalty or 0.0)
 
     def submit(p: GenParams) -> Job:

@@ -112,6 +112,7 @@ class LlamaCppChatModel:
             top_p=1.0 if greedy else sampling.top_p,
             top_k=1 if greedy else sampling.top_k,
             min_p=0.0 if greedy else sampling.min_p,
+            presence_penalty=0.0 if greedy else sampling.presence_penalty,  # over the last 64 tokens (last_n_tokens_size)
             repeat_penalty=1.0,
             seed=seed,
             stream=True,
@@ -139,6 +140,7 @@ class LlamaCppChatModel:
 # ---------------------------------------------------------------- the backend
 class LlamaCppBackend:
     name = "llama.cpp"
+    sampling_extras = ("presence_penalty",)  # what it applies beyond temperature, top_p, top_k, min_p
     formats = ("gguf",)
 
     def unavailable_reason(self) -> str | None:

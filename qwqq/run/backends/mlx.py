@@ -62,7 +62,7 @@ class MLXChatModel:
     def stream_chat(self, messages: list[dict], sampling, max_tokens: int) -> Iterator[str]:
         import mlx.core as mx
         from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         self.finish_reason = None
         tokens = self._tokens(self.render(messages))
@@ -75,8 +75,10 @@ class MLXChatModel:
             min_p=0.0 if greedy else sampling.min_p,
             top_k=0 if greedy else sampling.top_k,
         )
+        penalty = 0.0 if greedy else sampling.presence_penalty  # over the last 64 tokens, as llama.cpp's
+        processors = make_logits_processors(presence_penalty=penalty, presence_context_size=64) if penalty else None
         for response in stream_generate(self.model, self.tokenizer, mx.array(tokens), max_tokens=min(max_tokens, room),
-                                        sampler=sampler):
+                                        sampler=sampler, logits_processors=processors):
             if response.text:
                 yield response.text
             if response.finish_reason:
@@ -95,6 +97,7 @@ class MLXChatModel:
 # ---------------------------------------------------------------- the backend
 class MLXBackend:
     name = "mlx"
+    sampling_extras = ("presence_penalty",)  # mlx-lm's logits processor
     formats = ("mlx",)
 
     def unavailable_reason(self) -> str | None:
