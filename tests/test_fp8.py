@@ -79,5 +79,5 @@ def test_fp8_bad_input_is_one_line(tmp_path):
     config.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32")
     (v32 / "config.json").write_text(json.dumps(config))
     r = run_qwqq("quantize", v32, "--bits", "4", "-o", tmp_path / "out.gguf", "-q")
-    one_line_error(r, "architecture DeepseekV32ForCausalLM is not supported")
+    one_line_error(r, "architecture DeepseekV32ForCausalLM (DeepSeek-V3.2) is not supported", "DeepSeek-V3 / R1 / V3.1 are supported")
     assert not list(tmp_path.glob("out.gguf*"))

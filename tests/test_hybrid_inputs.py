@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 from tests import fixtures
@@ -74,3 +75,57 @@ def test_qwen3_5s_tokenizer_is_llama_cpps_qwen35_pre_tokenizer(tmp_path):
                                  "\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
     (patched / "tokenizer.json").write_text(json.dumps(tj))
     assert prepare(patched).vocab.pre == "qwen35"
+
+
+def test_refused_families_are_data_found_by_class_model_type_or_gguf_architecture():
+    from qwqq.archs import refusal
+
+    why = refusal({"architectures": ["Qwen4ExpForConditionalGeneration"], "model_type": "qwen4_exp"})
+    assert why.startswith("architecture Qwen4ExpForConditionalGeneration (Qwen3.8-Flash-Next) is not supported: ")
+    assert "(Qwen3.8-Flash-Next)" in refusal({"model_type": "x", "text_config": {"model_type": "qwen4_exp_text"}})
+    assert refusal(gguf_arch="qwen4exp").startswith("GGUF architecture qwen4exp (Qwen3.8-Flash-Next) is not supported")
+    assert "(DeepSeek-V3.2)" in refusal({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"})
+    assert refusal(json.loads((tiny_hybrid_dir("qwen3_5") / "config.json").read_text())) is None
+    assert refusal(gguf_arch="qwen35") is None and refusal(gguf_arch="qwen3next") is None
+
+
+def _qwen4exp(tmp_path):
+    """A Qwen3.8-Flash-Next-looking folder (the tiny Qwen3.5's config renamed, one small tensor) and a GGUF whose
+    general.architecture is qwen4exp, with the keys fit reads."""
+    import gguf
+    import numpy as np
+    import torch
+
+    folder = tmp_path / "flash-next"
+    _copy_meta(tiny_hybrid_dir("qwen3_5"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["Qwen4ExpForConditionalGeneration"], model_type="qwen4_exp")
+    config["text_config"]["model_type"] = "qwen4_exp_text"
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"model.language_model.norm.weight": torch.ones(256)}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    path = tmp_path / "flash-next.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen4exp")
+    w.add_block_count(2), w.add_context_length(4096), w.add_embedding_length(64), w.add_head_count(4)
+    w.add_tensor("token_embd.weight", np.zeros((16, 64), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return folder, path
+
+
+@pytest.mark.slow
+def test_qwen4exp_is_refused_in_one_line_by_every_command(tmp_path):
+    """Qwen3.8-Flash-Next (Qwen4ExpForConditionalGeneration; llama.cpp's qwen4exp, which its llama.cpp may load):
+    quantize, imatrix, fit, run and eval each refuse it in one line naming the architecture, and write nothing."""
+    folder, path = _qwen4exp(tmp_path)
+    cache = tmp_path / "cache"
+    commands = [("quantize", folder, "--bits", "4", "-o", tmp_path / "out.gguf", "-q"),
+                ("imatrix", folder, "-o", tmp_path / "out.imatrix"),
+                ("fit", folder, "--vram", "24"), ("fit", path, "--vram", "24"),
+                ("run", path, "-p", "hi"), ("run", path, "-p", "hi", "--ctx", "256", "--kv", "f16", "-ngl", "0"),
+                ("run", folder, "-p", "hi", "--backend", "transformers"),
+                ("eval", path, "--ref", folder), ("eval", folder, "--ref", folder)]
+    for args in commands:
+        r = run_qwqq(*args, env={"QWQQ_CACHE": str(cache)})
+        named = "GGUF architecture qwen4exp" if path in args[:2] else "architecture Qwen4ExpForConditionalGeneration"
+        one_line_error(r, f"{named} (Qwen3.8-Flash-Next) is not supported")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flash-next", "flash-next.gguf"]  # no output, no cache

@@ -13,9 +13,10 @@ MAX_LINES = 400
 # Class names, model_types and GGUF arch names of the families qwqq knows, and mlx-lm's expert layout.
 # ("llama" alone is not here: it also names llama.cpp, the runtime.)
 ARCH_WORDS = re.compile(r"\b(Qwen2ForCausalLM|Qwen3ForCausalLM|Qwen3MoeForCausalLM|LlamaForCausalLM|"
-                        r"DeepseekV3ForCausalLM|Qwen3NextForCausalLM|Qwen3_5\w*For\w+|switch_mlp)\b")
+                        r"DeepseekV3ForCausalLM|Qwen3NextForCausalLM|Qwen3_5\w*For\w+|switch_mlp|Qwen4Exp\w*For\w+|"
+                        r"DeepseekV32ForCausalLM)\b")
 ARCH_STRINGS = re.compile(r"""["'](qwen2|qwen3|qwen3_moe|qwen3moe|qwen3_next|qwen3next|qwen3_5|qwen3_5_moe|qwen35|"""
-                          r"""qwen35moe|deepseek_v3|deepseek2)["']""")
+                          r"""qwen35moe|deepseek_v3|deepseek2|qwen4_exp|qwen4exp|deepseek_v32|deepseek32)["']""")
 
 
 def modules() -> dict[str, Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from qwqq.archs import deepseek_v3, llama, qwen2, qwen3, qwen3_5, qwen3_5_moe, qwen3_moe, qwen3_next
 from qwqq.archs.base import COMMON, MOE, Arch, Dims, Meta, Sampling, cfg, check_config, head_dim, hparams, rope_params, short
 from qwqq.archs.experts import EXPERT, FUSED_EXPERT
+from qwqq.archs.refused import refusal
 from qwqq.archs.tensors import (LAYER, LINEAR, SKIPPED, GGUFTensor, Part, block_count, gguf_tensors, hub_shapes, left_out,
                                mlx_name, release_shapes)
 from qwqq.errors import SourceError, UnsupportedError
@@ -37,6 +38,8 @@ def find_arch(config: dict, where=None) -> Arch:
     text_config's) as mlx-lm finds its model modules, else by its class; architectures[0] must be a class
     of that family. Unknown, missing or contradictory: one line naming what qwqq supports."""
     names = config.get("architectures")
+    if (why := refusal(config)) is not None:
+        raise UnsupportedError(why, where)
     if not names:
         raise UnsupportedError(f"config.json names no architecture; supported: {', '.join(ARCHS)}", where)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -67,11 +70,17 @@ def arch_of(config: dict, where=None, job: str = "gguf") -> Arch:
     return arch
 
 
+def check_gguf_arch(name: str | None, where=None) -> None:
+    """A GGUF of a family qwqq refuses (archs/refused.py): one line naming it, before anything reads on."""
+    if (why := refusal(gguf_arch=name)) is not None:
+        raise UnsupportedError(why, where)
+
+
 def sampling_table() -> tuple[Sampling, ...]:
     """Every family's sampling recommendations, in the order they are tried."""
     return tuple(s for m in FAMILIES for s in m.ARCH.sampling)
 
 
 __all__ = ["ARCHS", "BY_MODEL_TYPE", "block_count", "left_out", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
-           "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_of", "cfg", "check_config", "find_arch",
-           "gguf_tensors", "head_dim", "hparams", "hub_shapes", "mlx_name", "model_type_of", "release_shapes", "rope_params", "sampling_table", "short"]
+           "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_of", "cfg", "check_config", "check_gguf_arch", "find_arch",
+           "gguf_tensors", "head_dim", "hparams", "hub_shapes", "mlx_name", "model_type_of", "refusal", "release_shapes", "rope_params", "sampling_table", "short"]

@@ -21,12 +21,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from qwqq.archs import hparams
+from qwqq.archs import check_gguf_arch, hparams, refusal
 from qwqq.errors import QwqqError, UnsupportedError
 from qwqq.calib.engine import ensure_torch, threads_for_torch
 from qwqq.source import open_checkpoint
 from qwqq.eval.blocks import BlockLogits
 from qwqq.formats import detect_format
+from qwqq.gguf.reader import read_gguf
 
 
 @dataclass
@@ -142,8 +143,12 @@ def check_logits_source(path: str | Path) -> str:
     fmt = detect_format(path)
     if fmt not in PROVIDERS:
         raise UnsupportedError(f"eval does not read {fmt} models yet", path)
+    if fmt == "gguf":
+        check_gguf_arch(read_gguf(path).architecture, path)  # a family qwqq refuses: now, not after the reference
     if fmt in ("safetensors", "gptq", "mlx"):
-        open_checkpoint(path)  # reads config and safetensors headers; checks every shard is whole
+        ckpt = open_checkpoint(path)  # reads config and safetensors headers; checks every shard is whole
+        if (why := refusal(ckpt.config)) is not None:
+            raise UnsupportedError(why, path)
     return fmt
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
-from qwqq.archs import find_arch, hparams
+from qwqq.archs import check_gguf_arch, find_arch, hparams
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.fit.memory import Dims, Weights, WeightTensor, padded, split_weights
 from qwqq.gguf.plan import ModelFacts, make_plan, model_facts
@@ -263,6 +263,7 @@ def from_prepared(src: Prepared) -> Model:
 
 def from_gguf(path: Path) -> Model:
     g = read_gguf(path)
+    check_gguf_arch(g.architecture, path)
     tensors = [WeightTensor(t.name, tuple(reversed(t.shape)), t.type, t.nbytes) for t in g.tensors]
     meta = {k: (g.array(k) if k.endswith(".attention.recurrent_layers") and isinstance(v, LazyArray) else v)
             for k, v in g.metadata.items()}  # a per-layer array is lazy past 64 layers

@@ -11,7 +11,8 @@ from qwqq.errors import QwqqError
 SCALAR = (str, int, float, bool)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file ({} when absent or not an object); unreadable: one line."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -26,7 +27,7 @@ def folder_metadata(path: Path) -> dict[str, str]:
     scalars (model_type, temperature, top_p, ...) and the folder's name as general.name."""
     meta: dict[str, str] = {}
     for name in ("config.json", "generation_config.json"):
-        for k, v in _read_json(path / name).items():
+        for k, v in read_json(path / name).items():
             if isinstance(v, SCALAR):
                 meta[k] = str(v)
     meta["general.name"] = path.name

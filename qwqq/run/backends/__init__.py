@@ -28,8 +28,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
+from qwqq.archs import check_gguf_arch, refusal
 from qwqq.errors import UnsupportedError
 from qwqq.formats import detect_format
+from qwqq.gguf.reader import read_gguf
+from qwqq.run.folder import read_json
 from qwqq.run.sampling import Sampling
 from qwqq.run.template import ChatTemplate
 
@@ -113,9 +116,20 @@ def canonical_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------- choosing
+def refuse_family(path: str | Path, fmt: str) -> None:
+    """A model of a family qwqq refuses (archs/refused.py, by its GGUF architecture or config.json): one line
+    before anything fits or loads it (llama.cpp may know the architecture; qwqq's fit and chat do not)."""
+    path = Path(path)
+    if fmt == "gguf":
+        check_gguf_arch(read_gguf(path).architecture, path)
+    elif path.is_dir() and (why := refusal(read_json(path / "config.json"))) is not None:
+        raise UnsupportedError(why, path)
+
+
 def pick_backend(name: str, path: str | Path) -> Backend:
     """The backend that runs `path`: by format for "auto", else the named one, checked."""
     fmt = detect_format(path)
+    refuse_family(path, fmt)
     known = backends()
     if canonical_name(name) == "auto":
         candidates = [b for b in known.values() if fmt in getattr(b, "auto_formats", b.formats)]
