@@ -219,6 +219,8 @@ def run(
     backend: str = typer.Option("auto", "--backend", help="llama.cpp (GGUF), mlx (MLX folders), transformers (GPTQ folders; unquantized safetensors folders only when named), or auto (by format and platform)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Context length in tokens. Default: the longest `qwqq fit` finds for this machine."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all). Default: fitted to the GPU's memory."),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", "-ncmoe", help="llama.cpp: keep the MoE experts of the first N layers in system RAM (attention and the rest on the GPU). Default: fitted with the GPU layers."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp: keep every layer's MoE experts in system RAM."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Fit ctx, KV cache and GPU layers to a hardware profile (rtx-4090, m4-max-64, ...; see qwqq fit --list-profiles)."),
     kv: Optional[str] = typer.Option(None, "--kv", help="KV cache type: f16, q8_0 or q4_0. Default: fitted."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (needed for a quantized KV cache)."),
@@ -243,8 +245,8 @@ def run(
     from qwqq.run.template import parse_switches
 
     opts = RunOptions(
-        model=model, prompt=prompt, backend=backend, ctx=ctx, n_gpu_layers=n_gpu_layers,
-        max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+        model=model, prompt=prompt, backend=backend, ctx=ctx, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,
+        cpu_moe=cpu_moe, max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, presence_penalty=presence_penalty, greedy=greedy, hide_thinking=hide_thinking, system=system,
         threads=threads, profile=profile, kv=kv.lower() if kv else None, flash_attn=flash_attn,
         debug=_state["debug"], load_in_4bit=load_in_4bit,
@@ -264,7 +266,10 @@ def serve(
     ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Context length in tokens. Default: the longest `qwqq fit` finds for this machine."),
     kv: Optional[str] = typer.Option(None, "--kv", help="KV cache type: f16, q8_0 or q4_0. Default: fitted."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all). Default: fitted to the GPU's memory."),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", "-ncmoe", help="llama.cpp: keep the MoE experts of the first N layers in system RAM (attention and the rest on the GPU). Default: fitted with the GPU layers."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp: keep every layer's MoE experts in system RAM."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Fit ctx, KV cache and GPU layers to a hardware profile (see qwqq fit --list-profiles)."),
+    flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (needed for a quantized KV cache)."),
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
     reasoning_format: str = typer.Option("deepseek", "--reasoning-format", help="Where the <think> block goes: deepseek (message.reasoning_content, as llama-server and DeepSeek's API), reasoning (message.reasoning, vLLM's newer name) or none (left inline in content)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait while one is decoded; more get 503 with Retry-After."),
@@ -278,6 +283,7 @@ def serve(
 
     opts = ServeOptions(model=model, host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                         kv=kv.lower() if kv else None, n_gpu_layers=n_gpu_layers, profile=profile, threads=threads,
+                        n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, flash_attn=flash_attn,
                         reasoning_format=reasoning_format.lower(), max_queue=max_queue, debug=_state["debug"])
     _guard(serve_model, opts, say=lambda line: err.print(line, markup=False, highlight=False))
 

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from qwqq.errors import QwqqError
 from qwqq.fit import search as fitting
+from qwqq.run import experts
 from qwqq.run.backends import LoadOptions, canonical_name, pick_backend
 from qwqq.run.sampling import Sampling, resolve_sampling
 
@@ -206,6 +207,8 @@ class RunOptions:
     backend: str = "auto"
     ctx: int | None = None  # None: fitted to the machine (or --profile)
     n_gpu_layers: int | None = None  # None: fitted; -1: all
+    n_cpu_moe: int | None = None  # llama.cpp: experts of the first N layers in RAM; None: fitted with the GPU layers
+    cpu_moe: bool = False  # every layer's experts in RAM
     max_tokens: int = 2048
     seed: int | None = None
     temperature: float | None = None
@@ -292,11 +295,13 @@ def interactive(session: ChatSession, err: Console) -> None:
 
 
 def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
-    """ctx, KV type, GPU layers and flash attention for the load: what the user gave, the rest
-    from `qwqq fit` for this file on the named profile (or on this machine)."""
+    """ctx, KV type, GPU layers, experts in RAM and flash attention for the load: what the user gave, the rest
+    from `qwqq fit` for this file on the named profile (or on this machine). Experts follow fit only where
+    the GPU layers do (fit chose the two together)."""
+    n_cpu_moe = experts.requested(opts.n_cpu_moe, opts.cpu_moe)
     given = {"ctx": opts.ctx, "kv_type": opts.kv, "n_gpu_layers": opts.n_gpu_layers}
     out = {"ctx": 4096 if opts.ctx is None else opts.ctx, "kv_type": opts.kv or "f16", "flash_attn": opts.flash_attn,
-           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers}
+           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers, "n_cpu_moe": n_cpu_moe or 0}
     if backend != "llama.cpp" or (opts.profile is None and None not in given.values()):
         return out
     hw = fitting.machine(profile=opts.profile)
@@ -314,10 +319,25 @@ def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
         out["kv_type"] = best.kv
     if opts.n_gpu_layers is None:
         out["n_gpu_layers"] = best.ngl_flag if best.gpus and best.mode != "cpu" else (0 if hw.gpus else -1)
+        if n_cpu_moe is None:
+            out["n_cpu_moe"] = best.cpu_moe_layers
     if err.is_terminal or opts.debug:
-        layers = "no GPU" if not hw.gpus else f"GPU layers {'all' if out['n_gpu_layers'] < 0 else out['n_gpu_layers']}"
-        err.print(f"fitted to {hw.name}: ctx {out['ctx']}, {out['kv_type']} KV cache, {layers}", style="dim", markup=False)
+        err.print(f"fitted to {hw.name}: {placement(out, bool(hw.gpus))}", style="dim", markup=False)
     return out
+
+
+def placement(settings: dict, gpu: bool) -> str:
+    """ctx, KV cache, GPU layers and experts in words (fit's notice, serve's start-up line)."""
+    ctx = "the model's own context" if settings["ctx"] == 0 else f"ctx {settings['ctx']}"
+    n = settings["n_gpu_layers"]
+    layers = ("all layers on the GPU" if n < 0 else f"{n} GPU layers") if gpu else "CPU only"
+    moe = f", {experts.describe(settings['n_cpu_moe'])}" if settings.get("n_cpu_moe") else ""
+    return f"{ctx}, {settings['kv_type']} KV cache, {layers}{moe}"
+
+
+def experts_line(n_cpu_moe: int, overridden: list[str] | None) -> str:
+    said = f" (llama.cpp moved {len(overridden)} expert tensors)" if overridden is not None else ""
+    return f"{experts.describe(n_cpu_moe)}{said}"
 
 
 def run_chat(opts: RunOptions) -> None:
@@ -330,10 +350,14 @@ def run_chat(opts: RunOptions) -> None:
         raise QwqqError(f"unknown --kv {opts.kv!r}; choose f16, q8_0 or q4_0")
     if opts.kv not in (None, "f16") and not opts.flash_attn:
         raise QwqqError("a quantized KV cache needs flash attention in llama.cpp (drop --no-flash-attn)")
+    experts.requested(opts.n_cpu_moe, opts.cpu_moe)
     if opts.load_in_4bit and canonical_name(opts.backend) not in ("auto", "transformers"):
         raise QwqqError(f"--load-in-4bit quantizes an unquantized folder with bitsandbytes as the transformers backend "
                         f"loads it; it does not apply to --backend {opts.backend}")
     backend = pick_backend("transformers" if opts.load_in_4bit else opts.backend, opts.model)
+    if experts.requested(opts.n_cpu_moe, opts.cpu_moe) and backend.name != "llama.cpp":
+        raise QwqqError(f"--n-cpu-moe / --cpu-moe place llama.cpp's expert tensors; they do not apply to the "
+                        f"{backend.name} backend")
     settings = fitted_settings(opts, backend.name, err)
     load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug,
                                load_in_4bit=opts.load_in_4bit, **settings)
@@ -351,6 +375,9 @@ def run_chat(opts: RunOptions) -> None:
         if err.is_terminal or opts.debug:
             applies = getattr(backend, "sampling_extras", ())  # a plugin that does not say applies none
             err.print(f"{name} ({backend.name}), sampling: {sampling.describe(applies)}", style="dim", markup=False)
+            if load_options.n_cpu_moe:
+                err.print(experts_line(load_options.n_cpu_moe, getattr(model, "overridden", None)), style="dim",
+                          markup=False)
         session = ChatSession(model, sampling, opts, err)
         if opts.prompt is not None:
             session.ask(opts.prompt, stop_on_interrupt=False)

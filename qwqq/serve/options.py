@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwqq.errors import QwqqError
+from qwqq.run import experts
 
 REASONING_FORMATS = ("deepseek", "reasoning", "none")
 # The message / delta field the thinking goes into, by --reasoning-format ("none": left inline in content).
@@ -26,6 +27,8 @@ class ServeOptions:
     ctx: int | None = None  # None: fitted, as `qwqq run` does
     kv: str | None = None
     n_gpu_layers: int | None = None
+    n_cpu_moe: int | None = None  # MoE experts of the first N layers in RAM; None: fitted with the GPU layers
+    cpu_moe: bool = False  # every layer's experts in RAM
     profile: str | None = None
     threads: int = 0
     reasoning_format: str = "deepseek"
@@ -53,6 +56,9 @@ def check_options(opts: ServeOptions) -> None:
         raise QwqqError("--max-queue must be 0 or more")
     if opts.threads < 0:
         raise QwqqError("--threads must be 0 (all cores) or more")
+    if opts.kv not in (None, "f16") and not opts.flash_attn:
+        raise QwqqError("a quantized KV cache needs flash attention in llama.cpp (drop --no-flash-attn)")
+    experts.requested(opts.n_cpu_moe, opts.cpu_moe)
 
 
 def api_key(opts: ServeOptions) -> str | None:

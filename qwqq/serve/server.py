@@ -14,7 +14,7 @@ from rich.console import Console
 
 from qwqq.errors import QwqqError
 from qwqq.run.backends import LoadOptions, pick_backend
-from qwqq.run.chat import RunOptions, fitted_settings
+from qwqq.run.chat import RunOptions, experts_line, fitted_settings, placement
 from qwqq.run.sampling import default_sampling
 from qwqq.serve.options import ServeOptions, api_key, check_options
 
@@ -46,10 +46,7 @@ def url_of(sock: socket.socket) -> str:
 
 
 def describe(settings: dict, has_gpu_layers: bool) -> str:
-    ctx = "the model's own context" if settings["ctx"] == 0 else f"ctx {settings['ctx']}"
-    n = settings["n_gpu_layers"]
-    layers = ("all layers on the GPU" if n < 0 else f"{n} GPU layers") if has_gpu_layers else "CPU only"
-    return f"{ctx}, {settings['kv_type']} KV cache, {layers}"
+    return placement(settings, has_gpu_layers)
 
 
 def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
@@ -58,7 +55,8 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
     backend = pick_backend("llama.cpp", opts.model)  # this slice serves GGUF files on llama.cpp
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     run_opts = RunOptions(model=Path(opts.model), ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, profile=opts.profile,
-                          kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug)
+                          kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug,
+                          n_cpu_moe=opts.n_cpu_moe, cpu_moe=opts.cpu_moe)
     settings = fitted_settings(run_opts, backend.name, err)
 
     import uvicorn
@@ -85,7 +83,8 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
             return
         loaded.append(model)
         _ready(state, model)
-        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens, loaded in {time.monotonic() - start:.1f} s")
+        moved = f", {experts_line(settings['n_cpu_moe'], model.overridden)}" if settings["n_cpu_moe"] else ""
+        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{moved}, loaded in {time.monotonic() - start:.1f} s")
 
     gpu = bool(settings["n_gpu_layers"]) and _gpu_offload()
     say(f"serving {name} (llama.cpp) at {url_of(sock)}: {describe(settings, gpu)}; one request decoded at a time, "

@@ -17,7 +17,10 @@ from collections import deque
 from pathlib import Path
 from typing import Iterator
 
+from qwqq.gguf.reader import read_gguf
+from qwqq.run import experts
 from qwqq.run.backends import LoadOptions
+from qwqq.run.backends.llamacpp_buft import overridden_load
 from qwqq.run.template import ChatTemplate, prompt_room, with_bos
 from qwqq.errors import QwqqError
 
@@ -25,6 +28,7 @@ from qwqq.errors import QwqqError
 INSTALL_HINT = 'install it with: pip install "qwqq[llama]"'
 _ERROR_LOG_LEVEL = 4  # GGML_LOG_LEVEL_ERROR in ggml.h (llama-cpp-python's _logger.py has an older numbering)
 _CONTINUE_LOG_LEVEL = 5
+_OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 
 
 KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml_type ids for type_k / type_v
@@ -46,6 +50,7 @@ class _QuietLog:
         import llama_cpp
 
         self.errors: deque[str] = deque(maxlen=8)
+        self.overridden: list[str] = []  # tensors llama.cpp placed by a buffer-type override, as its log says
         self._last_level = 0
 
         @llama_cpp.llama_log_callback
@@ -56,6 +61,8 @@ class _QuietLog:
                 line = text.decode("utf-8", "replace").strip()
                 if line:
                     self.errors.append(line)
+            elif b"buffer type overridden" in text and (m := _OVERRIDDEN.search(text.decode("utf-8", "replace"))):
+                self.overridden.append(m.group(1))
 
         self._callback = callback  # keep a reference: llama.cpp holds a raw pointer
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
@@ -79,8 +86,10 @@ def _silence_llama_cpp() -> _QuietLog:
 
 # ---------------------------------------------------------------- the model
 class LlamaCppChatModel:
-    def __init__(self, llm, path: Path):
+    def __init__(self, llm, path: Path, overrides=None, overridden: list[str] | None = None):
         self.llm, self.path = llm, path
+        self._overrides = overrides  # the tensor_buft_overrides array: llama.cpp keeps a pointer to it
+        self.overridden = overridden  # tensors llama.cpp moved by it (None: not known, its log went elsewhere)
         self.metadata: dict[str, str] = dict(llm.metadata)
         self.finish_reason: str | None = None
         self._bos_id, self._eos_id = llm.token_bos(), llm.token_eos()
@@ -154,27 +163,41 @@ class LlamaCppBackend:
             raise QwqqError(reason)
         from llama_cpp import Llama
 
+        patterns = expert_patterns(path, options.n_cpu_moe)
         quiet = None if options.debug else _silence_llama_cpp()
         if quiet:
             quiet.errors.clear()
+            quiet.overridden.clear()
         threads = options.threads or _usable_threads()
         try:
-            llm = Llama(
-                model_path=str(path),
-                n_ctx=options.ctx,
-                n_gpu_layers=options.n_gpu_layers,
-                n_threads=threads,
-                n_threads_batch=threads,
-                seed=options.seed if options.seed is not None else random.randrange(2**31),
-                flash_attn=options.flash_attn,
-                type_k=KV_GGML_TYPES[options.kv_type],
-                type_v=KV_GGML_TYPES[options.kv_type],
-                verbose=options.debug,
-            )
+            with overridden_load(patterns) as overrides:
+                llm = Llama(
+                    model_path=str(path),
+                    n_ctx=options.ctx,
+                    n_gpu_layers=options.n_gpu_layers,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    seed=options.seed if options.seed is not None else random.randrange(2**31),
+                    flash_attn=options.flash_attn,
+                    type_k=KV_GGML_TYPES[options.kv_type],
+                    type_v=KV_GGML_TYPES[options.kv_type],
+                    verbose=options.debug,
+                )
         except ValueError as e:
             why = (quiet.reason() if quiet else "") or str(e)
             raise QwqqError(f"llama.cpp cannot load this model: {why}", path) from None
-        return LlamaCppChatModel(llm, path)
+        return LlamaCppChatModel(llm, path, overrides, list(quiet.overridden) if quiet else None)
+
+
+def expert_patterns(path: Path, n_cpu_moe: int) -> list[str]:
+    """llama.cpp's --n-cpu-moe / --cpu-moe patterns for this file, after checking N against its layers."""
+    if not n_cpu_moe:
+        return []
+    g = read_gguf(path)
+    names = re.compile(r"^blk\.\d+" + experts.EXPS_REGEX)
+    experts.check_layers(n_cpu_moe, int(g.arch_value("block_count", 0) or 0),
+                         sum(1 for t in g.tensors if names.search(t.name)), path)
+    return experts.expert_patterns(n_cpu_moe)
 
 
 backend = LlamaCppBackend()
