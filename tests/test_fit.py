@@ -392,12 +392,12 @@ def test_bad_requests_are_one_clean_error():
 
 
 # ---------------------------------------------------------------- the run line: what `qwqq run` applies
-def run_options() -> set[str]:
+def run_options(command: str = "run") -> set[str]:
     import typer.main
 
     from qwqq.cli import app
 
-    cmd = typer.main.get_command(app).commands["run"]
+    cmd = typer.main.get_command(app).commands[command]
     return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
 
 
@@ -419,16 +419,19 @@ def test_run_line_carries_a_quantized_kv_cache():
     c = best(report)
     assert c.kv == "q8_0" and c.flash_attn and c.mode == "gpu"
     run = c.commands()["run"]
-    assert run == f"qwqq run QwQ-32B-{c.build.type_name}.gguf --ctx {c.ctx} --kv q8_0"
+    assert run == f"qwqq run QwQ-32B-{c.build.type_name}.gguf --ctx {c.ctx} --kv q8_0 --n-gpu-layers {c.ngl_flag}"
+    assert c.commands()["serve"] == run.replace("qwqq run", "qwqq serve")
     text = rendered(report)
     assert f"  {run}\n" in text  # no note beside it: run applies everything fit chose
+    assert f"  {c.commands()['serve']}\n" in text
     assert "cannot set" not in text and "flash attention" not in text
 
 
 def test_run_line_carries_no_flash_attn_and_gpu_layers():
     c = best(F.run_fit("QwQ-32B", F.machine(vram=8, ram=32), C.Request(flash_attn=False), ["Q4_K_M"]))
     assert c.mode == "offload" and c.kv == "f16" and not c.flash_attn
-    assert c.commands()["run"] == f"qwqq run QwQ-32B-Q4_K_M.gguf --ctx {c.ctx} --no-flash-attn --n-gpu-layers {c.ngl_flag}"
+    assert c.commands()["run"] == (f"qwqq run QwQ-32B-Q4_K_M.gguf --ctx {c.ctx} --kv f16 --no-flash-attn "
+                                   f"--n-gpu-layers {c.ngl_flag}")
     c = best(F.run_fit("QwQ-32B", F.machine(vram=8, ram=32), C.Request(kv="q4_0"), ["Q4_K_M"]))
     assert c.commands()["run"] == f"qwqq run QwQ-32B-Q4_K_M.gguf --ctx {c.ctx} --kv q4_0 --n-gpu-layers {c.ngl_flag}"
 
@@ -436,28 +439,39 @@ def test_run_line_carries_no_flash_attn_and_gpu_layers():
 @pytest.mark.parametrize("machine", [dict(vram=24), dict(vram=8, ram=32), dict(unified=64), dict(gpus="2x24"),
                                      dict(ram=64)])
 def test_no_printed_note_says_run_cannot_do_what_it_can(machine):
-    """Every option in a printed `qwqq run` line is one run takes, and no note claims run cannot set flash
-    attention, a KV cache type, the context or GPU layers; only --n-cpu-moe and a tensor split may be named."""
-    opts = run_options()
+    """Every option in a printed `qwqq run` / `qwqq serve` line is one they take, GGUF lines carry every choice fit
+    made, and no note claims run cannot set flash attention, a KV cache type, the context, GPU layers or experts
+    in RAM; only a tensor split may be named."""
+    opts, serve_opts = run_options(), run_options("serve")
     report = F.run_fit(None, F.machine(**machine), C.Request())
     for c in report.candidates:
-        run = c.commands()["run"]
+        cmd = c.commands()
+        run = cmd["run"]
         assert {w for w in run.split() if w.startswith("-")} <= opts, run
-        assert ("--kv " + c.kv in run) == (c.kv != "f16" and c.format == "gguf")
+        if cmd.get("serve"):
+            assert {w for w in cmd["serve"].split() if w.startswith("-")} <= serve_opts, cmd["serve"]
+        assert ("--kv " + c.kv in run) == (c.format == "gguf")
         assert ("--no-flash-attn" in run) == (c.format == "gguf" and not c.flash_attn)
+        assert (f"--n-gpu-layers {c.ngl_flag}" in run) == (c.format == "gguf")
+        assert (f"--n-cpu-moe {c.cpu_moe_layers}" in run) == bool(c.cpu_moe_layers)
         assert f"--ctx {c.ctx}" in run
-        assert set(C.unsupported_by_run(c)) <= {"experts in RAM (--n-cpu-moe)", "a tensor split (-ts)"}
+        assert set(C.unsupported_by_run(c)) <= {"a tensor split (-ts)"}
     text = " ".join(rendered(report).split())
-    for claim in ("flash attention", "KV cache yet", "cannot set a q", "cannot set the context"):
+    for claim in ("flash attention", "KV cache yet", "cannot set a q", "cannot set the context", "experts in RAM",
+                  "--n-cpu-moe) yet"):
         assert claim not in text
 
 
-def test_what_run_cannot_do_is_still_said():
+def test_experts_in_ram_are_in_the_run_and_serve_lines():
     report = F.run_fit("Qwen3-30B-A3B", F.machine(vram=8, ram=32), C.Request(ctx=32768))
     c = best(report)
-    assert c.cpu_moe_layers and "--n-gpu-layers" not in c.commands()["run"]
-    assert C.unsupported_by_run(c) == ["experts in RAM (--n-cpu-moe)"]
-    assert "qwqq run cannot set experts in RAM (--n-cpu-moe) yet" in rendered(report)
+    assert c.cpu_moe_layers and C.unsupported_by_run(c) == []
+    for key in ("run", "serve"):
+        assert c.commands()[key].endswith(f"--n-gpu-layers {c.ngl_flag} --n-cpu-moe {c.cpu_moe_layers}")
+    text = rendered(report)
+    assert f"  {c.commands()['run']}\n" in text and "cannot set" not in text
+    two = best(F.run_fit("QwQ-32B", F.machine(gpus="2x12"), C.Request(), ["Q4_K_M"]))
+    assert C.unsupported_by_run(two) == ["a tensor split (-ts)"]  # still said where it is true
 
 
 # ---------------------------------------------------------------- the command

@@ -101,15 +101,12 @@ class Candidate:
         quantize = None
         if m.source != "gguf" and m.quantizable:
             quantize = f"qwqq quantize {m.ref} --type {self.build.type_name}"
-        run = f"qwqq run {self.gguf_path} --ctx {self.ctx}"  # every choice run can apply; unsupported_by_run: the rest
-        if self.kv != "f16":
-            run += f" --kv {self.kv}"
-        if not self.flash_attn:
-            run += " --no-flash-attn"
-        if self.mode == "offload" and not self.cpu_moe_layers:
-            run += f" --n-gpu-layers {self.ngl_flag}"
-        if self.mode == "cpu" and self.hardware.gpus:
-            run += " --n-gpu-layers 0"
+        # every choice fit made, so that run and serve apply it rather than fit again (unsupported_by_run: the rest)
+        placed = f" --ctx {self.ctx} --kv {self.kv}" + ("" if self.flash_attn else " --no-flash-attn")
+        placed += f" --n-gpu-layers {self.ngl_flag}"
+        if self.cpu_moe_layers:
+            placed += f" --n-cpu-moe {self.cpu_moe_layers}"
+        run, serve = f"qwqq run {self.gguf_path}{placed}", f"qwqq serve {self.gguf_path}{placed}"
         llama = f"llama-server -m {self.gguf_path} -c {self.ctx} -ngl {self.ngl_flag if self.gpus else 0}"
         llama += " -fa on" if self.flash_attn else " -fa off"
         if self.kv != "f16":
@@ -118,7 +115,7 @@ class Candidate:
             llama += f" --n-cpu-moe {self.cpu_moe_layers}"
         if len(self.gpus) > 1:
             llama += " -ts " + ",".join(str(g.layers) for g in self.gpus)
-        return {"quantize": quantize, "run": run, "llama_cpp": llama}
+        return {"quantize": quantize, "run": run, "serve": serve, "llama_cpp": llama}
 
     def to_json(self) -> dict:
         b = self.build
@@ -156,14 +153,12 @@ def placement_text(c: Candidate) -> str:
 
 
 def unsupported_by_run(c: Candidate) -> list[str]:
-    """What fit chose that `qwqq run` cannot set yet. Its llama.cpp backend takes --ctx, --kv,
-    --flash-attn / --no-flash-attn and --n-gpu-layers (all in the printed run line); it has no
-    --n-cpu-moe and no --tensor-split (llama.cpp then splits layers by free memory)."""
+    """What fit chose that `qwqq run` / `qwqq serve` cannot set yet. Their llama.cpp backend takes --ctx, --kv,
+    --flash-attn / --no-flash-attn, --n-gpu-layers and --n-cpu-moe (all in the printed lines); it has no
+    --tensor-split (llama.cpp then splits layers by free memory)."""
     out = []
     if c.format in ("mlx", "gptq"):  # not llama.cpp: run's llama.cpp options do not apply
         return out
-    if c.cpu_moe_layers:
-        out.append("experts in RAM (--n-cpu-moe)")
     if len(c.gpus) > 1:
         out.append("a tensor split (-ts)")
     return out

@@ -95,11 +95,11 @@ def _print_best(best: Candidate, console) -> None:
     if cmd["quantize"]:
         console.print(f"  {escape(cmd['quantize'])}")
     missing = unsupported_by_run(best)
-    note = f"qwqq run cannot set {', '.join(missing)} yet; the llama-server line can" if missing else ""
+    note = f"qwqq run and serve cannot set {', '.join(missing)} yet; the llama-server line can" if missing else ""
     if best.format == "gptq":
         note = "" if transformers_backend() else f"needs torch and transformers: {GPTQ_INSTALL}"
     console.print(f"  {escape(cmd['run'])}" + (f"  [dim]({escape(note)})[/]" if note else ""))
-    for key in ("llama_cpp", "mlx_lm", "vllm"):
+    for key in ("serve", "llama_cpp", "mlx_lm", "vllm"):
         if cmd.get(key):
             console.print(f"  {escape(cmd[key])}")
     for n in best.notes:
