@@ -23,14 +23,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwqq.errors import QwqqError
-from qwqq.run.chat import ThinkSplitter, consume, prompt_opens_think, split_stream
+from qwqq.run.chat import prompt_opens_think
 from qwqq.run.sampling import Sampling
 from qwqq.run.template import RESERVED
+from qwqq.serve.answer import AnswerStream, whole
 from qwqq.serve.engine import GenParams, Job, QueueFull, Scheduler
 from qwqq.serve.metrics import CONTENT_TYPE, Metrics
-from qwqq.serve.options import REASONING_FIELD, ServeOptions
+from qwqq.serve.options import ServeOptions
 from qwqq.serve.protocol import (APIError, ChatRequest, CompletionRequest, Reply, error_body, parse,
                                  template_messages, usage)
+from qwqq.serve.tools import Form, form_of, schemas
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 RETRY_AFTER = "2"  # seconds, with a 503 (queue full, still loading)
@@ -119,30 +121,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class _Splitter:
-    """Text pieces to chat deltas: thinking under the reasoning field, the answer as content."""
-
-    def __init__(self, fmt: str, in_think: bool):
-        self.field = REASONING_FIELD.get(fmt)
-        self.think = ThinkSplitter(in_think) if self.field else None
-
-    def deltas(self, parts: list[tuple[str, str]]) -> list[dict]:
-        out: list[dict] = []
-        for kind, text in parts:
-            key = self.field if kind == "think" else "content"
-            if out and key in out[-1]:
-                out[-1][key] += text
-            else:
-                out.append({key: text})
-        return out
-
-    def feed(self, text: str) -> list[dict]:
-        return self.deltas(self.think.feed(text)) if self.think else [{"content": text}]
-
-    def flush(self) -> list[dict]:
-        return self.deltas(self.think.flush()) if self.think else []
-
-
 # ---------------------------------------------------------------- the application
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="qwqq serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -197,7 +175,15 @@ def create_app(state: ServerState) -> FastAPI:
                          top_p=pick(req.top_p, d.top_p), top_k=pick(req.top_k, d.top_k), min_p=pick(req.min_p, d.min_p),
                          seed=(req.seed if req.seed is not None else random.randrange(2**31)) % 2**32,
                          stop=req.stops(), presence_penalty=pick(req.presence_penalty, d.presence_penalty),
-                         frequency_penalty=req.frequency_penalty or 0.0)
+                         frequency_penalty=req.frequency_penalty or 0.0, grammar=grammar(req.grammar))
+
+    def grammar(text: str | None):
+        if text is None:
+            return None
+        try:
+            return state.engine.grammar(text)
+        except ValueError as e:
+            raise APIError(400, f"grammar: {e}", param="grammar") from None
 
     def submit(p: GenParams) -> Job:
         job = Job(p, asyncio.get_running_loop())
@@ -208,6 +194,18 @@ def create_app(state: ServerState) -> FastAPI:
                            headers={"Retry-After": RETRY_AFTER}) from None
         return job
 
+    def tool_form(req: ChatRequest) -> Form | None:
+        """The form the model writes its calls in, when the request lets it call tools."""
+        if not req.calling():
+            return None
+        template = state.engine.model.template
+        form = form_of(template.source)
+        if "tools" not in state.template_vars or form is None:
+            raise APIError(400, "this model's chat template " + ("takes no tools" if "tools" not in state.template_vars
+                           else "writes neither of Qwen's tool-call forms (<tool_call> JSON or <function=...> XML)"),
+                           param="tools")
+        return form
+
     def render(req: ChatRequest) -> str:
         kwargs = req.chat_template_kwargs or {}
         reserved = [k for k in kwargs if k in RESERVED]
@@ -215,6 +213,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", param="chat_template_kwargs")
         # Switches the template does not read are ignored, as llama-server and vLLM ignore them.
         switches = {k: v for k, v in kwargs.items() if k in state.template_vars}
+        if req.calling():  # tool_choice "none": the model is not shown the tools
+            switches["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         template = state.engine.model.template
         try:
             with state.render_lock:
@@ -271,24 +271,27 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         engine, req = await body(request, ChatRequest)
+        form, tools = tool_form(req), schemas([t.model_dump() for t in req.tools or []])
         prompt = await run_in_threadpool(render, req)
-        tokens = await run_in_threadpool(engine.tokens, prompt)
+        in_think, prefix = prompt_opens_think(prompt), ""
+        if form and req.forced() is not None:
+            # A call is required: the answer is made to start with one (thinking, if the prompt opened it, closed
+            # empty); the model writes the rest. Its arguments are not constrained.
+            prefix = ("</think>\n\n" if in_think else "") + form.opening(req.forced())
+        tokens = await run_in_threadpool(engine.tokens, prompt + prefix)
         job = submit(params(req, tokens, req.max_completion_tokens or req.max_tokens, engine.n_ctx))
         fmt = req.reasoning_format or state.opts.reasoning_format
-        reply, in_think = Reply("chat", state.model_id), prompt_opens_think(prompt)
+        reply = Reply("chat", state.model_id)
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return EventSourceResponse(_chat_stream(job, request, reply, _Splitter(fmt, in_think), include))
+            answer = AnswerStream(fmt, in_think, form, tools, prefix)
+            return EventSourceResponse(_chat_stream(job, request, reply, answer, include))
         pieces, finish, counts = await _collect(job, request)
         if finish is None:
             return Response(status_code=499)
-        message = {"role": "assistant", "content": "".join(pieces)}
-        if fmt in REASONING_FIELD:
-            turn = consume(split_stream(pieces, in_think))
-            message["content"] = turn.answer
-            if turn.thinking:
-                message[REASONING_FIELD[fmt]] = turn.thinking
-        return reply.whole(message, finish, usage(*counts))
+        message = whole(pieces, fmt, in_think, form, tools, prefix)
+        return reply.whole(message, "tool_calls" if message.get("tool_calls") and finish == "stop" else finish,
+                           usage(*counts))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -329,17 +332,17 @@ def create_app(state: ServerState) -> FastAPI:
             state.scheduler.cancel(job)
         raise APIError(500, "the generation ended without an answer", type="server_error")
 
-    async def _chat_stream(job: Job, request: Request, reply: Reply, splitter: _Splitter, include_usage: bool):
+    async def _chat_stream(job: Job, request: Request, reply: Reply, answer: AnswerStream, include_usage: bool):
         try:
             yield _sse(reply.chunk({"role": "assistant", "content": ""}))
             async for event in _events(job, request):
                 if event[0] == "text":
-                    for delta in splitter.feed(event[1]):
+                    for delta in answer.feed(event[1]):
                         yield _sse(reply.chunk(delta))
                 elif event[0] == "done":
-                    for delta in splitter.flush():
+                    for delta in answer.flush():
                         yield _sse(reply.chunk(delta))
-                    yield _sse(reply.chunk({}, event[1]))
+                    yield _sse(reply.chunk({}, answer.finish_reason(event[1])))
                     if include_usage:
                         yield _sse(reply.usage_chunk(usage(event[2], event[3])))
                     yield _sse("[DONE]")

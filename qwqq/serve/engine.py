@@ -31,6 +31,7 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: object = None  # the backend's compiled form of a request's GBNF grammar (engine.grammar), or None
 
 
 class Job:

@@ -66,13 +66,24 @@ class LlamaCppEngine:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return with_bos(tokens, self.llm.token_bos(), bool(self.llm._model.add_bos_token()))
 
+    def grammar(self, text: str):
+        """A request's GBNF grammar (llama-server's `grammar` field) for decode; ValueError if llama.cpp refuses it."""
+        import llama_cpp
+
+        grammar = llama_cpp.LlamaGrammar.from_string(text)
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, text.encode(), grammar._root.encode())
+        if not sampler:
+            raise ValueError("llama.cpp cannot parse this GBNF grammar")
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
     def decode(self, job: Job) -> None:
         p = job.params
         llm = self.llm
         llm.set_seed(p.seed)
         gen = llm.generate(p.tokens, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature,
                            repeat_penalty=1.0, presence_penalty=p.presence_penalty,
-                           frequency_penalty=p.frequency_penalty)
+                           frequency_penalty=p.frequency_penalty, grammar=p.grammar)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(p.stop)
         n, finish, first, last = 0, "length", None, None

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qwqq.serve.tools import template_arguments
+
 
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -42,11 +44,44 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None  # a previous turn's thinking (templates that keep it read this)
+    tool_calls: list[ToolCall] | None = None  # an earlier assistant turn's calls
+    tool_call_id: str | None = None  # a role "tool" message: the call it answers
+
+
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class ToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class Sampled(_Body):
@@ -63,6 +98,7 @@ class Sampled(_Body):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
+    grammar: str | None = None  # llama-server's extension: a GBNF grammar the output must follow
     stop: str | list[str] | None = None
     n: int = 1
     logprobs: Any = None
@@ -79,8 +115,21 @@ class ChatRequest(Sampled):
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_format: Literal["deepseek", "reasoning", "none"] | None = None  # llama-server's per-request override
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; Qwen's templates do not read it
+
+    def calling(self) -> bool:
+        """Tools offered and the model allowed to call them: the template gets them, the answer is parsed."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced(self) -> str | None:
+        """The function a call is required of ("" any, tool_choice "required"), None: the model chooses."""
+        if not self.calling():
+            return None
+        if isinstance(self.tool_choice, ToolChoice):
+            return self.tool_choice.function.name
+        return "" if self.tool_choice == "required" else None
 
 
 class CompletionRequest(Sampled):
@@ -113,8 +162,15 @@ def _refuse_unsupported(req: Sampled) -> None:
         raise APIError(400, "only n=1 is supported", param="n")
     if req.logprobs not in (None, False, 0):
         raise APIError(400, "logprobs are not supported", param="logprobs")
-    if isinstance(req, ChatRequest) and req.tools and req.tool_choice != "none":
-        raise APIError(400, "tool calls are not supported by this server yet", param="tools")
+    if isinstance(req, ChatRequest):
+        if req.tool_choice not in (None, "none") and not req.tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        names = [t.function.name for t in req.tools or []]
+        if len(set(names)) != len(names):
+            raise APIError(400, "tools: two functions have the same name", param="tools")
+        if isinstance(req.tool_choice, ToolChoice) and req.tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice names {req.tool_choice.function.name!r}, which is not among the tools",
+                           param="tool_choice")
     if isinstance(req, CompletionRequest):
         if req.echo or req.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
@@ -136,6 +192,8 @@ def template_messages(req: ChatRequest) -> list[dict]:
                                param=f"messages.{i}.content")
             d["content"] = "".join(p.text or "" for p in m.content)
         d.setdefault("content", "")
+        for call in d.get("tool_calls") or []:  # Qwen's templates read the arguments as a mapping
+            call["function"]["arguments"] = template_arguments(call["function"]["arguments"])
         out.append(d)
     return out
 
