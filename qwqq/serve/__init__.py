@@ -2,8 +2,10 @@
 
     options.py   ServeOptions and their checks; the API key read from --api-key / --api-key-file
     protocol.py  the OpenAI request bodies (pydantic), APIError, the response and stream-chunk shapes
+    tools.py     Qwen's tool calls (JSON and XML forms, the form found in the chat template) parsed to tool_calls
+    answer.py    the output as a chat message or stream deltas: <think> split, then tool calls
     engine.py    Job, GenParams, Scheduler: a bounded queue and one worker thread decoding one job at a time
-    llamacpp.py  decoding one job on llama-cpp-python: sampling, stop strings, EOS, usage, cancellation
+    llamacpp.py  decoding one job on llama-cpp-python: sampling, grammar, stop strings, EOS, usage, cancellation
     metrics.py   the counters behind /metrics, in Prometheus' text format
     app.py       the FastAPI application: routes, Bearer key, errors as OpenAI error JSON, SSE streams
     server.py    serve(): fit ctx / KV / GPU layers as `qwqq run` does, bind, load in the background, run uvicorn
