@@ -9,7 +9,10 @@ placement; qwqq.run.backends.llamacpp_buft hands the patterns to llama.cpp.
 
 from __future__ import annotations
 
+import re
+
 from qwqq.errors import QwqqError
+from qwqq.gguf.reader import read_gguf
 
 EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 ALL = -1  # LoadOptions.n_cpu_moe: every layer's experts (--cpu-moe)
@@ -42,6 +45,16 @@ def check_layers(n_cpu_moe: int, n_layers: int, expert_tensors: int, path) -> No
     if n_cpu_moe > n_layers:
         raise QwqqError(f"--n-cpu-moe {n_cpu_moe}: the model has {n_layers} layers; give 0 to {n_layers} "
                         "(or --cpu-moe for all)", path)
+
+
+def check_file(path, n_cpu_moe: int) -> None:
+    """check_layers against a GGUF's own block_count and expert tensors (its header only)."""
+    if not n_cpu_moe:
+        return
+    g = read_gguf(path)
+    names = re.compile(r"^blk\.\d+" + EXPS_REGEX)
+    check_layers(n_cpu_moe, int(g.arch_value("block_count", 0) or 0), sum(1 for t in g.tensors if names.search(t.name)),
+                 path)
 
 
 def describe(n_cpu_moe: int) -> str:

@@ -13,6 +13,7 @@ from typing import Callable
 from rich.console import Console
 
 from qwqq.errors import QwqqError
+from qwqq.run import experts
 from qwqq.run.backends import LoadOptions, pick_backend
 from qwqq.run.chat import RunOptions, experts_line, fitted_settings, placement
 from qwqq.run.sampling import default_sampling
@@ -58,6 +59,7 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
                           kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug,
                           n_cpu_moe=opts.n_cpu_moe, cpu_moe=opts.cpu_moe)
     settings = fitted_settings(run_opts, backend.name, err)
+    experts.check_file(opts.model, settings["n_cpu_moe"])  # a bad N: one line before anything is bound
 
     import uvicorn
 

@@ -17,7 +17,6 @@ from collections import deque
 from pathlib import Path
 from typing import Iterator
 
-from qwqq.gguf.reader import read_gguf
 from qwqq.run import experts
 from qwqq.run.backends import LoadOptions
 from qwqq.run.backends.llamacpp_buft import overridden_load
@@ -191,12 +190,7 @@ class LlamaCppBackend:
 
 def expert_patterns(path: Path, n_cpu_moe: int) -> list[str]:
     """llama.cpp's --n-cpu-moe / --cpu-moe patterns for this file, after checking N against its layers."""
-    if not n_cpu_moe:
-        return []
-    g = read_gguf(path)
-    names = re.compile(r"^blk\.\d+" + experts.EXPS_REGEX)
-    experts.check_layers(n_cpu_moe, int(g.arch_value("block_count", 0) or 0),
-                         sum(1 for t in g.tensors if names.search(t.name)), path)
+    experts.check_file(path, n_cpu_moe)
     return experts.expert_patterns(n_cpu_moe)
 
 
