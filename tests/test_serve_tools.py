@@ -315,19 +315,14 @@ def test_json_form_tool_choice_and_malformed_calls(json_server):
                           extra_body=forced('{"city": "Oslo"}}\n</tool_call>'))
     assert streamed["calls"] == [("get_weather", {"city": "Oslo"})] and streamed["finish"] == "tool_calls"
     # none: the tools are not shown and the output is not parsed
-    said = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    said = '<tool_call>\n{"name": "get_time"}\n</tool_call>'
     r = c.chat.completions.create(**kw, tool_choice="none", extra_body=forced(said))
     assert r.choices[0].message.content == said and not r.choices[0].message.tool_calls
     assert r.usage.prompt_tokens < 60  # no tools in the system turn
-    # a call the model botches is content, not an error
-    bad = 'Hmm <tool_call>\n{"name": "get_weather", "arguments": {"city": </tool_call>'
-    for streamed_too in (False, True):
-        if streamed_too:
-            got, _ = _stream(c, **kw, extra_body=forced(bad))
-            assert got["content"] == bad and got["calls"] == [] and got["finish"] == "stop"
-        else:
-            r = c.chat.completions.create(**kw, extra_body=forced(bad))
-            assert r.choices[0].message.content == bad and r.choices[0].finish_reason == "stop"
+    # a call the model botches is content, not an error (streamed: held back until it proved malformed)
+    bad = 'Hmm <tool_call>\n{"name": "get_time", "arguments": {</tool_call>'
+    got, _ = _stream(c, **kw, extra_body=forced(bad))
+    assert got["content"] == bad and got["calls"] == [] and got["finish"] == "stop"
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(**kw, tool_choice={"type": "function", "function": {"name": "nope"}})
     assert "not among the tools" in e.value.body["message"]
@@ -339,16 +334,16 @@ def test_json_form_tool_choice_and_malformed_calls(json_server):
 @pytest.mark.slow
 def test_xml_form_with_thinking_streamed_and_not_and_a_round_trip(xml_server):
     c = xml_server.client()
-    said = ("Paris weather.\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    said = ("Hm.\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
             "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
     kw = dict(model="smol-qwen35", messages=USER, tools=[WEATHER, TIME], temperature=0, max_tokens=90,
               extra_body=forced(said))
     streamed, chunks = _stream(c, **kw)
-    assert streamed == {"content": "", "reasoning": "Paris weather.", "calls": [("get_weather", {"city": "Paris", "days": 2})],
+    assert streamed == {"content": "", "reasoning": "Hm.", "calls": [("get_weather", {"city": "Paris", "days": 2})],
                         "finish": "tool_calls"}
     r = c.chat.completions.create(**kw)
     msg = r.choices[0].message
-    assert msg.reasoning_content == "Paris weather." and msg.content is None and r.choices[0].finish_reason == "tool_calls"
+    assert msg.reasoning_content == "Hm." and msg.content is None and r.choices[0].finish_reason == "tool_calls"
     assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}  # typed: days an integer
 
     history = [*USER, {"role": "assistant", "content": "", "tool_calls": [t.model_dump() for t in msg.tool_calls]},
