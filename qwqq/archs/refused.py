@@ -35,7 +35,8 @@ def refusal(config: dict | None = None, gguf_arch: str | None = None) -> str | N
     names = (config or {}).get("architectures")
     first = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
     text = (config or {}).get("text_config")
-    types = {(config or {}).get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
+    types = {t for t in ((config or {}).get("model_type"), text.get("model_type") if isinstance(text, dict) else None)
+             if isinstance(t, str)}  # a damaged config's model_type may be anything: its refusal comes later
     for r in REFUSED:
         if first in r.classes:
             named = f"architecture {first}"
