@@ -104,13 +104,11 @@ def atheris_child(target: str, seconds: int, workdir: Path, artifacts: Path) -> 
     import atheris
 
     with atheris.instrument_imports(include=["qwqq"]):
-        import qwqq.archs  # noqa: F401
-        import qwqq.gguf.reader  # noqa: F401
-        import qwqq.gguf.vocab  # noqa: F401
-        import qwqq.gguf.writer  # noqa: F401
-        import qwqq.gguf.quantize  # noqa: F401
-        import qwqq.gguf.plan  # noqa: F401
-        import qwqq.source  # noqa: F401
+        import importlib
+
+        for module in ("qwqq.archs", "qwqq.gguf.reader", "qwqq.gguf.vocab", "qwqq.gguf.writer", "qwqq.gguf.quantize",
+                       "qwqq.gguf.plan", "qwqq.source"):
+            importlib.import_module(module)
     from tests import fuzzing
 
     corpus = workdir / "corpus"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from qwqq.gguf.imatrix_file import read_imatrix
@@ -131,7 +130,6 @@ def truncated_gptq(tmp_path_factory, qwen2):
 @pytest.fixture(scope="module")
 def bits_mismatch_gptq(tmp_path_factory, truncated_gptq, qwen2):
     """A whole 4-bit GPTQ folder whose config says 8 bits."""
-    import shutil
 
     import torch
 

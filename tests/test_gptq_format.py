@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from qwqq.errors import OutputError
 from qwqq.gptq import checkpoint as gf
+from qwqq.gptq.linears import gptq_linear_names, is_gptq_linear
 from qwqq.gptq import packing
 from qwqq.source import open_checkpoint
 from tests import fixtures
@@ -204,7 +205,7 @@ def test_pack_is_fast_enough_for_a_real_layer():
 # --------------------------------------------------------------------------- what is quantized
 def test_linear_names_qwen3_moe():
     ckpt = open_checkpoint(fixtures.tiny_model_dir("qwen3_moe"))
-    names = gf.gptq_linear_names(ckpt)
+    names = gptq_linear_names(ckpt)
     experts = ckpt.config.get("num_experts", ckpt.config.get("num_local_experts"))
     assert len(names) == 2 * (4 + 3 * experts)
     assert "model.layers.1.mlp.experts.7.down_proj" in names and "model.layers.0.self_attn.o_proj" in names
@@ -355,7 +356,7 @@ def test_checkpoint_as_the_safetensors_library_sees_it(bits, tmp_path):
                 assert (t.dtype, tuple(t.shape)) == (dt, shape), f"{lin.name}.{k}"
             assert f"{lin.name}.weight" not in keys
         for ref in ckpt.tensors.values():
-            if not gf.is_gptq_linear(ref.name):
+            if not is_gptq_linear(ref.name):
                 t = st.get_tensor(ref.name)
                 assert t.dtype == torch.float16 and tuple(t.shape) == ref.shape
         for k in keys:

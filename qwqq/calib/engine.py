@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -38,7 +38,10 @@ from qwqq.calib import latent as latent_stats
 from qwqq.errors import QwqqError, SourceError, UnsupportedError
 from qwqq.source import Checkpoint, RowReader
 
-Observer = Callable[[list[str], "torch.Tensor"], None]  # noqa: F821
+if TYPE_CHECKING:
+    import torch
+
+Observer = Callable[[list[str], "torch.Tensor"], None]
 
 
 def pick_device(name: str | None = None):

@@ -28,8 +28,7 @@ from qwqq.outputs import atomic_output, fsync_dir
 from qwqq.progress import tensor_progress
 from qwqq.hf_folder import (Layout, ShardFiles, check_folder_output, copy_side_files, layout_shards,
                                      pwrite_all, side_files, write_json)
-from qwqq.gptq.linears import (GPTQLinear, TextNames, float_tensors, gptq_linear_names,  # noqa: F401 (re-exported)
-                                gptq_linears, is_gptq_linear, order_key, quantized, text_names)
+from qwqq.gptq.linears import GPTQLinear, TextNames, float_tensors, gptq_linears, order_key, quantized, text_names
 from qwqq.gptq.packing import FORMATS, GPTQ_BITS, PACKED, to_numpy, default_g_idx, linear_bytes, packed_shapes
 from qwqq.source import FLOAT_DTYPES, Checkpoint, RowReader, TensorRef, open_checkpoint
 
