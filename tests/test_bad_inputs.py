@@ -237,7 +237,7 @@ def case_config_fewer_layers_than_weights(c):
 
 def case_config_hidden_size_disagrees(c):
     m = _config(c, lambda d: d.update(hidden_size=320))
-    return m, "but config.json says vocab 151936 x hidden 320", (m, EMB)
+    return m, f"but config.json says vocab {fixtures.TINY_VOCAB_SIZE} x hidden 320", (m, EMB)
 
 
 def case_config_rope_scaling_garbage(c):

@@ -10,13 +10,13 @@ from qwqq.calib import engine as calibrate
 from qwqq.calib import imatrix as calib_imatrix
 from qwqq.calib import text as calib_text
 from qwqq.source import open_checkpoint
-from tests.fixtures import tiny_model_dir
+from tests.fixtures import TINY_BPE_TOKENS, tiny_model_dir
 
 ARCHS = ["qwen2", "qwen3", "qwen3_moe", "llama"]
 
 
 def _tokens(n_seq=3, seqlen=48, seed=0):
-    return np.random.default_rng(seed).integers(0, 150000, size=(n_seq, seqlen))
+    return np.random.default_rng(seed).integers(0, TINY_BPE_TOKENS, size=(n_seq, seqlen))
 
 
 def _direct_square_sums(model_dir, tokens):

@@ -10,7 +10,7 @@ import torch
 
 from qwqq.eval import metrics
 from qwqq.eval.harness import evaluate, windows_of
-from tests.fixtures import tiny_model_dir
+from tests.fixtures import TINY_BPE_TOKENS, TINY_VOCAB_SIZE, tiny_model_dir
 
 
 def _exact_kld(ref_logits, test_logits):
@@ -121,7 +121,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
     from qwqq.mlx.quantize import quantize_to_mlx
 
     folder = quantize_to_mlx(tiny_model_dir(arch), out=tmp_path / "m", progress=False, **opts).path
-    windows = np.random.default_rng(0).integers(0, 151000, (2, 32))
+    windows = np.random.default_rng(0).integers(0, TINY_BPE_TOKENS, (2, 32))
     ours = open_logits(folder, 32)
     assert ours.describe.startswith("mlx weights")
     got = np.stack([x.copy() for x in ours.logits(windows, 16)])
@@ -130,7 +130,7 @@ def test_mlx_folders_are_scored_on_the_weights_mlx_computes_with(arch, opts, tmp
     model.set_dtype(mx.float32)  # scales and biases widened first, exactly, as eval reads them
     dequantize_model(model)
     want = np.array(model(mx.array(windows.astype(np.int32)))[:, 16:31].astype(mx.float32))
-    assert got.shape == want.shape == (2, 15, 151936)
+    assert got.shape == want.shape == (2, 15, TINY_VOCAB_SIZE)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.ptp(want)))
 
 

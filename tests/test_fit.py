@@ -36,13 +36,19 @@ _DIR: list[Path] = []
 
 
 @functools.cache
-def quantized(arch: str, mixture: str) -> Path:
-    """A tiny fixture model quantized by qwqq (once per test process; shared with test_fit_llamacpp)."""
+def quantized(arch: str, mixture: str, vocab: str = "tiny") -> Path:
+    """A tiny fixture model quantized by qwqq (once per test process; shared with test_fit_llamacpp).
+    vocab="qwen": the tiny shapes with the real 151936-token vocabulary."""
     if not _DIR:
         _DIR.append(Path(tempfile.mkdtemp(prefix="qwqq-fit-")))
         atexit.register(shutil.rmtree, _DIR[0], True)
-    out = _DIR[0] / f"{arch}-{mixture}.gguf"
-    src = tiny_hybrid_dir(arch) if arch in HYBRID_ARCHS else fixtures.tiny_model_dir(arch)
+    out = _DIR[0] / f"{arch}-{mixture}-{vocab}.gguf"
+    if out.exists():
+        return out
+    if arch in HYBRID_ARCHS:
+        src = tiny_hybrid_dir(arch) if vocab == "tiny" else tiny_hybrid_dir(arch, vision=False, size="tiny-qwen-vocab")
+    else:
+        src = fixtures.tiny_model_dir(arch, vocab=vocab)
     quantize_to_gguf(src, MIXTURES[mixture], out=out, threads=2, progress=False)
     return out
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qwqq.gptq.solver import gptq_quantize, grid, rtn_quantize
+from tests.fixtures import TINY_BPE_TOKENS
 
 
 def _problem(out=256, inn=512, n=2048, seed=0):
@@ -95,7 +96,7 @@ def test_gptq_model_on_moe_reports_starved_experts():
     from tests.fixtures import tiny_model_dir
 
     ckpt = open_checkpoint(tiny_model_dir("qwen3_moe"))
-    tokens = np.random.default_rng(0).integers(0, 150000, size=(2, 64))
+    tokens = np.random.default_rng(0).integers(0, TINY_BPE_TOKENS, size=(2, 64))
     got = {}
     model = open_block_model(ckpt, torch.device("cpu"))
     reports = gptq_model(model, tokens, SolverSettings(min_expert_tokens=40),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qwqq.eval.harness import default_text, evaluate, windows_of
+from tests.fixtures import TINY_BPE_TOKENS, TINY_VOCAB_SIZE
 from tests.fixtures_hybrid import tiny_hybrid_dir
 
 CTX, TOKENS = 64, 256  # 4 windows, each scored on its last 31 positions
@@ -76,7 +77,7 @@ def test_mlx_qwen3_next_is_scored_on_the_weights_mlx_lm_computes_with(tmp_path):
     from qwqq.mlx.quantize import quantize_to_mlx
 
     folder = quantize_to_mlx(tiny_hybrid_dir("qwen3_next"), bits=8, out=tmp_path / "m", progress=False).path
-    windows = np.random.default_rng(0).integers(0, 151000, (1, 32))
+    windows = np.random.default_rng(0).integers(0, TINY_BPE_TOKENS, (1, 32))
     ours = open_logits(folder, 32)
     got = np.stack([x.copy() for x in ours.logits(windows, 16)])
     ours.close()
@@ -84,5 +85,5 @@ def test_mlx_qwen3_next_is_scored_on_the_weights_mlx_lm_computes_with(tmp_path):
     model.set_dtype(mx.float32)
     dequantize_model(model)
     want = np.array(model(mx.array(windows.astype(np.int32)))[:, 16:31].astype(mx.float32))
-    assert got.shape == want.shape == (1, 15, 151936)
+    assert got.shape == want.shape == (1, 15, TINY_VOCAB_SIZE)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.ptp(want)))
