@@ -11,6 +11,7 @@ import json
 import pytest
 
 from qwqq.archs import find_arch, hparams
+from qwqq.errors import QwqqError
 from qwqq.fit import candidate as C
 from qwqq.fit import memory as M
 from qwqq.fit import search as F
@@ -79,3 +80,28 @@ def test_fits_predicted_file_is_the_written_file(arch, tmp_path):
     out = quantize_to_gguf(src, resolve_mixture(type_name="Q4_K_M"), out=tmp_path / "q.gguf", progress=False,
                            threads=2).path
     assert out.stat().st_size == predicted
+
+
+@pytest.mark.slow
+def test_no_mtp_is_sized_as_quantize_no_mtp_writes_it(tmp_path):
+    """fit --no-mtp: the predicted file (a folder with weights: to the byte) is the one `quantize --no-mtp` writes;
+    from config.json alone the tensors are the same; the printed quantize line carries --no-mtp; a model
+    without MTP, a GGUF and the catalog ranking refuse it in one line."""
+    src = tiny_hybrid_dir("qwen3_5")
+    kept, left = models.resolve(str(src)), models.resolve(str(src), mtp=False)
+    out = quantize_to_gguf(prepare(src, mtp=False), resolve_mixture(type_name="Q4_K_M"), out=tmp_path / "q.gguf",
+                           progress=False, threads=2).path
+    assert out.stat().st_size == left.build("Q4_K_M").file_bytes < kept.build("Q4_K_M").file_bytes
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((src / "config.json").read_text())
+    by_config = models.resolve(str(config_only), mtp=False)
+    assert by_config.build("Q4_K_M").tensor_bytes == left.build("Q4_K_M").tensor_bytes
+    assert by_config.n_params == left.n_params < kept.n_params
+    hw = F.machine(vram=24)
+    best = next(c for c in F.run_fit(str(src), hw, C.Request(), ["Q4_K_M"], mtp=False).candidates if c.fits)
+    assert best.commands()["quantize"].endswith("--type Q4_K_M --no-mtp")
+    for spec, message in ((str(tiny_hybrid_dir("qwen3_next")) + "/../none.gguf", "written already"),
+                          ("QwQ-32B", "no multi-token-prediction"), (None, "name it")):
+        with pytest.raises(QwqqError, match=message):
+            F.run_fit(spec, hw, C.Request(), mtp=False)

@@ -100,7 +100,7 @@ class Candidate:
         m = self.model
         quantize = None
         if m.source != "gguf" and m.quantizable:
-            quantize = f"qwqq quantize {m.ref} --type {self.build.type_name}"
+            quantize = f"qwqq quantize {m.ref} --type {self.build.type_name}" + ("" if m.mtp else " --no-mtp")
         # every choice fit made, so that run and serve apply it rather than fit again (unsupported_by_run: the rest)
         placed = f" --ctx {self.ctx} --kv {self.kv}" + ("" if self.flash_attn else " --no-flash-attn")
         placed += f" --n-gpu-layers {self.ngl_flag}"

@@ -181,12 +181,15 @@ def machine(*, vram=None, ram=None, unified=None, gpus=None, profile=None, bandw
     return hwmod.with_free_memory(hwmod.detect())
 
 
-def run_fit(model_spec: str | None, hw: Hardware, req: Request, types: list[str] | None = None) -> Report:
+def run_fit(model_spec: str | None, hw: Hardware, req: Request, types: list[str] | None = None,
+            mtp: bool = True) -> Report:
     if req.ctx is not None and req.ctx < 1:
         raise QwqqError("--ctx must be a positive number of tokens")
     if req.min_ctx < 1:
         raise QwqqError("--min-ctx must be a positive number of tokens")
     kv_groups(req)  # validate --kv early
+    if model_spec is None and not mtp:
+        raise QwqqError("--no-mtp sizes one model without its multi-token-prediction block: name it (qwqq fit MODEL --no-mtp)")
     if model_spec is None:
         cands = fit_catalog(hw, req, types)
         if not cands:
@@ -201,7 +204,7 @@ def run_fit(model_spec: str | None, hw: Hardware, req: Request, types: list[str]
                 f"({smallest.model.name} {smallest.build.type_name}, ctx {smallest.ctx}) needs "
                 f"{_gib(smallest.total_bytes)} in all")
         return report
-    model = resolve(model_spec)
+    model = resolve(model_spec, mtp=mtp)
     cands = fit_model(model, hw, req, types)
     report = Report(hw, model, cands)
     if not any(c.fits for c in cands):

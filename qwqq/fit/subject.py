@@ -158,6 +158,7 @@ class Model:
     approximate: bool = False
     gguf_build: Build | None = None
     prepared: Prepared | None = None  # a local folder with weights, opened and mapped as quantize does
+    mtp: bool = True  # False: sized as `quantize --no-mtp` writes it, the multi-token-prediction blocks left out
     _builds: dict[str, Build] = field(default_factory=dict, repr=False)
 
     @property
@@ -168,7 +169,7 @@ class Model:
     def n_params(self) -> int:
         if self.gguf_build is not None:
             return self.gguf_build.n_params
-        return sum(prod(s) for _, s in self.shapes)
+        return sum(prod(s) for _, s in (self.shapes if self.mtp else without_mtp(self.shapes, self.dims.n_layer)))
 
     @property
     def quantizable(self) -> bool:
@@ -191,7 +192,8 @@ class Model:
                 plan = self.prepared.plan(MIXTURES[name])
                 header, exact = len(self.prepared.header(plan)), True
             else:
-                plan = make_plan(self.shapes, self.facts, MIXTURES[name])
+                shapes = self.shapes if self.mtp else without_mtp(self.shapes, self.dims.n_layer)
+                plan = make_plan(shapes, self.facts, MIXTURES[name])
                 header, exact = estimate_header_bytes(plan.tensors, self.dims.n_vocab), False
             tensors = [WeightTensor(t.name, t.shape, t.type, t.nbytes) for t in plan.tensors]
             self._builds[name] = Build(name, tensors, header, exact, plan.n_params)
@@ -205,21 +207,40 @@ def estimate_header_bytes(tensors, n_vocab: int) -> int:
     return padded(24 + infos + int(HEADER_BYTES_PER_TOKEN * n_vocab) + HEADER_FIXED)
 
 
+def without_mtp(shapes: list[tuple[str, tuple[int, ...]]], n_layer: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The GGUF tensors less the multi-token-prediction blocks (blk.<n_layer> on), as `quantize --no-mtp`
+    leaves them out."""
+    return [(n, s) for n, s in shapes if not (n.startswith("blk.") and int(n.split(".")[1]) >= n_layer)]
+
+
 # --------------------------------------------------------------------------- resolving a spec
-def resolve(spec: str) -> Model:
-    """A .gguf file, a local Hugging Face folder, a catalog model or a hub id (config.json only)."""
+def resolve(spec: str, mtp: bool = True) -> Model:
+    """A .gguf file, a local Hugging Face folder, a catalog model or a hub id (config.json only); `mtp` False:
+    sized without its multi-token-prediction blocks (`quantize --no-mtp`)."""
     p = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
+        if not mtp:
+            raise QwqqError(f"--no-mtp sizes a GGUF that quantize would write; {p.name} is written already")
         return from_gguf(p)
     if p.is_dir():
-        return from_folder(p)
+        return _no_mtp(from_folder(p, mtp), mtp)
     entry = find_catalog(spec)
     if entry is not None:
-        return from_catalog(entry)
+        return _no_mtp(from_catalog(entry), mtp)
     if HUB_ID.match(spec):
-        return from_config(hub_config(spec), spec.split("/")[-1], "hub", spec)
+        return _no_mtp(from_config(hub_config(spec), spec.split("/")[-1], "hub", spec), mtp)
     names = ", ".join(e.name for e in catalog())
     raise QwqqError(f"unknown model {spec!r}: not a .gguf file, a folder, a hub id (owner/name) or a catalog model ({names})")
+
+
+def _no_mtp(m: Model, mtp: bool) -> Model:
+    """`m` to be sized without its MTP blocks; one line when it has none (as quantize --no-mtp says)."""
+    if mtp or m.prepared is not None:  # a folder with weights: prepare() has left them out (or refused)
+        return m
+    if m.shapes is None or len(without_mtp(m.shapes, m.dims.n_layer)) == len(m.shapes):
+        raise QwqqError(f"{m.name} has no multi-token-prediction (MTP) layers to leave out: drop --no-mtp")
+    m.mtp = False
+    return m
 
 
 def from_catalog(e: CatalogEntry) -> Model:
@@ -238,7 +259,7 @@ def from_config(config: dict, name: str, source: str, ref: str, approximate: boo
         raise SourceError(f"config.json of {name} lacks {e.args[0]}") from None
 
 
-def from_folder(root: Path) -> Model:
+def from_folder(root: Path, mtp: bool = True) -> Model:
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise SourceError("no config.json in this folder", root)
@@ -251,7 +272,9 @@ def from_folder(root: Path) -> Model:
     has_weights = any(root.glob("*.safetensors"))
     if not has_weights:
         return from_config(config, root.name, "local", str(root))
-    return from_prepared(prepare(root))
+    m = from_prepared(prepare(root, mtp=mtp))
+    m.mtp = mtp
+    return m
 
 
 def from_prepared(src: Prepared) -> Model:
