@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 from bench.common import BENCH_CACHE, DOCS, RESULTS_DIR, Launcher, machine, prog, qwqq_command, qwqq_git, \
     replace_section
@@ -29,6 +30,7 @@ BLOCK = 128  # FP8 scale blocks
 # block scales cast to bfloat16, the shard written; the index rewritten without the scales.
 CAST = """
 import json, shutil, sys
+from pathlib import Path
 from safetensors.torch import load_file, save_file
 from tests.fixtures_deepseek import dequantize_fp8_blockwise
 import torch
@@ -144,21 +146,24 @@ def measure_tiny(mixture: str, repeat: int) -> tuple[dict, dict]:
     from tests.fixtures_deepseek import tiny_deepseek_dir
     from tests.test_imatrix import N_CTX, TEXT
 
-    src = tiny_deepseek_dir("fp8", mtp=True)
+    src = tiny_deepseek_dir("fp8", mtp=True, vocab="qwen")  # the real vocabulary: reads of embedding rows count
     tools, tree = fixtures.llama_cpp_tools(), fixtures.llama_cpp_tree()
     OUT.mkdir(parents=True, exist_ok=True)
     text = OUT / "calib.txt"
     text.write_text(TEXT)
     cast, gguf, im, theirs, ours = (OUT / n for n in ("bf16-cast", "bf16.gguf", "imatrix.gguf", "theirs.gguf",
                                                        "ours.gguf"))
-    conv_env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+    # the converter through tests/convert_launcher.py: the tiny model's cut tokenizer registered as qwen2
+    conv_env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "HF_HUB_OFFLINE": "1",
+                "QWQQ_TINY_TOKENIZER": str(fixtures.tiny_tokenizer_dir())}  # (unused with the real tokenizer)
+    launcher = Path(fixtures.__file__).with_name("convert_launcher.py")
     calib = ["--calib-tokens", str(2 * N_CTX), "--calib-seqlen", str(N_CTX)]
     steps = [  # (side, name, inputs, command, env)
         ("qwqq", "quantize --imatrix auto", [src], [*qwqq_command(), "quantize", str(src), "--type", mixture,
                                                     "--imatrix", "auto", *calib, "-o", str(ours), "--force", "-j", "2", "-q"], None),
         ("anchor", "fp8_cast_bf16.py", [src], [sys.executable, "-c", CAST, str(src), str(cast)], None),
         ("anchor", "convert_hf_to_gguf.py --outtype bf16", [cast],
-         [sys.executable, str(tree / "convert_hf_to_gguf.py"), "--outtype", "bf16", "--outfile", str(gguf), str(cast)],
+         [sys.executable, str(launcher), str(tree), "--outtype", "bf16", "--outfile", str(gguf), str(cast)],
          conv_env),
         ("anchor", "llama-imatrix", [gguf, text], [str(tools / "llama-imatrix"), "-m", str(gguf), "-f", str(text), "-o",
                                                    str(im), "-c", str(N_CTX), "-b", str(N_CTX), "--chunks", "2", "-t", "2",
@@ -210,7 +215,7 @@ def write_doc(res: dict) -> None:
           f"{s['imatrix'] / 1e9:.2f} GB, {res['mixture']} {s['output'] / 1e9:,.1f} GB. The anchor also needs "
           f"{(s['bf16'] + s['gguf_bf16']) / 1e12:.2f} TB of scratch space for its two intermediate copies; qwqq none.",
           "", "### Counted on a tiny DeepSeek FP8 release", "",
-          "tests/fixtures_deepseek.py (hidden 256, 4 layers, 8 experts, MTP layer, vocab 151936), each step a child "
+          "tests/fixtures_deepseek.py, vocab='qwen': hidden 256, 4 layers, 8 experts, MTP layer, vocab 151936 with the real tokenizer, each step a child "
           "process; its /proc/<pid>/io at exit, read_bytes and write_bytes less cancelled_write_bytes, after its "
           "input files were evicted from the page cache (fsync + POSIX_FADV_DONTNEED), so reads through mmap count. "
           "Predicted: the same formulas on the tiny config.", "",

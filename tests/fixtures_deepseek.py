@@ -88,7 +88,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.fixtures import TINY_VOCAB_SIZE, _build, _randomize, cache_root, tiny_tokenizer_dir
+from tests.fixtures import QWEN_VOCAB_SIZE, TINY_VOCAB_SIZE, _build, _randomize, cache_root, qwen_tokenizer_dir, tiny_tokenizer_dir
 
 DEEPSEEK_DTYPES = ("fp8", "bfloat16")
 
@@ -165,13 +165,19 @@ SHARDS = 2
 # ---------------------------------------------------------------- config
 
 
-def _config_json(fp8: bool, experts: int = 8) -> dict:
+def _tokenizer_dir(vocab: str) -> Path:
+    if vocab not in ("tiny", "qwen"):
+        raise ValueError(f"vocab must be 'tiny' or 'qwen', not {vocab!r}")
+    return tiny_tokenizer_dir() if vocab == "tiny" else qwen_tokenizer_dir()
+
+
+def _config_json(fp8: bool, experts: int = 8, vocab: str = "tiny") -> dict:
     """config.json of the checkpoint, in R1's layout (see the module docstring); `experts` routed experts."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tiny_tokenizer_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(_tokenizer_dir(vocab) / "tokenizer.json"))
     config = dict(_CONFIG, bos_token_id=tok.token_to_id("<|endoftext|>"), eos_token_id=tok.token_to_id("<|im_end|>"),
-                  n_routed_experts=experts)
+                  n_routed_experts=experts, vocab_size=TINY_VOCAB_SIZE if vocab == "tiny" else QWEN_VOCAB_SIZE)
     if fp8:
         config["quantization_config"] = QUANTIZATION_CONFIG
     return json.loads(json.dumps(dict(sorted(config.items()))))  # a deep copy: transformers edits rope_scaling in place
@@ -326,7 +332,7 @@ def _write_shards(tmp: Path, tensors: dict) -> None:
 # ---------------------------------------------------------------- the builder
 
 
-def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, experts: int = 8) -> Path:
+def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, experts: int = 8, vocab: str = "tiny") -> Path:
     """A tiny seeded random DeepSeek-V3 / R1 checkpoint in the real release's on-disk layout.
 
     ``dtype``: ``fp8`` (the release form: blockwise ``float8_e4m3fn`` weights with
@@ -363,13 +369,15 @@ def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, exper
     name = f"tiny-deepseek_v3-{dtype}-{'mtp' if mtp else 'nomtp'}-seed{seed}-r{RECIPE}"
     if experts != 8:  # another expert count (a multiple of n_group 4; bench/deepseek_experts.py), all else equal
         name += f"-e{experts}"
+    if vocab != "tiny":  # the real Qwen tokenizer and vocabulary (bench/deepseek_disk.py: reads of the embedding rows)
+        name += f"-{vocab}vocab"
 
     def build(tmp: Path) -> None:
         from transformers import GenerationConfig
 
-        config = _config_json(fp8, experts)
+        config = _config_json(fp8, experts, vocab)
         tensors = _release_tensors(_checkpoint_state(config, mtp, seed), fp8)
-        if config != _config_json(fp8, experts):
+        if config != _config_json(fp8, experts, vocab):
             raise RuntimeError("config.json was modified while building")
         allowed = {torch.bfloat16, torch.float32} | ({torch.float8_e4m3fn} if fp8 else set())
         if any(t.dtype not in allowed for t in tensors.values()):
@@ -381,7 +389,7 @@ def tiny_deepseek_dir(dtype: str = "fp8", mtp: bool = True, seed: int = 0, exper
             eos_token_id=[config["eos_token_id"], config["bos_token_id"]],  # <|im_end|>, <|endoftext|>
             pad_token_id=config["bos_token_id"],
         ).save_pretrained(str(tmp))
-        for f in tiny_tokenizer_dir().iterdir():
+        for f in _tokenizer_dir(vocab).iterdir():
             shutil.copy2(f, tmp / f.name)
 
     return _build(cache_root() / name, build)
