@@ -101,6 +101,16 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class VllmParsers:
+    """vLLM's --reasoning-parser and --tool-call-parser for the family's models whose name matches `pattern`
+    (matched as Sampling's; "": any model of the family); None: that model does not think / has no parser."""
+
+    pattern: str
+    reasoning: str | None
+    tool_call: str | None
+
+
+@dataclass(frozen=True)
 class Arch:
     """Everything qwqq knows about one model family. Each module under qwqq/archs/ builds one."""
 
@@ -134,6 +144,9 @@ class Arch:
     absorbed_inputs: tuple[tuple[str, str], ...] = ()
     hub_tensors: Callable[[dict], dict] | None = None  # config -> the release's tensors (hub name -> shape), for
     # fit's GPTQ sizes; None: the GGUF shapes mapped back (tensors.release_shapes)
+    vllm: tuple[VllmParsers, ...] = ()  # `qwqq serve --engine vllm`: its parsers by model name, first match wins
+    release_bytes_per_param: float = 2.0  # the published checkpoints' weights (bf16; an FP8 release: 1), when a
+    # config sized without its files does not say (no quantization_config)
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ import re
 
 import gguf
 
-from qwqq.archs.base import COMMON, Arch, Dims, Meta, MetaValue, Shapes, embedding_shapes, rope_params
+from qwqq.archs.base import COMMON, Arch, Dims, VllmParsers, Meta, MetaValue, Shapes, embedding_shapes, rope_params
 from qwqq.archs.tensors import GGUFTensor, Part
 from qwqq.errors import SourceError
 
@@ -161,4 +161,7 @@ ARCH = Arch(
     jobs=("gguf", "mlx", "calibrate"),
     absorbed_inputs=ABSORBED_INPUTS,
     left_out_note="the multi-token-prediction layer ({n} tensors) is left out, as llama.cpp's converter does",
+    # vLLM: R1 thinks (deepseek_r1); V3 does not; both write DeepSeek's own tool-call tokens (deepseek_v3)
+    vllm=(VllmParsers("r1", "deepseek_r1", "deepseek_v3"), VllmParsers("", None, "deepseek_v3")),
+    release_bytes_per_param=1.0,  # V3, R1, R1-0528, V3.1 are published in FP8 (block scales: under 0.1% more)
 )

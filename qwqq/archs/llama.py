@@ -4,7 +4,7 @@ converter does."""
 
 import gguf
 
-from qwqq.archs.base import Arch, decoder_dims, decoder_shapes
+from qwqq.archs.base import Arch, VllmParsers, decoder_dims, decoder_shapes
 
 ARCH = Arch(
     hf_class="LlamaForCausalLM",
@@ -18,4 +18,5 @@ ARCH = Arch(
     rope_dims_key=True,
     seventy_b_layers=80,
     seventy_b_needs_gqa=True,
+    vllm=(VllmParsers("r1distill|deepseekr1", "deepseek_r1", None),),  # DeepSeek-R1-Distill-Llama thinks
 )

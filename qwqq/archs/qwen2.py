@@ -2,7 +2,7 @@
 
 import gguf
 
-from qwqq.archs.base import Arch, Sampling, decoder_dims, decoder_shapes
+from qwqq.archs.base import Arch, Sampling, VllmParsers, decoder_dims, decoder_shapes
 
 ARCH = Arch(
     hf_class="Qwen2ForCausalLM",
@@ -17,5 +17,10 @@ ARCH = Arch(
     sampling=(
         Sampling("qwq", "QwQ", dict(temperature=0.6, top_p=0.95, top_k=40, min_p=0.0)),
         Sampling("r1distill|deepseekr1", "DeepSeek-R1-Distill", dict(temperature=0.6, top_p=0.95, top_k=0, min_p=0.0)),
+    ),
+    # vLLM: QwQ and the R1 distills think in <think> blocks (deepseek_r1); Qwen2.5 does not. All write JSON tool calls.
+    vllm=(
+        VllmParsers("qwq|r1distill|deepseekr1", "deepseek_r1", "hermes"),
+        VllmParsers("", None, "hermes"),
     ),
 )

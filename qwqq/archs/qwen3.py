@@ -2,7 +2,7 @@
 
 import gguf
 
-from qwqq.archs.base import Arch, Sampling, decoder_dims, decoder_shapes
+from qwqq.archs.base import Arch, Sampling, VllmParsers, decoder_dims, decoder_shapes
 
 THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 INSTRUCT = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
@@ -14,6 +14,13 @@ SAMPLING = (
     Sampling("qwen3", "Qwen3 thinking", THINKING, thinking=True),
     Sampling("qwen3", "Qwen3 non-thinking", INSTRUCT, thinking=False),
 )
+# vLLM: Qwen3-Coder writes XML tool calls and does not think; Qwen3-2507 Instruct never thinks; the rest think
+# (the qwen3 parser, which also takes an answer without a <think> block) and write JSON calls (hermes).
+VLLM = (
+    VllmParsers("coder", None, "qwen3_coder"),
+    VllmParsers("instruct2507|instruct", None, "hermes"),
+    VllmParsers("", "qwen3", "hermes"),
+)
 
 ARCH = Arch(
     hf_class="Qwen3ForCausalLM",
@@ -24,4 +31,5 @@ ARCH = Arch(
         mlp_bias=bool(config.get("mlp_bias")), output_tensor=output_tensor),
     dims=decoder_dims,
     sampling=SAMPLING,
+    vllm=VLLM,
 )

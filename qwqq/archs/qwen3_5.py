@@ -8,7 +8,7 @@ import functools
 import gguf
 
 from qwqq.archs import hybrid, hybrid_hub
-from qwqq.archs.base import COMMON, Arch, Sampling
+from qwqq.archs.base import COMMON, Arch, Sampling, VllmParsers
 
 META = tuple(m for m in COMMON if m.key != "block_count")  # block_count counts the MTP blocks: hybrid.meta
 # The Qwen3.5 / 3.6 / 3.8 cards (general tasks): thinking (the default) 1.0 / 0.95 / 20 / 0 with presence
@@ -19,6 +19,8 @@ SAMPLING = (
     Sampling("", "Qwen3.5+ non-thinking", dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5),
              thinking=False),
 )
+# vLLM: Qwen3.5 and later think (qwen3 parser) and write XML tool calls (qwen3_coder).
+VLLM = (VllmParsers("", "qwen3", "qwen3_coder"),)
 
 ARCH = Arch(
     hf_class="Qwen3_5ForConditionalGeneration",
@@ -39,4 +41,5 @@ ARCH = Arch(
     gated_attention=True,
     check=hybrid.check,
     sampling=SAMPLING,
+    vllm=VLLM,
 )

@@ -32,4 +32,5 @@ ARCH = Arch(
     gated_attention=True,
     check=hybrid.check,
     sampling=qwen3_5.SAMPLING,  # Qwen3.5 / 3.6 MoE: the same cards
+    vllm=qwen3_5.VLLM,
 )

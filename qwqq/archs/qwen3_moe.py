@@ -19,4 +19,5 @@ ARCH = Arch(
     meta=COMMON + MOE,
     moe=True,
     sampling=qwen3.SAMPLING,  # Qwen3-30B-A3B / 235B-A22B and their 2507 releases: the same cards
+    vllm=qwen3.VLLM,  # Qwen3-Coder-30B-A3B / 480B-A35B are this family
 )

@@ -8,7 +8,7 @@ import functools
 import gguf
 
 from qwqq.archs import hybrid, hybrid_hub
-from qwqq.archs.qwen3 import INSTRUCT, THINKING
+from qwqq.archs.qwen3 import INSTRUCT, THINKING, VLLM
 from qwqq.archs.base import COMMON, MOE, Arch, Meta, Sampling
 
 META = tuple(m for m in COMMON if m.key != "block_count") + MOE + (
@@ -39,4 +39,5 @@ ARCH = Arch(
     gated_attention=True,
     check=hybrid.check,
     sampling=SAMPLING,
+    vllm=VLLM,  # Qwen3-Next Thinking / Instruct as Qwen3's, Qwen3-Coder-Next as Qwen3-Coder's
 )
