@@ -258,7 +258,7 @@ def run(
 # ---------------------------------------------------------------- serve
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="A .gguf file (served with llama.cpp)."),
+    model: Path = typer.Argument(..., help="A .gguf file (served with llama.cpp); with --engine vllm a GPTQ or unquantized folder, or a hub id."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Default: this machine only; 0.0.0.0 for every interface."),
     port: int = typer.Option(8000, "--port", help="TCP port (0: any free one, said on start-up)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Clients must send Authorization: Bearer KEY (/health stays public)."),
@@ -273,6 +273,13 @@ def serve(
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
     reasoning_format: str = typer.Option("deepseek", "--reasoning-format", help="Where the <think> block goes: deepseek (message.reasoning_content, as llama-server and DeepSeek's API), reasoning (message.reasoning, vLLM's newer name) or none (left inline in content)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait while one is decoded; more get 503 with Retry-After."),
+    engine: str = typer.Option("llama.cpp", "--engine", help="llama.cpp (a GGUF, qwqq's own server) or vllm (vLLM's OpenAI server: GPTQ or unquantized folders, one or more GPUs or nodes, or its CPU build)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="vllm: the GPUs of each node, GiB each (2x24, 8x80): tensor parallel over them. Default: --profile or this machine's."),
+    nodes: int = typer.Option(1, "--nodes", help="vllm: machines, pipeline parallel over them; without --node-rank, print each node's command."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="vllm with --nodes: start this node's part (0 serves the API, the others are headless workers)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="vllm with --nodes: node 0's address, reachable from every node (an isolated network: the traffic is not encrypted)."),
+    master_port: int = typer.Option(29501, "--master-port", help="vllm with --nodes: node 0's port for the other nodes."),
+    vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="vllm: a Python that has vLLM (e.g. the CPU build's venv/bin/python). Default: this one, if it can import vllm."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
 
@@ -280,6 +287,21 @@ def serve(
     """
     from qwqq.serve import serve as serve_model
     from qwqq.serve.options import ServeOptions
+
+    if engine.lower() == "vllm":  # vLLM's own server, told what fit and the model's family decide (qwqq/serve/vllm.py)
+        from qwqq.serve.vllm import VllmOptions, serve_vllm
+
+        if n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe or threads or not flash_attn:
+            _fail("--n-gpu-layers, --n-cpu-moe, --cpu-moe, --threads and --no-flash-attn are llama.cpp's; vLLM places the model itself", 2)
+        vopts = VllmOptions(model=str(model), host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
+                            kv=kv.lower() if kv else None, gpus=gpus, profile=profile, nodes=nodes, node_rank=node_rank,
+                            master_addr=master_addr, master_port=master_port, vllm_python=vllm_python,
+                            reasoning_format=reasoning_format.lower(), debug=_state["debug"])
+        raise typer.Exit(_guard(serve_vllm, vopts, say=lambda line: err.print(line, markup=False, highlight=False)) or 0)
+    if engine.lower() not in ("llama.cpp", "llamacpp"):
+        _fail(f"unknown --engine {engine!r}; choose llama.cpp or vllm", 2)
+    if gpus or nodes != 1 or node_rank is not None or master_addr or vllm_python:
+        _fail("--gpus, --nodes, --node-rank, --master-addr and --vllm-python go with --engine vllm", 2)
 
     opts = ServeOptions(model=model, host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                         kv=kv.lower() if kv else None, n_gpu_layers=n_gpu_layers, profile=profile, threads=threads,
