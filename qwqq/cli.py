@@ -272,7 +272,9 @@ def serve(
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (needed for a quantized KV cache)."),
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
     reasoning_format: str = typer.Option("deepseek", "--reasoning-format", help="Where the <think> block goes: deepseek (message.reasoning_content, as llama-server and DeepSeek's API), reasoning (message.reasoning, vLLM's newer name) or none (left inline in content)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait while one is decoded; more get 503 with Retry-After."),
+    parallel: int = typer.Option(4, "--parallel", "-np", help="Slots: requests decoded together in one batch (continuous batching on one llama.cpp context, as llama-server's --parallel; 4, its auto)."),
+    kv_unified: bool = typer.Option(True, "--kv-unified/--no-kv-unified", help="One KV pool shared by the slots: each request may use the whole context, together no more (llama-server's auto). --no-kv-unified: each slot gets ctx / parallel of its own, and a request's tokens no longer depend on what else is decoded with it."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a free slot; more get 503 with Retry-After."),
     engine: str = typer.Option("llama.cpp", "--engine", help="llama.cpp (a GGUF, qwqq's own server) or vllm (vLLM's OpenAI server: GPTQ or unquantized folders, one or more GPUs or nodes, or its CPU build)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="vllm: the GPUs of each node, GiB each (2x24, 8x80): tensor parallel over them. Default: --profile or this machine's."),
     nodes: int = typer.Option(1, "--nodes", help="vllm: machines, pipeline parallel over them; without --node-rank, print each node's command."),
@@ -283,7 +285,7 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
 
-    Requests are decoded one at a time on one llama.cpp context, the others queued; a client that disconnects is cancelled. Needs pip install "qwqq\\[serve]".
+    Up to --parallel requests are decoded together, each step one llama.cpp batch; the others wait for a slot. A client that disconnects is cancelled and its slot freed. Needs pip install "qwqq\\[serve]".
     """
     from qwqq.serve import serve as serve_model
     from qwqq.serve.options import ServeOptions
@@ -306,7 +308,8 @@ def serve(
     opts = ServeOptions(model=model, host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                         kv=kv.lower() if kv else None, n_gpu_layers=n_gpu_layers, profile=profile, threads=threads,
                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, flash_attn=flash_attn,
-                        reasoning_format=reasoning_format.lower(), max_queue=max_queue, debug=_state["debug"])
+                        reasoning_format=reasoning_format.lower(), parallel=parallel, kv_unified=kv_unified, max_queue=max_queue,
+                        debug=_state["debug"])
     _guard(serve_model, opts, say=lambda line: err.print(line, markup=False, highlight=False))
 
 

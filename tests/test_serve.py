@@ -1,6 +1,6 @@
 """`qwqq serve` as a client sees it: the real server in a subprocess on a free loopback port, serving real
 SmolLM2-135M-Instruct (Q4_1), driven with the official `openai` client (raw HTTP only for bodies the client
-will not send). Two servers per module: one with an API key and a queue of one, one on a copy of the model
+will not send). Two servers per module: one with an API key, one slot and a queue of one, one on a copy of the model
 whose chat template opens <think> itself (as QwQ's and Qwen3.5's do). The pure pieces are tested first."""
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def server(smollm2_gguf, tmp_path_factory):
     pytest.importorskip("openai")
     d = tmp_path_factory.mktemp("serve")
     (d / "key.txt").write_text(KEY + "\n")
-    s = start_server(Path(smollm2_gguf), d / "server.log", "--api-key-file", str(d / "key.txt"), "--max-queue", "1")
+    s = start_server(Path(smollm2_gguf), d / "server.log", "--api-key-file", str(d / "key.txt"), "--max-queue", "1",
+                     "--parallel", "1")
     yield s
     s.stop()
 

@@ -1,21 +1,20 @@
-"""Decoding one job on llama-cpp-python's `Llama` (the model qwqq.run.backends.llamacpp loads).
+"""The llama-cpp-python layer under the batch engine (qwqq.serve.batch).
 
-Token by token through `Llama.generate`, which keeps the context between calls and reuses the longest
-common prefix of the previous prompt (a chat's earlier turns are not evaluated again). Here: the
-sampler settings and seed, EOS (any end-of-generation token), stop strings (held back while they may
-still be starting), UTF-8 split across tokens, max_tokens, exact token counts, and a cancel flag
-looked at before each token. Stopping between tokens leaves the context consistent (the last sampled
-token is not evaluated yet), so the next request still reuses its prefix.
+`LlamaCppEngine` wraps the model `qwqq.run.backends.llamacpp` loaded: it tokenizes (safe from any
+thread: llama.cpp's tokenizer only reads the vocabulary), checks a request's GBNF grammar, and swaps the
+`Llama`'s own context for one whose KV cache holds `parallel` sequences (n_seq_max; one unified pool, as
+llama-server's default, or a share of the context per sequence, as its --parallel N --no-kv-unified). `sampler_chain` builds one request's llama_sampler chain; `StopMatcher` holds
+back text that may be the start of a stop string.
 """
 
 from __future__ import annotations
 
-import codecs
-import time
+import contextlib
 
 from qwqq.run.template import with_bos
-from qwqq.serve.engine import Job
-from qwqq.serve.metrics import Metrics
+from qwqq.serve.engine import GenParams
+
+PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (llama-cpp-python's default)
 
 
 class StopMatcher:
@@ -51,74 +50,81 @@ def _partial(text: str, stop: str) -> int:
 
 
 class LlamaCppEngine:
-    """Tokenizes (safe from any thread: llama.cpp's tokenizer only reads the vocabulary) and decodes
-    (on the scheduler's worker thread only)."""
+    """The loaded model with a context for `parallel` sequences. Everything but tokens() and grammar()
+    (and the text of a token) is for the decode loop's thread only."""
 
-    def __init__(self, model, metrics: Metrics):
+    def __init__(self, model, parallel: int = 1, unified: bool = True):
         import llama_cpp
 
-        self.model, self.llm, self.metrics = model, model.llm, metrics
-        self._is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, t))
-        self.n_ctx = self.llm.n_ctx()
+        self.model, self.llm = model, model.llm
+        self.vocab = self.llm._model.vocab
+        self.parallel = parallel
+        self.ctx = _shared_context(self.llm, parallel, unified)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        # What one slot may use, as llama-server's n_ctx_slot: the whole context when the KV cells are one
+        # pool shared by the slots, else its share; never more than the model's training length.
+        self.n_ctx = min(llama_cpp.llama_n_ctx_seq(self.ctx), self.llm._model.n_ctx_train() or 1 << 30)
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
 
     def tokens(self, text: str) -> list[int]:
         """A rendered chat prompt or a raw completion prompt: special tokens parsed, BOS as the model wants."""
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return with_bos(tokens, self.llm.token_bos(), bool(self.llm._model.add_bos_token()))
 
+    def piece(self, token: int) -> bytes:
+        return self.llm.detokenize([token])
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
     def grammar(self, text: str):
         """A request's GBNF grammar (llama-server's `grammar` field) for decode; ValueError if llama.cpp refuses it."""
         import llama_cpp
 
-        grammar = llama_cpp.LlamaGrammar.from_string(text)
-        sampler = llama_cpp.llama_sampler_init_grammar(self.llm._model.vocab, text.encode(), grammar._root.encode())
+        grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode(), grammar._root.encode())
         if not sampler:
             raise ValueError("llama.cpp cannot parse this GBNF grammar")
         llama_cpp.llama_sampler_free(sampler)
         return grammar
 
-    def decode(self, job: Job) -> None:
-        p = job.params
-        llm = self.llm
-        llm.set_seed(p.seed)
-        gen = llm.generate(p.tokens, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature,
-                           repeat_penalty=1.0, presence_penalty=p.presence_penalty,
-                           frequency_penalty=p.frequency_penalty, grammar=p.grammar)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(p.stop)
-        n, finish, first, last = 0, "length", None, None
-        try:
-            for token in gen:
-                if job.cancelled.is_set():
-                    finish = None
-                    break
-                last = time.monotonic()
-                if first is None:
-                    first = last
-                    self.metrics.first_token(first - job.arrived)
-                if self._is_eog(token):
-                    finish = "stop"
-                    break
-                n += 1
-                text, hit = stops.feed(utf8.decode(llm.detokenize([token])))
-                if text:
-                    job.emit("text", text)
-                if hit:
-                    finish = "stop"
-                    stops = None
-                    break
-                if n >= p.max_tokens:
-                    break
-        except BaseException:
-            llm.reset()  # a failure inside llama.cpp may leave the context half-updated: start the next one afresh
-            raise
-        finally:
-            gen.close()
-            self.metrics.finished(len(p.tokens), n, (last - first) if first is not None else 0.0)
-        if finish is None:
-            return  # cancelled: nobody is listening
-        if stops is not None:
-            tail = stops.flush() + utf8.decode(b"", final=True)
-            if tail:
-                job.emit("text", tail)
-        job.emit("done", finish, len(p.tokens), n)
+
+def _shared_context(llm, parallel: int, unified: bool):
+    """Replace the Llama's context (freed first, so its KV memory is not held twice) by one with the same
+    settings whose KV cache holds `parallel` sequences: one unified pool of n_ctx cells, or n_ctx / parallel
+    cells of its own for each."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_seq_max = parallel
+    params.kv_unified = unified
+    llm._ctx.close()
+    ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+    llm._ctx = llm._stack.enter_context(contextlib.closing(ctx))
+    return ctx.ctx
+
+
+def sampler_chain(p: GenParams, vocab):
+    """One request's sampler, in llama-cpp-python's order: penalties, grammar, then greedy (temperature 0)
+    or top_k, top_p, min_p, temperature and a draw seeded with the request's seed. Free it with
+    llama_sampler_free."""
+    import llama_cpp as L
+
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    parts = []
+    if p.presence_penalty or p.frequency_penalty:
+        parts.append(L.llama_sampler_init_penalties(PENALTY_LAST_N, 1.0, p.frequency_penalty, p.presence_penalty))
+    if p.grammar is not None:
+        parts.append(L.llama_sampler_init_grammar(vocab, p.grammar._grammar.encode(), p.grammar._root.encode()))
+    if p.temperature <= 0:
+        parts.append(L.llama_sampler_init_greedy())
+    else:
+        parts += [L.llama_sampler_init_top_k(p.top_k), L.llama_sampler_init_top_p(p.top_p, 1),
+                  L.llama_sampler_init_min_p(p.min_p, 1), L.llama_sampler_init_temp(p.temperature),
+                  L.llama_sampler_init_dist(p.seed)]
+    for part in parts:
+        L.llama_sampler_chain_add(chain, part)  # the chain owns it from here
+    return chain

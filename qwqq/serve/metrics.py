@@ -18,7 +18,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class Metrics:
     def __init__(self, depth: Callable[[], int] = lambda: 0, running: Callable[[], int] = lambda: 0):
-        self._depth, self._running = depth, running
+        self._depth, self._running, self._slots = depth, running, lambda: 0
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.prompt_tokens = 0
@@ -29,9 +29,9 @@ class Metrics:
         self.decode_tokens, self.decode_seconds = 0, 0.0
         self.last_decode_rate = 0.0
 
-    def watch(self, depth: Callable[[], int], running: Callable[[], int]) -> None:
-        """Where the queue depth and the running count are read from (the scheduler, once loaded)."""
-        self._depth, self._running = depth, running
+    def watch(self, depth: Callable[[], int], running: Callable[[], int], slots: Callable[[], int] = lambda: 1) -> None:
+        """Where the queue depth, the running count and the number of slots are read from (the scheduler, once loaded)."""
+        self._depth, self._running, self._slots = depth, running, slots
 
     def request(self, route: str, status: int) -> None:
         with self._lock:
@@ -73,8 +73,9 @@ class Metrics:
             metric("qwqq_tokens_generated_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
             metric("qwqq_requests_cancelled_total", "counter", "Requests whose client went away before the end.",
                    [("", self.cancelled)])
-            metric("qwqq_queue_depth", "gauge", "Requests waiting for the model.", [("", self._depth())])
-            metric("qwqq_requests_running", "gauge", "Requests being decoded.", [("", self._running())])
+            metric("qwqq_queue_depth", "gauge", "Requests waiting for a free slot.", [("", self._depth())])
+            metric("qwqq_requests_running", "gauge", "Requests being decoded (slots in use).", [("", self._running())])
+            metric("qwqq_slots", "gauge", "Slots: requests that can be decoded together in one batch.", [("", self._slots())])
             cumulative = [(f'{{le="{_num(le)}"}}', n) for le, n in zip(TTFT_BUCKETS, self.ttft_buckets)]
             metric("qwqq_time_to_first_token_seconds", "histogram",
                    "Seconds from a request's arrival to its first generated token.", [])

@@ -13,6 +13,7 @@ REASONING_FORMATS = ("deepseek", "reasoning", "none")
 # The message / delta field the thinking goes into, by --reasoning-format ("none": left inline in content).
 REASONING_FIELD = {"deepseek": "reasoning_content", "reasoning": "reasoning"}
 KV_TYPES = ("f16", "q8_0", "q4_0")
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 MAX_BODY = 16 << 20  # bytes of one request body; more is a 413
 INSTALL_HINT = 'install the server with: pip install "qwqq[serve]"'
 
@@ -32,7 +33,9 @@ class ServeOptions:
     profile: str | None = None
     threads: int = 0
     reasoning_format: str = "deepseek"
-    max_queue: int = 64  # requests waiting behind the one being decoded; more get 503 + Retry-After
+    parallel: int = 4  # slots: sequences decoded together in one batch (llama-server's --parallel; its auto is 4)
+    kv_unified: bool = True  # one KV pool shared by the slots (each may use all of ctx); False: ctx / parallel each
+    max_queue: int = 64  # requests waiting for a free slot; more get 503 + Retry-After
     flash_attn: bool = True
     debug: bool = False
     max_body: int = MAX_BODY
@@ -54,6 +57,8 @@ def check_options(opts: ServeOptions) -> None:
         raise QwqqError(f"--port {opts.port} is not a TCP port (0-65535; 0: any free one)")
     if opts.max_queue < 0:
         raise QwqqError("--max-queue must be 0 or more")
+    if not 1 <= opts.parallel <= MAX_PARALLEL:
+        raise QwqqError(f"--parallel must be 1 to {MAX_PARALLEL} (llama.cpp's most sequences in one context)")
     if opts.threads < 0:
         raise QwqqError("--threads must be 0 (all cores) or more")
     if opts.kv not in (None, "f16") and not opts.flash_attn:

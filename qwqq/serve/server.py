@@ -46,6 +46,13 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
+def slots_line(opts: ServeOptions) -> str:
+    if opts.parallel == 1:
+        return "one request decoded at a time"
+    share = "sharing one KV pool" if opts.kv_unified else "each with its share of the KV cache"
+    return f"{opts.parallel} slots decoded in one batch, {share}"
+
+
 def describe(settings: dict, has_gpu_layers: bool) -> str:
     return placement(settings, has_gpu_layers)
 
@@ -86,10 +93,11 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
         loaded.append(model)
         _ready(state, model)
         moved = f", {experts_line(settings['n_cpu_moe'], model.overridden)}" if settings["n_cpu_moe"] else ""
-        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{moved}, loaded in {time.monotonic() - start:.1f} s")
+        per = " per slot" if opts.parallel > 1 else ""
+        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}, loaded in {time.monotonic() - start:.1f} s")
 
     gpu = bool(settings["n_gpu_layers"]) and _gpu_offload()
-    say(f"serving {name} (llama.cpp) at {url_of(sock)}: {describe(settings, gpu)}; one request decoded at a time, "
+    say(f"serving {name} (llama.cpp) at {url_of(sock)}: {describe(settings, gpu)}; {slots_line(opts)}, "
         f"up to {opts.max_queue} waiting; {'API key required' if key else 'no API key'}; loading…")
     loader = threading.Thread(target=load, name="qwqq-serve-load", daemon=True)
     loader.start()
@@ -108,12 +116,12 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
 
 def _ready(state, model) -> None:
     """The loaded model behind the routes: engine, sampling defaults, template variables, worker started."""
-    from qwqq.serve.engine import Scheduler
+    from qwqq.serve.batch import BatchScheduler
     from qwqq.serve.llamacpp import LlamaCppEngine
 
-    engine = LlamaCppEngine(model, state.metrics)
-    scheduler = Scheduler(engine.decode, state.opts.max_queue, on_cancel=state.metrics.cancel)
-    state.metrics.watch(depth=lambda: scheduler.depth, running=lambda: int(scheduler.running is not None))
+    engine = LlamaCppEngine(model, state.opts.parallel, state.opts.kv_unified)
+    scheduler = BatchScheduler(engine, state.opts.max_queue, state.metrics)
+    state.metrics.watch(depth=lambda: scheduler.depth, running=lambda: scheduler.running, slots=lambda: len(scheduler.slots))
     state.sampling = default_sampling(model.metadata, Path(state.opts.model).stem)
     state.template_vars = model.template.variables()
     scheduler.start()
