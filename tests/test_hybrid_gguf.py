@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
+from qwqq.gguf.imatrix_file import read_imatrix
+from qwqq.gguf.prepared import prepare
+from qwqq.gguf.quantize import GGUF_TYPES, quantize_to_gguf, resolve_mixture
+from qwqq.gguf.types import MIXTURES
 from tests import fixtures
 from tests.conftest import one_line_error, run_qwqq
 from tests.fixtures_hybrid import tiny_hybrid_dir
@@ -68,6 +71,39 @@ def test_quantized_bytes_are_llama_quantizes(arch, mixture, converted, tmp_path)
     llamacpp_quantize(converted(arch), theirs, mixture)
     assert_same_tensors(ours.path, theirs)
     assert ours.plan.tensor_bytes == sum(v[2] for v in tensor_table(ours.path, with_hash=False).values())
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_every_mixture_is_llama_quantizes(arch, converted, tmp_path):
+    """Every mixture quantize offers, byte for byte as llama-quantize writes it from the converter's BF16: the
+    19 that need no importance matrix here, the 11 that want one (IQ1_S ... Q2_K_S) in the next test."""
+    for mixture in GGUF_TYPES:
+        ours = quantize_to_gguf(tiny_hybrid_dir(arch), resolve_mixture(type_name=mixture),
+                                out=tmp_path / f"ours-{mixture}.gguf", progress=False, threads=2).path
+        theirs = tmp_path / f"llama-{mixture}.gguf"
+        llamacpp_quantize(converted(arch), theirs, mixture)
+        assert_same_tensors(ours, theirs)
+        ours.unlink(), theirs.unlink()
+
+
+def test_every_imatrix_mixture_is_llama_quantizes(converted, tmp_path):
+    """The mixtures that take an importance matrix (llama-imatrix's own file, MTP left out on both sides, as
+    llama-imatrix never runs the block), on the hybrid MoE: byte for byte as llama-quantize --imatrix."""
+    arch = "qwen3_5_moe"
+    (tmp_path / "calib.txt").write_text(TEXT)
+    imatrix = llama_imatrix(fixtures.llama_cpp_tools(), converted(arch, mtp=False), tmp_path / "calib.txt",
+                            tmp_path / "imatrix.gguf")
+    imatrix_mixtures = [m for m in MIXTURES if m not in GGUF_TYPES]
+    assert len(imatrix_mixtures) == 11
+    for mixture in imatrix_mixtures:
+        ours = tmp_path / f"ours-{mixture}.gguf"
+        quantize_to_gguf(prepare(tiny_hybrid_dir(arch), mtp=False), resolve_mixture(type_name=mixture, has_imatrix=True),
+                         out=ours, progress=False, threads=2, imatrix=read_imatrix(imatrix))
+        theirs = tmp_path / f"llama-{mixture}.gguf"
+        subprocess.run([str(fixtures.llama_cpp_tools() / "llama-quantize"), "--imatrix", str(imatrix),
+                        str(converted(arch, mtp=False)), str(theirs), mixture, "2"], check=True, capture_output=True)
+        assert_same_tensors(ours, theirs)
+        ours.unlink(), theirs.unlink()
 
 
 def test_iq_type_with_an_imatrix_is_llama_quantizes_and_mtp_asks_for_no_mtp(converted, tmp_path):
