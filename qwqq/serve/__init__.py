@@ -4,8 +4,10 @@
     protocol.py  the OpenAI request bodies (pydantic), APIError, the response and stream-chunk shapes
     tools.py     Qwen's tool calls (JSON and XML forms, the form found in the chat template) parsed to tool_calls
     answer.py    the output as a chat message or stream deltas: <think> split, then tool calls
-    engine.py    Job, GenParams, Scheduler: a bounded queue and one worker thread decoding one job at a time
-    llamacpp.py  decoding one job on llama-cpp-python: sampling, grammar, stop strings, EOS, usage, cancellation
+    engine.py    Job, GenParams, QueueFull: a request's parameters and the events it is answered with
+    batch.py     BatchScheduler: --parallel slots, one decode thread, one llama_batch per step (continuous
+                 batching), prompt-prefix reuse per slot; stop strings, EOS, max_tokens, usage, cancellation
+    llamacpp.py  the llama-cpp-python layer: tokens, grammar check, the n_seq_max context, a sampler chain
     metrics.py   the counters behind /metrics, in Prometheus' text format
     app.py       the FastAPI application: routes, Bearer key, errors as OpenAI error JSON, SSE streams
     server.py    serve(): fit ctx / KV / GPU layers as `qwqq run` does, bind, load in the background, run uvicorn

@@ -27,7 +27,7 @@ from qwqq.run.chat import prompt_opens_think
 from qwqq.run.sampling import Sampling
 from qwqq.run.template import RESERVED
 from qwqq.serve.answer import AnswerStream, whole
-from qwqq.serve.engine import GenParams, Job, QueueFull, Scheduler
+from qwqq.serve.engine import GenParams, Job, QueueFull
 from qwqq.serve.metrics import CONTENT_TYPE, Metrics
 from qwqq.serve.options import ServeOptions
 from qwqq.serve.protocol import (APIError, ChatRequest, CompletionRequest, Reply, error_body, parse,
@@ -45,7 +45,7 @@ class ServerState:
     key: str | None
     metrics: Metrics
     engine: object | None = None  # a LlamaCppEngine once loaded
-    scheduler: Scheduler | None = None
+    scheduler: object | None = None  # a BatchScheduler once loaded
     sampling: Sampling = field(default_factory=Sampling)  # the model's or its family's defaults
     template_vars: set = field(default_factory=set)
     load_error: str | None = None
