@@ -67,13 +67,15 @@ def test_parse_size():
             parse_size(bad)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe", "qwen3_5_moe", "qwen3_next"])
 @pytest.mark.slow
 def test_the_written_file_is_the_predicted_size_and_within_the_target(arch, tmp_path, monkeypatch):
+    """Also the hybrids' tensor kinds (Gated DeltaNet projections, ssm_out, shared experts, the MTP block)."""
     from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
+    from tests.fixtures_hybrid import HYBRID_ARCHS, tiny_hybrid_dir
 
     monkeypatch.setenv("QWQQ_CACHE", str(tmp_path / "cache"))
-    src = tiny_model_dir(arch)
+    src = tiny_hybrid_dir(arch) if arch in HYBRID_ARCHS else tiny_model_dir(arch)
     q3 = quantize_to_gguf(src, resolve_mixture(type_name="Q3_K_M"), out=tmp_path / "q3.gguf", progress=False)
     q5 = quantize_to_gguf(src, resolve_mixture(type_name="Q5_K_M"), out=tmp_path / "q5.gguf", progress=False)
     target = (q3.file_bytes + q5.file_bytes) // 2
