@@ -40,7 +40,8 @@ class Output:
         self.n, self.first, self.last = 0, None, None
 
     def token(self, token: int) -> bool:
-        """One sampled token; True when the job is done (its "done" event sent)."""
+        """One sampled token; True when the job is done (its "done" event in self.result, for the caller to
+        send once the slot is free)."""
         self.last = time.monotonic()
         if self.first is None:
             self.first = self.last
@@ -61,7 +62,7 @@ class Output:
             if tail:
                 self.job.emit("text", tail)
         self.count()
-        self.job.emit("done", finish, len(self.job.params.tokens), self.n)
+        self.result = ("done", finish, len(self.job.params.tokens), self.n)
         return True
 
     def count(self) -> None:
@@ -259,8 +260,10 @@ class BatchScheduler:
                 slot.pending = slot.pending[len(tokens):]
             if sample:
                 token = llama_cpp.llama_sampler_sample(slot.sampler, self.engine.ctx, at - 1)
-                if slot.out.token(token):
-                    self._release(slot, keep=True)
+                out = slot.out
+                if out.token(token):
+                    self._release(slot, keep=True)  # free before the answer is: a next request finds the slot
+                    out.job.emit(*out.result)
                 else:
                     slot.next = token
 

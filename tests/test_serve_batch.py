@@ -1,0 +1,110 @@
+"""Continuous batching in `qwqq serve`: one real server (SmolLM2-135M Q4_1, 3 slots, each with its own
+share of the KV cache) driven by the official `openai` client from several threads at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.test_serve import start_server
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+SLOTS = 3
+PROMPTS = ["Count: 1, 2, 3,", "The capital of France is", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def batch_server(smollm2_gguf, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    d = tmp_path_factory.mktemp("serve-batch")
+    # --no-kv-unified: each sequence has its own KV cells, so where other sequences' cells lie cannot change
+    # the order of its attention sums (with one unified pool greedy tokens may differ in the last bits).
+    s = start_server(Path(smollm2_gguf), d / "server.log", "--parallel", str(SLOTS), "--no-kv-unified",
+                     "--max-queue", "4")
+    yield s
+    s.stop()
+
+
+def _greedy(server, prompt: str, n: int) -> str:
+    r = server.client(key=None).completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0)
+    assert r.usage.completion_tokens == n
+    return r.choices[0].text
+
+
+def _stream(server, prompt: str, n: int, log: dict) -> str:
+    """Streamed greedy text, with the times of its first and last piece in `log`."""
+    pieces = []
+    for chunk in server.client(key=None).completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
+                                                            stream=True):
+        if chunk.choices and chunk.choices[0].text:
+            log.setdefault("first", time.monotonic())
+            pieces.append(chunk.choices[0].text)
+    log["last"] = time.monotonic()
+    return "".join(pieces)
+
+
+def _wait_for(server, metric: str, value: float, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while server.metric(metric) != value:
+        assert time.monotonic() < deadline, f"{metric} never became {value}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_streams_decoded_in_one_batch_give_the_tokens_of_runs_alone(batch_server):
+    assert batch_server.metric("qwqq_slots") == SLOTS
+    alone = [_greedy(batch_server, p, 24) for p in PROMPTS]
+    logs = [{} for _ in PROMPTS]
+    with ThreadPoolExecutor(SLOTS) as pool:
+        together = list(pool.map(lambda i: _stream(batch_server, PROMPTS[i], 24, logs[i]), range(len(PROMPTS))))
+    assert together == alone
+    # Decoded together: every stream had its first token before any had its last.
+    assert max(log["first"] for log in logs) < min(log["last"] for log in logs)
+
+
+@pytest.mark.slow
+def test_a_request_joins_while_others_decode_and_a_disconnect_frees_its_slot(batch_server):
+    c = batch_server.client(key=None)
+    want = _greedy(batch_server, PROMPTS[1], 8)
+    cancelled = batch_server.metric("qwqq_requests_cancelled_total")
+    long = [c.completions.create(model=MODEL, prompt=p, max_tokens=300, temperature=0, stream=True)
+            for p in (PROMPTS[0], PROMPTS[2])]
+    try:
+        for stream in long:
+            next(iter(stream))
+        _wait_for(batch_server, "qwqq_requests_running", 2)
+        assert _greedy(batch_server, PROMPTS[1], 8) == want  # joined the two running streams, same tokens
+        long[0].close()  # the client goes away mid-stream: its slot is free at the next step
+        _wait_for(batch_server, "qwqq_requests_running", 1)
+        assert batch_server.metric("qwqq_requests_cancelled_total") == cancelled + 1
+        assert _greedy(batch_server, PROMPTS[1], 8) == want
+        assert batch_server.metric("qwqq_requests_running") == 1  # the other long stream still decodes
+    finally:
+        for stream in long:
+            stream.close()
+    _wait_for(batch_server, "qwqq_requests_running", 0)
+
+
+@pytest.mark.slow
+def test_more_requests_than_slots_all_complete(batch_server):
+    results, errors = [], []
+
+    def one(i: int) -> None:
+        try:
+            results.append(_greedy(batch_server, PROMPTS[i % len(PROMPTS)], 12))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(SLOTS + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == SLOTS + 1
+    assert batch_server.metric("qwqq_queue_depth") == 0 and batch_server.metric("qwqq_requests_running") == 0
