@@ -108,3 +108,55 @@ def test_more_requests_than_slots_all_complete(batch_server):
         t.join(60)
     assert not errors and len(results) == SLOTS + 1
     assert batch_server.metric("qwqq_queue_depth") == 0 and batch_server.metric("qwqq_requests_running") == 0
+
+
+# ---------------------------------------------------------------- a hybrid model, in process
+@pytest.mark.slow
+def test_a_hybrid_model_decodes_sequences_together(tmp_path):
+    """Qwen3.5's shape (recurrent state per sequence beside the KV cache): two sequences decoded in one batch
+    give the tokens each gives alone, and a slot whose recurrent state cannot be cut back to a shared prefix
+    evaluates the prompt again (the same tokens once more)."""
+    import asyncio
+
+    pytest.importorskip("llama_cpp")
+    from qwqq.gguf.quantize import quantize_to_gguf, resolve_mixture
+    from qwqq.run.backends import LoadOptions, pick_backend
+    from qwqq.serve.batch import BatchScheduler
+    from qwqq.serve.engine import GenParams, Job
+    from qwqq.serve.llamacpp import LlamaCppEngine
+    from qwqq.serve.metrics import Metrics
+    from tests.fixtures_hybrid import tiny_hybrid_dir
+
+    gguf = quantize_to_gguf(tiny_hybrid_dir("qwen3_5"), resolve_mixture(type_name="Q8_0"), out=tmp_path / "h.gguf",
+                            progress=False, threads=2).path
+    model = pick_backend("llama.cpp", gguf).load(gguf, LoadOptions(ctx=256, threads=1))
+    engine = LlamaCppEngine(model, 2, unified=False)
+    scheduler = BatchScheduler(engine, 4, Metrics())
+    scheduler.start()
+
+    async def generate(text: str) -> tuple[str, int]:
+        job = Job(GenParams(tokens=engine.tokens(text), max_tokens=12, temperature=0, top_p=1, top_k=0, min_p=0,
+                            seed=0), asyncio.get_running_loop())
+        scheduler.submit(job)
+        pieces = []
+        while True:
+            event = await job.events.get()
+            if event[0] == "text":
+                pieces.append(event[1])
+            else:
+                assert event[0] == "done", event
+                return "".join(pieces), event[3]
+
+    async def alone_then_together():
+        texts = ["Hello there", "The weather today"]
+        alone = [await generate(t) for t in texts]
+        together = await asyncio.gather(*(generate(t) for t in texts))
+        again = await generate(texts[0])  # its slot holds prompt + answer: cut back to the prompt, or start over
+        return alone, together, again
+
+    try:
+        alone, together, again = asyncio.run(alone_then_together())
+    finally:
+        scheduler.stop()
+        model.close()
+    assert alone[0][1] > 0 and list(together) == alone and again == alone[0]
