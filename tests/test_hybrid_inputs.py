@@ -85,6 +85,7 @@ def test_refused_families_are_data_found_by_class_model_type_or_gguf_architectur
     assert "(Qwen3.8-Flash-Next)" in refusal({"model_type": "x", "text_config": {"model_type": "qwen4_exp_text"}})
     assert refusal(gguf_arch="qwen4exp").startswith("GGUF architecture qwen4exp (Qwen3.8-Flash-Next) is not supported")
     assert "(DeepSeek-V3.2)" in refusal({"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"})
+    assert "(DeepSeek-V4)" in refusal({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"})
     assert refusal(json.loads((tiny_hybrid_dir("qwen3_5") / "config.json").read_text())) is None
     assert refusal(gguf_arch="qwen35") is None and refusal(gguf_arch="qwen3next") is None
 

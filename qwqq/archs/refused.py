@@ -27,6 +27,9 @@ REFUSED = (
             gguf_archs=("deepseek32",),
             why="its sparse attention (a lightning indexer choosing each token's keys) has no tensor plan, memory "
                 "model or calibration in qwqq yet; DeepSeek-V3 / R1 / V3.1 are supported"),
+    Refused("DeepSeek-V4", classes=("DeepseekV4ForCausalLM",), model_types=("deepseek_v4",), gguf_archs=(),
+            why="neither transformers 5.25, mlx-lm 0.32.2 nor llama-cpp-python 0.3.36's llama.cpp has a DeepSeek-V4 "
+                "model, so there is no reference to hold a tensor plan against; DeepSeek-V3 / R1 / V3.1 are supported"),
 )
 
 
