@@ -152,12 +152,13 @@ def open_model(spec: str) -> tuple[Model, str, int]:
             raise QwqqError(f"cannot read config.json: {e}", p) from None
         if not isinstance(config, dict):
             raise QwqqError("config.json is not a JSON object", p)
-        model = from_config(config, p.resolve().name, "local", str(p))
-        return model, str(p.resolve()), sum(f.stat().st_size for f in p.glob("*.safetensors"))
+        model = from_config(config, p.absolute().name, "local", str(p))  # its own name, a link's too
+        return model, str(p.absolute()), sum(f.stat().st_size for f in p.glob("*.safetensors"))
     model = resolve(spec)
     if model.source == "gguf":  # a .gguf that does not exist: resolve has said so already
         raise UnsupportedError(GGUF_REFUSAL, p)
-    ref = model.ref if "/" in model.ref else spec
+    # the hub id asked for (a catalog entry answers for several: Qwen3-4B-2507 for its Instruct and Thinking)
+    ref = spec if "/" in spec else model.ref if "/" in model.ref else spec
     return model, ref, release_bytes(model)
 
 
@@ -177,10 +178,10 @@ def release_bytes(model: Model) -> int:
     return int(model.n_params * per)
 
 
-def parsers(model: Model, reasoning_format: str) -> tuple[str | None, str | None]:
+def parsers(model: Model, reasoning_format: str, served: str = "") -> tuple[str | None, str | None]:
     """The family's vLLM reasoning and tool-call parsers for this model's name (first pattern that matches)."""
     arch = find_arch(model.config or {})
-    names = [model.name, str(model.ref), str((model.config or {}).get("_name_or_path", ""))]
+    names = [served or model.ref, model.name, str((model.config or {}).get("_name_or_path", ""))]
     norm = re.sub(r"[\s\-_./]", "", " ".join(names).lower())
     rec = next((r for r in arch.vllm if not r.pattern or re.search(r.pattern, norm)), None)
     if rec is None:
@@ -249,14 +250,14 @@ def plan(opts: VllmOptions, hw: Hardware | None = None) -> VllmPlan:
     ctx, k = choice
     kv_total = kv_bytes_per_token(model, k, tp, pp) * ctx
     space = None if hw.gpus else max(1, math.ceil(kv_total / GiB))
-    reasoning, tool = parsers(model, opts.reasoning_format)
+    reasoning, tool = parsers(model, opts.reasoning_format, served)
     notes = []
     if hw.gpus:
         notes.append("per GPU: weights / GPUs + KV cache + fit's CUDA context estimate; vLLM's activations and "
                      "CUDA graphs are not measured (vLLM fills what is left of its share with KV blocks)")
     if model.source != "local":
         notes.append(f"{served} is not on this machine: vLLM downloads it from the hub when it starts")
-    return VllmPlan(model, served, model.name, hw, tp, pp, ctx, k, util, space, weights,
+    return VllmPlan(model, served, served.rstrip("/").split("/")[-1], hw, tp, pp, ctx, k, util, space, weights,
                     int(fixed + kv_total), budget, reasoning, tool, model.dims.moe and tp * pp > 1, notes)
 
 
