@@ -165,13 +165,15 @@ class BatchScheduler:
                     for slot in list(self.active):
                         self._release(slot, keep=False)
                     return
-                self._admit()
             try:
+                with self._cond:
+                    self._admit()
                 self._step()
             except Exception as e:  # every job in the batch is answered with the error, the server goes on
                 for slot in list(self.active):
                     slot.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                    slot.out.count()
+                    if slot.out is not None:
+                        slot.out.count()
                     self._release(slot, keep=False)
 
     def _admit(self) -> None:
@@ -189,8 +191,8 @@ class BatchScheduler:
                 keep = 0
             slot.cached, slot.pending, slot.next = slot.cached[:keep], tokens[keep:], None
             slot.job, slot.out = job, Output(job, self.engine, self.metrics)
+            self.active.append(slot)  # before anything that may fail: a failure answers it and frees the slot
             slot.sampler = sampler_chain(job.params, self.engine.vocab)
-            self.active.append(slot)
 
     def _forget(self, slot: Slot, keep: int) -> bool:
         """Remove the slot's cache from position `keep` on; False if llama.cpp cannot cut it there."""
