@@ -286,6 +286,8 @@ def serve(
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
 
     Up to --parallel requests are decoded together, each step one llama.cpp batch; the others wait for a slot. A client that disconnects is cancelled and its slot freed. Needs pip install "qwqq\\[serve]".
+
+    --engine vllm starts vLLM's own server instead (GPTQ or unquantized folders; tensor parallel over --gpus, pipeline parallel over --nodes), with context, KV cache type, memory share and reasoning / tool-call parsers from fit and the model's family; see docs/serve.md.
     """
     from qwqq.serve import serve as serve_model
     from qwqq.serve.options import ServeOptions
@@ -293,8 +295,9 @@ def serve(
     if engine.lower() == "vllm":  # vLLM's own server, told what fit and the model's family decide (qwqq/serve/vllm.py)
         from qwqq.serve.vllm import VllmOptions, serve_vllm
 
-        if n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe or threads or not flash_attn:
-            _fail("--n-gpu-layers, --n-cpu-moe, --cpu-moe, --threads and --no-flash-attn are llama.cpp's; vLLM places the model itself", 2)
+        if (n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe or threads or not flash_attn or parallel != 4
+                or not kv_unified or max_queue != 64):
+            _fail("--n-gpu-layers, --n-cpu-moe, --cpu-moe, --threads, --no-flash-attn, --parallel, --no-kv-unified and --max-queue are qwqq's llama.cpp server's; vLLM places and batches the model itself", 2)
         vopts = VllmOptions(model=str(model), host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                             kv=kv.lower() if kv else None, gpus=gpus, profile=profile, nodes=nodes, node_rank=node_rank,
                             master_addr=master_addr, master_port=master_port, vllm_python=vllm_python,
