@@ -218,7 +218,8 @@ class BatchScheduler:
 
     def _plan(self) -> list[tuple[Slot, list[int], bool]]:
         """This step's batch: (slot, tokens to evaluate, sample after them)."""
-        plan = [(s, [s.next], True) for s in self.active if s.next is not None]
+        # Never more than n_batch tokens (a tiny --ctx with many slots: the rest generate next step).
+        plan = [(s, [s.next], True) for s in self.active if s.next is not None][: self.engine.n_batch]
         room = self.engine.n_batch - len(plan)
         for s in self.active:
             if s.pending and room > 0:
