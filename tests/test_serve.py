@@ -260,6 +260,12 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
          400, "context_length_exceeded"),
         (lambda: c.chat.completions.create(**chat, temperature=5), openai.BadRequestError, 400, "temperature"),
         (lambda: c.chat.completions.create(**{**chat, "messages": []}), openai.BadRequestError, 400, "messages"),
+        # llama.cpp's GBNF parser recurses per nested group: 100,000 deep would take the whole server down
+        (lambda: c.chat.completions.create(**chat, extra_body={"grammar": "root ::= " + "(" * 1000 + '"a"' + ")" * 1000}),
+         openai.BadRequestError, 400, "nested more than 64"),
+        (lambda: c.chat.completions.create(**chat, extra_body={"grammar": "root ::= " + '"a" ' * 20000}),
+         openai.BadRequestError, 400, "grammar"),
+        (lambda: c.chat.completions.create(**chat, extra_body={"top_k": 2**40}), openai.BadRequestError, 400, "top_k"),
     ]
     for call, cls, status, what in cases:
         with pytest.raises(cls) as e:

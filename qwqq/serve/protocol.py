@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qwqq.serve.tools import template_arguments
 
@@ -84,6 +84,34 @@ class ToolChoice(_Body):
     function: NamedFunction
 
 
+# llama.cpp parses a GBNF grammar by recursion, one level per nested group: a deep one overflows its stack and
+# takes the whole server down, so a request's grammar is bounded before llama.cpp sees it.
+GRAMMAR_MAX_BYTES = 64 << 10
+GRAMMAR_MAX_DEPTH = 64
+
+
+def grammar_depth(text: str) -> int:
+    """The deepest nesting of ( ) groups in a GBNF grammar, quoted strings and [ ] character classes skipped."""
+    depth = deepest = i = 0
+    while i < len(text):
+        c = text[i]
+        if c in "\"[":  # a literal or a class: up to its unescaped close
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < len(text) and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":  # a comment: to the end of the line
+            while i < len(text) and text[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
 class Sampled(_Body):
     """The fields chat and completions share."""
 
@@ -93,15 +121,22 @@ class Sampled(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # llama.cpp's and vLLM's extension
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)  # llama.cpp's and vLLM's extension (an int32)
     min_p: float | None = Field(None, ge=0, le=1)  # likewise
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
-    grammar: str | None = None  # llama-server's extension: a GBNF grammar the output must follow
+    grammar: str | None = Field(None, max_length=GRAMMAR_MAX_BYTES)  # llama-server's extension: a GBNF grammar
     stop: str | list[str] | None = None
     n: int = 1
     logprobs: Any = None
+
+    @field_validator("grammar")
+    @classmethod
+    def _bounded_grammar(cls, text: str | None) -> str | None:
+        if text is not None and grammar_depth(text) > GRAMMAR_MAX_DEPTH:
+            raise ValueError(f"groups nested more than {GRAMMAR_MAX_DEPTH} deep")
+        return text
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
