@@ -102,6 +102,7 @@ class BatchScheduler:
         self.waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._turn = 0  # where the next step's generating slots start, when they do not all fit one batch
         self._batch = llama_cpp.llama_batch_init(engine.n_batch, 0, 1)
         self._thread = threading.Thread(target=self._loop, name="qwqq-serve-decode", daemon=True)
 
@@ -171,10 +172,7 @@ class BatchScheduler:
                 self._step()
             except Exception as e:  # every job in the batch is answered with the error, the server goes on
                 for slot in list(self.active):
-                    slot.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                    if slot.out is not None:
-                        slot.out.count()
-                    self._release(slot, keep=False)
+                    self._fail(slot, e)
 
     def _admit(self) -> None:
         """Waiting jobs into free slots (called with the lock held)."""
@@ -191,8 +189,17 @@ class BatchScheduler:
                 keep = 0
             slot.cached, slot.pending, slot.next = slot.cached[:keep], tokens[keep:], None
             slot.job, slot.out = job, Output(job, self.engine, self.metrics)
-            self.active.append(slot)  # before anything that may fail: a failure answers it and frees the slot
-            slot.sampler = sampler_chain(job.params, self.engine.vocab)
+            self.active.append(slot)
+            try:
+                slot.sampler = sampler_chain(job.params, self.engine.vocab)
+            except Exception as e:  # this job alone is answered with the error; the running ones go on
+                self._fail(slot, e)
+
+    def _fail(self, slot: Slot, e: Exception) -> None:
+        slot.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+        if slot.out is not None:
+            slot.out.count()
+        self._release(slot, keep=False)
 
     def _forget(self, slot: Slot, keep: int) -> bool:
         """Remove the slot's cache from position `keep` on; False if llama.cpp cannot cut it there."""
@@ -219,7 +226,11 @@ class BatchScheduler:
     def _plan(self) -> list[tuple[Slot, list[int], bool]]:
         """This step's batch: (slot, tokens to evaluate, sample after them)."""
         # Never more than n_batch tokens (a tiny --ctx with many slots: the rest generate next step).
-        plan = [(s, [s.next], True) for s in self.active if s.next is not None][: self.engine.n_batch]
+        ready = [s for s in self.active if s.next is not None]
+        if len(ready) > self.engine.n_batch:  # more generating slots than a batch holds: they take turns
+            k = self._turn % len(ready)
+            ready, self._turn = ready[k:] + ready[:k], self._turn + self.engine.n_batch
+        plan = [(s, [s.next], True) for s in ready[: self.engine.n_batch]]
         room = self.engine.n_batch - len(plan)
         for s in self.active:
             if s.pending and room > 0:

@@ -125,6 +125,12 @@ def sampler_chain(p: GenParams, vocab):
         parts += [L.llama_sampler_init_top_k(p.top_k), L.llama_sampler_init_top_p(p.top_p, 1),
                   L.llama_sampler_init_min_p(p.min_p, 1), L.llama_sampler_init_temp(p.temperature),
                   L.llama_sampler_init_dist(p.seed)]
+    if not chain or not all(parts):  # llama.cpp could not make one: free what it did make
+        for part in filter(None, parts):
+            L.llama_sampler_free(part)
+        if chain:
+            L.llama_sampler_free(chain)
+        raise ValueError("llama.cpp could not build this request's sampler")
     for part in parts:
         L.llama_sampler_chain_add(chain, part)  # the chain owns it from here
     return chain

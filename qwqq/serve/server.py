@@ -86,12 +86,12 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
         start = time.monotonic()
         try:
             model = backend.load(Path(opts.model), LoadOptions(threads=opts.threads, debug=opts.debug, **settings))
-        except QwqqError as e:
-            state.load_error = str(e)
+            loaded.append(model)
+            _ready(state, model)
+        except Exception as e:  # never left answering "loading" for ever: one line, and the server stops
+            state.load_error = str(e) if isinstance(e, QwqqError) else f"cannot load {name}: {type(e).__name__}: {e}"
             server.should_exit = True
             return
-        loaded.append(model)
-        _ready(state, model)
         moved = f", {experts_line(settings['n_cpu_moe'], model.overridden)}" if settings["n_cpu_moe"] else ""
         per = " per slot" if opts.parallel > 1 else ""
         say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}, loaded in {time.monotonic() - start:.1f} s")
