@@ -333,7 +333,7 @@ def fit(
     bandwidth: Optional[float] = typer.Option(None, "--bandwidth", help="GPU memory bandwidth in GB/s (for --vram/--gpus/--unified)."),
     ram_bandwidth: Optional[float] = typer.Option(None, "--ram-bandwidth", help="System RAM bandwidth in GB/s."),
     no_flash_attn: bool = typer.Option(False, "--no-flash-attn", help="Size for llama.cpp without flash attention (f16 KV only)."),
-    no_mtp: bool = typer.Option(False, "--no-mtp", help="Qwen3.5+ / Qwen3-Next: size the GGUF `quantize --no-mtp` writes, without the multi-token-prediction block (llama.cpp does not load it either way, so only the file shrinks)."),
+    no_mtp: bool = typer.Option(False, "--no-mtp", help="Qwen3.5+ / Qwen3-Next: size the GGUF `quantize --no-mtp` writes, without the multi-token-prediction block (llama.cpp loads it only for speculative decoding, so for generation only the file shrinks)."),
     list_profiles: bool = typer.Option(False, "--list-profiles", help="List the hardware profiles and exit."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output: a list of candidates."),
 ) -> None:

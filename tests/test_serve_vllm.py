@@ -122,6 +122,13 @@ def test_qwen3_coder_and_reasoning_format_none(tiny_qwen3):
     p = plan(VllmOptions(str(coder)), from_flags(gpus="24"))
     assert (p.reasoning_parser, p.tool_parser) == (None, "qwen3_coder")
     assert plan(VllmOptions(str(tiny_qwen3), reasoning_format="none"), from_flags(gpus="24")).reasoning_parser is None
+    # the folder's own name decides, not its parents': a Qwen3 under .../coder/ is no Qwen3-Coder
+    parent = tiny_qwen3.parent / "coder"
+    parent.mkdir(exist_ok=True)
+    plain = parent / "Qwen3-8B"
+    if not plain.exists():
+        plain.symlink_to(tiny_qwen3, target_is_directory=True)
+    assert plan(VllmOptions(str(plain)), from_flags(gpus="24")).tool_parser == "hermes"
 
 
 @pytest.fixture(scope="module")

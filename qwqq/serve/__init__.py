@@ -1,4 +1,5 @@
-"""`qwqq serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for a GGUF on llama.cpp.
+"""`qwqq serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for a GGUF on llama.cpp, or vLLM's own
+server (--engine vllm) for GPTQ and unquantized folders on one or several GPUs and machines.
 
     options.py   ServeOptions and their checks; the API key read from --api-key / --api-key-file
     protocol.py  the OpenAI request bodies (pydantic), APIError, the response and stream-chunk shapes
@@ -11,6 +12,9 @@
     metrics.py   the counters behind /metrics, in Prometheus' text format
     app.py       the FastAPI application: routes, Bearer key, errors as OpenAI error JSON, SSE streams
     server.py    serve(): fit ctx / KV / GPU layers as `qwqq run` does, bind, load in the background, run uvicorn
+    vllm_plan.py --engine vllm's command from fit: tensor / pipeline parallel, context, KV cache, memory fraction,
+                 the family's reasoning and tool parsers; the per-node commands for --nodes (nothing started)
+    vllm.py      starting vLLM's OpenAI server (its Python, its health route, signals passed through)
 
 Kept apart from qwqq.run (which it uses: the chat template, the <think> splitter, sampling defaults, the
 backend's loader); nothing in qwqq.run imports it. FastAPI and uvicorn are imported only when serving

@@ -97,18 +97,22 @@ def serve_vllm(opts: VllmOptions, say: Callable[[str], None] = print, out: Calla
     return supervise(proc, None if rank else f"http://{_url_host(opts.host)}:{opts.port}", p.name, say)
 
 
+GRACE_S = 10  # seconds vLLM gets to stop when qwqq ends without passing it a signal
+
+
 def _url_host(host: str) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return f"[{host}]" if ":" in host else host
 
 
 def supervise(proc: subprocess.Popen, base: str | None, name: str, say: Callable[[str], None]) -> int:
-    """Pass SIGINT / SIGTERM to `proc`, say `ready` once base/health answers, and return its exit code."""
+    """Pass SIGINT / SIGTERM / SIGHUP to `proc`, say `ready` once base/health answers, and return its exit code;
+    if qwqq itself ends otherwise (an exception), vLLM is stopped too rather than left holding the GPUs and port."""
     def forward(signum, _frame):
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         start, ready = time.monotonic(), base is None
         while proc.poll() is None:
@@ -126,3 +130,10 @@ def supervise(proc: subprocess.Popen, base: str | None, name: str, say: Callable
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

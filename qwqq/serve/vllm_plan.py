@@ -179,9 +179,11 @@ def release_bytes(model: Model) -> int:
 
 
 def parsers(model: Model, reasoning_format: str, served: str = "") -> tuple[str | None, str | None]:
-    """The family's vLLM reasoning and tool-call parsers for this model's name (first pattern that matches)."""
+    """The family's vLLM reasoning and tool-call parsers for this model's name (first pattern that matches): the
+    last part of a path or hub id only, so that a folder's parents (/data/coder/..., /home/user1/...) say nothing."""
     arch = find_arch(model.config or {})
-    names = [served or model.ref, model.name, str((model.config or {}).get("_name_or_path", ""))]
+    names = [str(n).rstrip("/").rsplit("/", 1)[-1]
+             for n in (served or model.ref, model.name, (model.config or {}).get("_name_or_path", ""))]
     norm = re.sub(r"[\s\-_./]", "", " ".join(names).lower())
     rec = next((r for r in arch.vllm if not r.pattern or re.search(r.pattern, norm)), None)
     if rec is None:
