@@ -31,7 +31,7 @@ def prompt_opens_think(prompt: str) -> bool:
     return prompt.rstrip(" \n").endswith(THINK_OPEN)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper start of `tag`."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-n:]):
@@ -82,7 +82,7 @@ class ThinkSplitter:
                     self.buf = self.buf[at + len(THINK_CLOSE):]
                     self.state, self.fresh = "answer", True
                     continue
-                keep = _partial_suffix(self.buf, THINK_CLOSE)
+                keep = partial_suffix(self.buf, THINK_CLOSE)
                 text, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
                 if text:
                     out.append(("think", text))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+from qwqq.run.chat import partial_suffix
 from qwqq.run.template import with_bos
 from qwqq.serve.engine import GenParams
 
@@ -32,21 +33,13 @@ class StopMatcher:
         if hits:
             out, self.held = self.held[: min(hits)], ""
             return out, True
-        keep = max((_partial(self.held, s) for s in self.stops), default=0)
+        keep = max((partial_suffix(self.held, s) for s in self.stops), default=0)
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
         return out, False
 
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
-
-
-def _partial(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `stop`."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if stop.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class LlamaCppEngine:

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from qwqq.run.chat import partial_suffix
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 Call = tuple[str, dict]  # (function name, arguments)
@@ -143,14 +145,6 @@ def schemas(tools: list[dict]) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- parsing
-def _partial(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
 class ToolStream:
     """Feed answer text, get ("content", text) and ("call", index, id, name, arguments_json) events."""
 
@@ -186,7 +180,7 @@ class ToolStream:
                 self.buf, self.in_call = self.buf[at + len(OPEN):], True
                 continue
             # Held back: what may still become <tool_call>, and the whitespace before it.
-            shown = self.buf[: len(self.buf) - _partial(self.buf, OPEN)].rstrip()
+            shown = self.buf[: len(self.buf) - partial_suffix(self.buf, OPEN)].rstrip()
             self._content(shown, out)
             self.buf = self.buf[len(shown):]
             break
