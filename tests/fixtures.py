@@ -634,48 +634,70 @@ def _build_program(name: str) -> str:
     raise FileNotFoundError(f"{name} is needed to build llama.cpp's tools")
 
 
-def llama_cpp_tools() -> Path:
-    """A folder holding standalone (static, CPU-only, Release) ``llama-quantize``, ``llama-imatrix`` and
-    ``llama-perplexity``, built with cmake + ninja from the vendored llama.cpp of the llama-cpp-python
-    sdist (the same llama.cpp ``llama_cpp_tree`` and the installed ``llama_cpp`` come from).  About five
-    minutes on two cores, once per machine."""
+def _build_llama_cpp(tmp: Path, targets: tuple[str, ...], server: bool = False) -> None:
+    """Build `targets` (static, CPU-only, Release, no AMX) with cmake + ninja from the vendored llama.cpp of
+    the llama-cpp-python sdist, and copy them into `tmp`."""
     import tarfile
 
-    def build(tmp: Path) -> None:
-        work = Path(tempfile.mkdtemp(prefix=".tools-build-", dir=cache_root()))
-        try:
-            archive = _llama_cpp_sdist(work)
-            prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-            with tarfile.open(archive) as tar:
-                members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-                for m in members:
-                    m.name = m.name[len(prefix):]
-                tar.extractall(work / "src", members=members, filter="data")
-            flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
-                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"]
-            if platform.machine() == "x86_64":  # as scripts/setup.sh builds llama-cpp-python: AMX can trap in VMs
-                no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-                flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
-            cmake = _build_program("cmake")
-            flags.append(f"-DCMAKE_MAKE_PROGRAM={_build_program('ninja')}")
-            subprocess.run([cmake, "-G", "Ninja", "-S", str(work / "src"), "-B", str(work / "build"), *flags],
-                           check=True, stdout=subprocess.DEVNULL)
-            subprocess.run([cmake, "--build", str(work / "build"), "-j2", "--target", *LLAMA_CPP_TOOLS],
-                           check=True, stdout=subprocess.DEVNULL)
-            for name in LLAMA_CPP_TOOLS:
-                shutil.copy2(work / "build" / "bin" / name, tmp / name)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=".tools-build-", dir=cache_root()))
+    try:
+        archive = _llama_cpp_sdist(work)
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(work / "src", members=members, filter="data")
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DLLAMA_BUILD_SERVER={'ON' if server else 'OFF'}",
+                 "-DLLAMA_BUILD_TOOLS=ON"]
+        if platform.machine() == "x86_64":  # as scripts/setup.sh builds llama-cpp-python: AMX can trap in VMs
+            no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+            flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
+        cmake = _build_program("cmake")
+        flags.append(f"-DCMAKE_MAKE_PROGRAM={_build_program('ninja')}")
+        subprocess.run([cmake, "-G", "Ninja", "-S", str(work / "src"), "-B", str(work / "build"), *flags],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([cmake, "--build", str(work / "build"), "-j2", "--target", *targets],
+                       check=True, stdout=subprocess.DEVNULL)
+        for name in targets:
+            shutil.copy2(work / "build" / "bin" / name, tmp / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    dest = _build(cache_root() / f"llama.cpp-tools-{LLAMA_CPP_PYTHON}-no-amx", build)
-    for name in LLAMA_CPP_TOOLS:  # _build leaves every file 0644
+
+def _executables(dest: Path, names: tuple[str, ...]) -> Path:
+    for name in names:  # _build leaves every file 0644
         if not os.access(dest / name, os.X_OK):
             (dest / name).chmod(0o755)
     return dest
 
 
+def llama_cpp_tools() -> Path:
+    """A folder holding standalone (static, CPU-only, Release) ``llama-quantize``, ``llama-imatrix`` and
+    ``llama-perplexity``, built with cmake + ninja from the vendored llama.cpp of the llama-cpp-python
+    sdist (the same llama.cpp ``llama_cpp_tree`` and the installed ``llama_cpp`` come from).  About five
+    minutes on two cores, once per machine."""
+    dest = _build(cache_root() / f"llama.cpp-tools-{LLAMA_CPP_PYTHON}-no-amx",
+                  lambda tmp: _build_llama_cpp(tmp, LLAMA_CPP_TOOLS))
+    return _executables(dest, LLAMA_CPP_TOOLS)
+
+
+LLAMA_CPP_SERVER = ("llama-server",)
+
+
+def llama_cpp_server() -> Path:
+    """A folder holding a standalone ``llama-server`` (static, CPU-only, Release, no AMX, no SSL) built like
+    ``llama_cpp_tools`` from the same vendored llama.cpp, into a cache folder of its own: the anchor
+    bench/serve_throughput.py holds ``qwqq serve`` against."""
+    dest = _build(cache_root() / f"llama.cpp-server-{LLAMA_CPP_PYTHON}-no-amx",
+                  lambda tmp: _build_llama_cpp(tmp, LLAMA_CPP_SERVER, server=True))
+    return _executables(dest, LLAMA_CPP_SERVER)
+
+
 FIXTURES["llama_cpp_tools"] = llama_cpp_tools
+FIXTURES["llama_cpp_server"] = llama_cpp_server
 
 
 if __name__ == "__main__":
