@@ -259,24 +259,29 @@ def write_doc(res: dict) -> None:
     m = res["machine"]
     a = res["args"]
     L = [HEADING, ""]
-    L.append(f"`bench/serve_throughput.py` ({res['date']}, qwqq {res['versions']['qwqq commit']}): {a['max_tokens']} "
-             f"tokens per stream, {a['threads']} threads, {a['ctx_per_stream']} tokens of context per stream, greedy, "
-             "every server started afresh for each N. Clients: the `openai` client streaming `/v1/completions`, N "
-             "threads released together (they share the machine's cores with the server). **TTFT** = request start "
-             "to its first text delta; **aggregate** = total completion tokens / (last stream's end - first stream's "
-             "start), prompt and queueing included; **per stream** = (tokens - 1) / (last text delta - first), median "
-             "over the streams. Raw llama-cpp-python: `Llama.generate` in process, same settings, the decode rate "
-             "alone. Peak RSS: the server process's VmHWM at the end of its run. Best of "
-             f"{a['rounds']} rounds by aggregate (all rounds in the JSON).")
+    L.append(f"`bench/serve_throughput.py` (qwqq {res['versions']['qwqq commit']}): {a['threads']} threads, "
+             f"{a['ctx_per_stream']} tokens of context per stream, greedy (`temperature: 0`, `seed: 0`), every server "
+             "started afresh for each N, tokens per stream and rounds as each model's command says. Clients: the "
+             "`openai` client streaming `/v1/completions`, N threads released together (in one process that shares "
+             "the machine's cores with the server). **TTFT** = request start to its first text delta; **aggregate** = "
+             "total completion tokens / (last stream's end - first stream's start), prompt evaluation and queueing "
+             "included; **per stream** = (tokens - 1) / (last text delta - first), median over the streams: the "
+             "decode rate alone. Raw llama-cpp-python: `Llama.generate` in a process of its own, same threads, "
+             "context and flash attention, greedy, the decode rate alone (best of 3). Peak RSS: the server "
+             "process's VmHWM at the end of its run. Best round by aggregate (every round's aggregate is in "
+             "`bench/results/serve_throughput.json`).")
     L.append("")
-    L.append(f"```\n{res['command']}\n```\n")
     L.append(f"Machine: {m['cpu']}, {m['nproc']} cores, {m['mem_total'] / 2**30:.1f} GiB; Linux {m['kernel']}, "
              f"Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v) +
-             f". Load average before / after: {res['loadavg_before']} / {res['loadavg_after']}.")
+             ".")
     L.append("")
     for name, r in res["models"].items():
         L.append(f"**{r['display']}** (`{r['file']}`, {fmt_mb(r['bytes'])}); raw llama-cpp-python one stream: "
                  f"**{r['raw']['decode_tok_s']:.1f} tok/s**.\n")
+        if r.get("command"):
+            ra = r["args"]
+            L.append(f"Measured by `{r['command']}` ({r['date']}; {ra['max_tokens']} tokens per stream, best of "
+                     f"{ra['rounds']} round(s); load average before / after {r['loadavg']}).\n")
         L.append("| server | N | aggregate tok/s | TTFT median / max (ms) | per stream tok/s | tokens / stream | peak RSS |")
         L.append("|---|---:|---:|---:|---:|---:|---:|")
         for kind, levels in r["servers"].items():
@@ -299,7 +304,7 @@ def write_doc(res: dict) -> None:
     for kind, levels in first["servers"].items():
         x = next((y for y in levels if y["streams"] == 8), levels[-1])
         L.append(f"- {kind}: `{x['command']}`")
-    notes = res.get("notes") or []
+    notes = [ln for ln in res.get("notes") or [] if ln is not None]
     if notes:
         L.append("")
         L += notes
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx-per-stream", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--add", action="store_true",
+                    help="keep the other models of the existing results (each model records its own command)")
     ap.add_argument("--notes", type=Path, help="a Markdown file of findings appended to the doc section")
     ap.add_argument("--render-only", action="store_true", help=f"rewrite the doc from {RESULTS_JSON.relative_to(REPO)}")
     args = ap.parse_args(argv)
@@ -341,14 +348,20 @@ def main(argv: list[str] | None = None) -> int:
     llama_server = fixtures.llama_cpp_server() / "llama-server" if "llama-server" in args.servers else None
     cmd = ".venv/bin/python -m bench.serve_throughput " + shlex.join(sys.argv[1:] if argv is None else argv)
     res = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "command": cmd.strip(),
-           "args": {k: v for k, v in vars(args).items() if k not in ("render_only", "notes")}, "machine": machine(),
+           "args": {k: v for k, v in vars(args).items() if k not in ("render_only", "notes", "add")}, "machine": machine(),
            "versions": {"qwqq commit": qwqq_git(), "qwqq tree": qwqq_tree(), "llama-cpp-python": version("llama-cpp-python"),
                         "openai": version("openai"), "uvicorn": version("uvicorn")},
            "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "models": {}}
+    if args.add and RESULTS_JSON.exists():
+        old = json.loads(RESULTS_JSON.read_text())
+        res["models"] = {k: v for k, v in old["models"].items() if k not in names}
+        res["notes"] = old.get("notes")
     for name in names:
         model = Path(getattr(fixtures, GGUF[name][1])())
         r = bench_model(name, model, args, llama_server)
         r["verdicts"] = verdicts(r)
+        r["command"], r["date"], r["args"] = res["command"], res["date"], res["args"]
+        r["loadavg"] = f"{res['loadavg_before']} / " + " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"[{name}] verdicts {r['verdicts']}", flush=True)
         res["models"][name] = r
     res["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
