@@ -11,7 +11,8 @@ the one splitter of fused expert tensors). Adding a family: docs/architecture.md
 from __future__ import annotations
 
 from qwqq.archs import deepseek_v3, llama, qwen2, qwen3, qwen3_5, qwen3_5_moe, qwen3_moe, qwen3_next
-from qwqq.archs.base import COMMON, MOE, Arch, Dims, Meta, Sampling, cfg, check_config, head_dim, hparams, rope_params, short
+from qwqq.archs.base import (COMMON, MOE, Arch, Dims, Meta, Sampling, cfg, check_config, head_dim, hparams, name_key,
+                              rope_params, short)
 from qwqq.archs.experts import EXPERT, FUSED_EXPERT
 from qwqq.archs.refused import refusal
 from qwqq.archs.tensors import (LAYER, LINEAR, SKIPPED, GGUFTensor, Part, block_count, gguf_tensors, hub_shapes, left_out,
@@ -83,4 +84,4 @@ def sampling_table() -> tuple[Sampling, ...]:
 
 __all__ = ["ARCHS", "BY_MODEL_TYPE", "block_count", "left_out", "COMMON", "EXPERT", "FAMILIES", "FUSED_EXPERT", "KNOWN", "LAYER", "LINEAR", "MOE", "SKIPPED", "Arch",
            "Dims", "GGUFTensor", "Meta", "Part", "Sampling", "arch_of", "cfg", "check_config", "check_gguf_arch", "find_arch",
-           "gguf_tensors", "head_dim", "hparams", "hub_shapes", "mlx_name", "model_type_of", "refusal", "release_shapes", "rope_params", "sampling_table", "short"]
+           "gguf_tensors", "head_dim", "hparams", "hub_shapes", "mlx_name", "model_type_of", "name_key", "refusal", "release_shapes", "rope_params", "sampling_table", "short"]

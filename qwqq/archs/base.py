@@ -7,6 +7,7 @@ Nothing here names an architecture; each family's module under qwqq/archs/ does,
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -85,6 +86,12 @@ class Dims:
     def recurrent_layer_bytes(self) -> int:
         """One recurrent layer's state for one sequence: float32, whatever the context."""
         return 4 * (self.n_embd_r + self.n_embd_s)
+
+
+def name_key(*names: str) -> str:
+    """Model names as the records' `pattern`s (Sampling, VllmParsers) are matched against: joined, lower-cased,
+    with spaces, "-", "_", "." and "/" removed."""
+    return re.sub(r"[\s\-_./]", "", " ".join(names).lower())
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from qwqq.archs import BY_MODEL_TYPE, FAMILIES, Arch, sampling_table
+from qwqq.archs import BY_MODEL_TYPE, FAMILIES, Arch, name_key, sampling_table
 
 FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty")
 SHORT = {"temperature": "temp"}  # the status line's name of a field
@@ -50,10 +50,6 @@ SAMPLING_KEYS = {
 NAME_KEYS = ("general.name", "general.basename", "general.finetune", "_name_or_path", "general.architecture", "model_type")
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[\s\-_./]", "", s.lower())
-
-
 def arch_of_metadata(metadata: dict) -> Arch | None:
     """The model's family: config.json's model_type (a folder), else the GGUF's general.architecture."""
     arch = BY_MODEL_TYPE.get(str(metadata.get("model_type", "")))
@@ -67,7 +63,7 @@ def family_of(metadata: dict, name: str = "", thinking: bool | None = None) -> t
     """(label, values) of the first recommendation that fits: the model's own family's first (a pattern "" is
     any model of it), then every family's by name; each for thinking on (also `thinking` None: the default)
     or off (`thinking` False), or either."""
-    norm = _norm(" ".join([name, *(str(metadata.get(k, "")) for k in NAME_KEYS)]))
+    norm = name_key(name, *(str(metadata.get(k, "")) for k in NAME_KEYS))
     own = arch_of_metadata(metadata)
     mine = own.sampling if own is not None else ()
     on = thinking is not False

@@ -18,7 +18,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwqq.archs import find_arch
+from qwqq.archs import find_arch, name_key
 from qwqq.errors import QwqqError, UnsupportedError
 from qwqq.fit.candidate import ctx_ladder
 from qwqq.fit.constants import backend_constants
@@ -184,7 +184,7 @@ def parsers(model: Model, reasoning_format: str, served: str = "") -> tuple[str 
     arch = find_arch(model.config or {})
     names = [str(n).rstrip("/").rsplit("/", 1)[-1]
              for n in (served or model.ref, model.name, (model.config or {}).get("_name_or_path", ""))]
-    norm = re.sub(r"[\s\-_./]", "", " ".join(names).lower())
+    norm = name_key(*names)
     rec = next((r for r in arch.vllm if not r.pattern or re.search(r.pattern, norm)), None)
     if rec is None:
         return None, None
