@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import re
 import subprocess
@@ -70,3 +71,72 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
     assert set(a) == set(b), (sorted(set(a) - set(b)), sorted(set(b) - set(a)))
     bad = {n: (a[n][:3], b[n][:3]) for n in a if a[n] != b[n]}
     assert not bad, bad
+
+
+# ---------------------------------------------------------------- folders of safetensors (MLX, GPTQ)
+def safetensors_data_bytes(folder: Path) -> int:
+    """Bytes of tensor data in a folder's safetensors files (sizes less the 8-byte length and the header):
+    what a plan's tensor_bytes counts."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+        total += f.stat().st_size - 8 - n
+    return total
+
+
+def mlx_arrays(folder: Path) -> dict:
+    """Every array of an MLX folder, as mlx loads them."""
+    import mlx.core as mx
+
+    arrays = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        arrays.update(mx.load(str(f)))
+    return arrays
+
+
+def assert_same_arrays(ours: dict, ref: dict) -> None:
+    """The same array names, and each one's dtype, shape and values."""
+    import mlx.core as mx
+
+    assert sorted(ours) == sorted(ref)
+    for name in ref:
+        a, b = ours[name], ref[name]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), name
+        assert mx.array_equal(a, b).item(), f"{name} differs"
+
+
+def assert_same_mlx_folder(ours: Path, ref: Path) -> None:
+    """What mlx_lm.convert writes: every array, config.json and the shard index."""
+    assert_same_arrays(mlx_arrays(ours), mlx_arrays(ref))
+    for name in ("config.json", "model.safetensors.index.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((ref / name).read_text()), name
+
+
+# ---------------------------------------------------------------- importance statistics of a whole model
+class SquareSums:
+    """Sum of x^2 per input column and the token counts, per linear, gathered by forward hooks on a whole
+    transformers model: the statistic an importance matrix holds. `router_hook` gives each routed expert the
+    tokens its router sends it (its down_proj: act(gate x) * up x)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, name: str, x) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0).numpy()
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def router_hook(self, prefix: str, experts):
+        """A forward hook for the router of the MoE block at `prefix` whose fused experts are `experts`."""
+        import torch
+
+        def hook(mod, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            for e in range(experts.gate_up_proj.shape[0]):
+                xe = x[(out[2] == e).any(-1)]  # out: (logits, weights, indices)
+                self.add(f"{prefix}.experts.{e}.gate_proj.weight", xe)
+                self.add(f"{prefix}.experts.{e}.up_proj.weight", xe)
+                g, u = torch.nn.functional.linear(xe, experts.gate_up_proj[e]).chunk(2, -1)
+                self.add(f"{prefix}.experts.{e}.down_proj.weight", experts.act_fn(g) * u)
+        return hook

@@ -27,7 +27,7 @@ from tests import fixtures
 from tests.conftest import run_qwqq
 from tests.fixtures_deepseek import dequantize_fp8_blockwise, tiny_deepseek_dir
 from tests.fixtures import TINY_BPE_TOKENS
-from tests.reference import assert_same_tensors
+from tests.reference import SquareSums, assert_same_tensors
 from tests.test_imatrix import TEXT, llama_imatrix
 
 CPU = torch.device("cpu")
@@ -66,30 +66,15 @@ def _whole_model(model_dir: Path):
 
 def _whole_model_square_sums(model_dir: Path, tokens: np.ndarray):
     model = _whole_model(model_dir)
-    sums, counts = {}, {}
-
-    def add(name, x):
-        x = x.reshape(-1, x.shape[-1]).double()
-        sums[name] = sums.get(name, 0) + (x * x).sum(0).numpy()
-        counts[name] = counts.get(name, 0) + x.shape[0]
-
-    def router_hook(prefix, experts):
-        def hook(mod, args, out):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            for e in range(EXPERTS):
-                xe = x[(out[2] == e).any(-1)]  # out: (logits, weights, indices)
-                add(f"{prefix}.experts.{e}.gate_proj.weight", xe)
-                add(f"{prefix}.experts.{e}.up_proj.weight", xe)
-                g, u = torch.nn.functional.linear(xe, experts.gate_up_proj[e]).chunk(2, -1)
-                add(f"{prefix}.experts.{e}.down_proj.weight", experts.act_fn(g) * u)
-        return hook
+    stats = SquareSums()
+    add = stats.add
 
     latent = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             mod.register_forward_pre_hook(lambda m, args, n=name + ".weight": add(n, args[0]))
         if name.endswith(".mlp") and hasattr(mod, "experts"):
-            mod.gate.register_forward_hook(router_hook(name, mod.experts))
+            mod.gate.register_forward_hook(stats.router_hook(name, mod.experts))
         if name.endswith(".self_attn"):
             def q_nope(m, args, out, n=name):  # q_b_proj's output [b, s, heads x (nope + rope)]
                 add(n + ".q_nope", out.view(*out.shape[:2], HEADS, -1)[..., :NOPE].reshape(-1, HEADS * NOPE))
@@ -100,7 +85,7 @@ def _whole_model_square_sums(model_dir: Path, tokens: np.ndarray):
             mod.register_forward_hook(latent_out)
     with torch.no_grad():
         model(input_ids=torch.from_numpy(tokens))
-    return sums, counts
+    return stats.sums, stats.counts
 
 
 @pytest.mark.slow  # ~10 s: the whole model beside the engine

@@ -16,8 +16,6 @@ qwqq's folder, gives convert's logits and generates. fit's MLX rows predict the 
 from __future__ import annotations
 
 import json
-import struct
-from pathlib import Path
 
 import pytest
 
@@ -28,6 +26,7 @@ from qwqq.source import open_checkpoint
 from tests.fixtures import TINY_VOCAB_SIZE
 from tests.conftest import run_qwqq
 from tests.fixtures_deepseek import DEEPSEEK_DTYPES, tiny_deepseek_dir
+from tests.reference import assert_same_mlx_folder, safetensors_data_bytes
 
 TOKENS = [4001, 872, 198, 39, 301, 385]  # "<|im_start|>user\nHello" in the tiny models' tokenizer
 CASES = [("fp8", 4, 64), ("bfloat16", 4, 64), ("fp8", 4, 32)]  # group 32: embed_q (nope 32) quantized too
@@ -139,39 +138,12 @@ def converted(tmp_path_factory):
     return get
 
 
-def load_arrays(folder: Path) -> dict:
-    import mlx.core as mx
-
-    arrays = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        arrays.update(mx.load(str(f)))
-    return arrays
-
-
-def data_bytes(folder: Path) -> int:
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-        total += f.stat().st_size - 8 - n
-    return total
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_identical_to_mlx_lm_convert(case, converted):
-    import mlx.core as mx
-
     ours, ref, result = converted(case)
-    a, b = load_arrays(ours), load_arrays(ref)
-    assert sorted(a) == sorted(b)
-    for name in b:
-        assert (a[name].dtype, a[name].shape) == (b[name].dtype, b[name].shape), name
-        assert mx.array_equal(a[name], b[name]).item(), f"{name} differs"
-    assert json.loads((ours / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
-    assert json.loads((ours / "model.safetensors.index.json").read_text()) == \
-        json.loads((ref / "model.safetensors.index.json").read_text())
-    assert data_bytes(ours) == result.plan.tensor_bytes
+    assert_same_mlx_folder(ours, ref)
+    assert safetensors_data_bytes(ours) == result.plan.tensor_bytes
     assert result.notes == ["the MTP layer (44 tensors) is left out, as mlx_lm.convert leaves it: "
                             "this folder is the language model"]
 
@@ -231,4 +203,4 @@ def test_fit_predicts_the_written_bytes(converted):
     assert r.returncode == 0, r.stderr
     rows = {d["type"]: d for d in json.loads(r.stdout) if d["format"] == "mlx"}
     assert set(rows) == {"MLX-4bit", "MLX-8bit", "MLX-mixed_3_6"}
-    assert rows["MLX-4bit"]["weights_bytes"] == data_bytes(ours)
+    assert rows["MLX-4bit"]["weights_bytes"] == safetensors_data_bytes(ours)

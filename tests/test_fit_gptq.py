@@ -15,6 +15,7 @@ from qwqq.gptq.checkpoint import gptq_bytes, plan_gptq
 from qwqq.source import open_checkpoint
 from tests import fixtures
 from tests.conftest import run_qwqq
+from tests.reference import safetensors_data_bytes
 
 GPU24 = dict(vram=24, ram=64)
 
@@ -32,16 +33,6 @@ def _rtn(bits: int, group_size: int):
     return quantize
 
 
-def _tensor_data_bytes(folder) -> int:
-    """Bytes of tensor data in a folder's safetensors files: file sizes less the 8-byte length and header."""
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-        total += f.stat().st_size - 8 - n
-    return total
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_predicted_bytes_equal_written_folder(arch, bits, tmp_path):
@@ -55,7 +46,7 @@ def test_predicted_bytes_equal_written_folder(arch, bits, tmp_path):
     by_config = gptq_fit.gptq_build(models.from_config(config, arch, "hub", f"x/{arch}"), "t", bits, 128)
     by_folder = gptq_fit.gptq_build(models.resolve(str(root)), "t", bits, 128)
     res = write_gptq(root, tmp_path / "gptq", _rtn(bits, 128), bits=bits, group_size=128)
-    written = _tensor_data_bytes(res.path)
+    written = safetensors_data_bytes(res.path)
     assert by_config.tensor_bytes == by_folder.tensor_bytes == written == res.tensor_bytes
     assert sum(n for _, n in by_config.tensors) == written  # the per-tensor split adds up (speed model)
 
@@ -282,7 +273,7 @@ def test_hybrid_predicted_bytes_equal_written_folder(tmp_path):
     by_config = gptq_fit.gptq_build(models.from_config(_hybrid_config(src), arch, "hub", f"x/{arch}"), "t", 4, 128)
     by_folder = gptq_fit.gptq_build(models.resolve(str(src)), "t", 4, 128)
     res = write_gptq(src, tmp_path / "gptq", _rtn(4, 128), bits=4, group_size=128)
-    assert by_config.tensor_bytes == by_folder.tensor_bytes == _tensor_data_bytes(res.path) == res.tensor_bytes
+    assert by_config.tensor_bytes == by_folder.tensor_bytes == safetensors_data_bytes(res.path) == res.tensor_bytes
 
 
 def test_hybrid_catalog_rows():

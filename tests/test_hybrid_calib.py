@@ -26,7 +26,7 @@ from tests import fixtures
 from tests.conftest import one_line_error, run_qwqq
 from tests.fixtures_hybrid import tiny_hybrid_dir
 from tests.fixtures import TINY_BPE_TOKENS
-from tests.reference import assert_same_tensors
+from tests.reference import SquareSums, assert_same_tensors
 from tests.test_imatrix import TEXT, llama_imatrix
 
 HYBRIDS = ["qwen3_5", "qwen3_5_moe", "qwen3_next"]
@@ -46,33 +46,18 @@ def _whole_model_square_sums(model_dir: Path, tokens: np.ndarray):
     cls = getattr(transformers, json.loads((model_dir / "config.json").read_text())["architectures"][0])
     model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     n_layer = model.config.get_text_config().num_hidden_layers
-    sums, counts = {}, {}
-
-    def add(name, x):
-        x = x.reshape(-1, x.shape[-1]).double()
-        sums[name] = sums.get(name, 0) + (x * x).sum(0).numpy()
-        counts[name] = counts.get(name, 0) + x.shape[0]
-
-    def router_hook(prefix, experts):
-        def hook(mod, args, out):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            for e in range(experts.gate_up_proj.shape[0]):
-                xe = x[(out[2] == e).any(-1)]  # out: (logits, weights, indices)
-                add(f"{prefix}.experts.{e}.gate_proj.weight", xe)
-                add(f"{prefix}.experts.{e}.up_proj.weight", xe)
-                g, u = torch.nn.functional.linear(xe, experts.gate_up_proj[e]).chunk(2, -1)
-                add(f"{prefix}.experts.{e}.down_proj.weight", experts.act_fn(g) * u)
-        return hook
+    stats = SquareSums()
+    add = stats.add
 
     for name, mod in model.named_modules():
         text_name = hybrid.rename(name + ".weight", n_layer)  # model.language_model.* -> model.*
         if isinstance(mod, torch.nn.Linear) and text_name is not None:
             mod.register_forward_pre_hook(lambda m, args, n=text_name: add(n, args[0]))
         if name.endswith(".mlp") and hasattr(mod, "experts"):
-            mod.gate.register_forward_hook(router_hook(text_name.removesuffix(".weight"), mod.experts))
+            mod.gate.register_forward_hook(stats.router_hook(text_name.removesuffix(".weight"), mod.experts))
     with torch.no_grad():
         model(input_ids=torch.from_numpy(tokens))
-    return sums, counts
+    return stats.sums, stats.counts
 
 
 def _head_cols(heads, dim):

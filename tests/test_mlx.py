@@ -21,6 +21,7 @@ import pytest
 
 from tests import fixtures
 from tests.conftest import run_qwqq
+from tests.reference import assert_same_arrays, mlx_arrays
 
 mx = pytest.importorskip("mlx.core", reason='needs mlx: pip install "qwqq[mlx]"')
 pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
@@ -55,13 +56,6 @@ def hub_sources(tmp_path_factory) -> dict[str, Path]:
     return {arch: hub_clone(fixtures.tiny_model_dir(arch), root / arch) for arch in ("qwen2", "qwen3", "qwen3_moe", "llama")}
 
 
-def load_arrays(folder: Path) -> dict:
-    arrays = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        arrays.update(mx.load(str(f)))
-    return arrays
-
-
 def logits(folder: Path) -> "mx.array":
     from mlx_lm.utils import load_model
 
@@ -69,14 +63,6 @@ def logits(folder: Path) -> "mx.array":
     out = model(mx.array([TOKENS]))
     mx.eval(out)
     return out
-
-
-def assert_same_arrays(ours: dict, ref: dict) -> None:
-    assert sorted(ours) == sorted(ref)
-    for name in ref:
-        a, b = ours[name], ref[name]
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), name
-        assert mx.array_equal(a, b).item(), f"{name} differs"
 
 
 def mlx_lm_convert(src: Path, dst: Path, bits: int, group_size: int, recipe: str | None) -> Path:
@@ -121,7 +107,7 @@ def test_identical_to_mlx_lm_convert(arch, bits, group_size, recipe, hub_sources
                            progress=False).path
     ref = mlx_lm_convert(src, tmp_path / "ref", bits, group_size, recipe)
 
-    assert_same_arrays(load_arrays(ours), load_arrays(ref))
+    assert_same_arrays(mlx_arrays(ours), mlx_arrays(ref))
     assert json.loads((ours / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
     assert json.loads((ours / "model.safetensors.index.json").read_text()) == \
         json.loads((ref / "model.safetensors.index.json").read_text())
@@ -151,7 +137,7 @@ def test_loads_with_mlx_lm_load_and_sizes_match_the_plan(hub_sources, tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        assert set(f.keys()) == set(load_arrays(folder))
+        assert set(f.keys()) == set(mlx_arrays(folder))
 
     model, tokenizer = load(str(folder))
     text = generate(model, tokenizer, prompt=TOKENS, max_tokens=4)
@@ -166,7 +152,7 @@ def test_transformers5_config_is_made_readable(tmp_path):
     b = quantize_to_mlx(hub_clone(original, tmp_path / "hub"), out=tmp_path / "b", progress=False).path
     config = json.loads((a / "config.json").read_text())
     assert config["num_experts"] == 8 and config["rope_theta"] == 1e6
-    assert_same_arrays(load_arrays(a), load_arrays(b))
+    assert_same_arrays(mlx_arrays(a), mlx_arrays(b))
     assert mx.array_equal(logits(a), logits(b)).item()
 
 
@@ -180,7 +166,7 @@ def test_sharded_output_matches_one_shard(hub_sources, tmp_path, monkeypatch):
     assert set(index["weight_map"].values()) == set(shards)
     for f in many.glob("*.safetensors"):
         assert f.stat().st_size <= (8 << 20) + 64 * 1024 or len(mx.load(str(f))) == 1
-    assert_same_arrays(load_arrays(many), load_arrays(one))
+    assert_same_arrays(mlx_arrays(many), mlx_arrays(one))
     assert mx.array_equal(logits(many), logits(one)).item()
 
 

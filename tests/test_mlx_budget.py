@@ -17,7 +17,8 @@ pytest.importorskip("mlx_lm", reason='needs mlx-lm: pip install "qwqq[mlx]"')
 from qwqq.budget.mlx import allocatable, plan_mlx_budget  # noqa: E402
 from qwqq.mlx.quantize import quantize_to_mlx  # noqa: E402
 from qwqq.mlx.plan import MLX_BITS, MLXTensorPlan  # noqa: E402
-from tests.test_mlx import assert_same_arrays, hub_clone, load_arrays, logits  # noqa: E402
+from tests.reference import assert_same_arrays, mlx_arrays  # noqa: E402
+from tests.test_mlx import hub_clone, logits  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +79,7 @@ def test_the_folder_is_what_mlx_lm_convert_writes_for_the_same_bits(tmp_path):
 
     ref = tmp_path / "ref"
     convert(str(src), mlx_path=str(ref), quantize=True, q_bits=4, q_group_size=64, quant_predicate=predicate)
-    assert_same_arrays(load_arrays(ours), load_arrays(ref))
+    assert_same_arrays(mlx_arrays(ours), mlx_arrays(ref))
     assert json.loads((ours / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
     assert mx.array_equal(logits(ours), logits(ref)).item()
 

@@ -141,6 +141,12 @@ class Server:
             self.proc.wait(10)
 
 
+def needs_server_packages() -> None:
+    """Skip unless llama-cpp-python, FastAPI and the openai client are installed (`pip install ".[llama,serve]"`)."""
+    for name in ("llama_cpp", "fastapi", "openai"):
+        pytest.importorskip(name)
+
+
 def start_server(model: Path, log: Path, *args: str) -> Server:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("QWQQ_DEBUG", None)
@@ -162,9 +168,7 @@ def start_server(model: Path, log: Path, *args: str) -> Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
+    needs_server_packages()
     d = tmp_path_factory.mktemp("serve")
     (d / "key.txt").write_text(KEY + "\n")
     s = start_server(Path(smollm2_gguf), d / "server.log", "--api-key-file", str(d / "key.txt"), "--max-queue", "1",
@@ -175,9 +179,7 @@ def server(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def thinking_server(smollm2_gguf, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
+    needs_server_packages()
     d = tmp_path_factory.mktemp("serve-think")
     model = d / "SmolLM2-thinking.gguf"
     (d / "template.jinja").write_text(THINKING_TEMPLATE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import start_server
+from tests.test_serve import needs_server_packages, start_server
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 SLOTS = 3
@@ -19,9 +19,7 @@ PROMPTS = ["Count: 1, 2, 3,", "The capital of France is", "def fibonacci(n):"]
 
 @pytest.fixture(scope="module")
 def batch_server(smollm2_gguf, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
+    needs_server_packages()
     d = tmp_path_factory.mktemp("serve-batch")
     # --no-kv-unified: each sequence has its own KV cells, so where other sequences' cells lie cannot change
     # the order of its attention sums (with one unified pool greedy tokens may differ in the last bits).

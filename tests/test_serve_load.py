@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import start_server
+from tests.test_serve import needs_server_packages, start_server
 
 pytestmark = pytest.mark.slow  # a real server and a few hundred generations (about half a minute)
 CLIENTS, REQUESTS = 16, 240
@@ -24,9 +24,7 @@ KINDS = ("chat", "chat-stream", "completion", "completion-stream", "hang-up", "m
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
+    needs_server_packages()
     s = start_server(Path(smollm2_gguf), tmp_path_factory.mktemp("load") / "server.log", "--max-queue", str(REQUESTS))
     yield s
     s.stop()

@@ -203,10 +203,9 @@ def _copy_with_template(smollm2_gguf, d: Path, name: str, template: str) -> Path
 
 
 def _server(smollm2_gguf, tmp_path_factory, name: str, template: str):
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
-    from tests.test_serve import start_server
+    from tests.test_serve import needs_server_packages, start_server
+
+    needs_server_packages()
 
     d = tmp_path_factory.mktemp(name)
     model = _copy_with_template(smollm2_gguf, d, name, template)
