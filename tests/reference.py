@@ -140,3 +140,21 @@ class SquareSums:
                 g, u = torch.nn.functional.linear(xe, experts.gate_up_proj[e]).chunk(2, -1)
                 self.add(f"{prefix}.experts.{e}.down_proj.weight", experts.act_fn(g) * u)
         return hook
+
+
+def assert_same_imatrix_entries(ours: dict, theirs) -> None:
+    """qwqq's GGUF-named importance entries against a llama-imatrix file's (both on the same windows): the same
+    entries (llama.cpp also lists the routers ffn_gate_inp, which it never quantizes; qwqq also the output
+    matrix), each one's shape, the same counts (each routed expert's too) and sums within float noise (1e-3 of
+    the entry's largest)."""
+    import numpy as np
+
+    assert set(ours) - {"output.weight"} == {n for n in theirs.entries if not n.endswith("ffn_gate_inp.weight")}
+    for name, (sums, counts) in ours.items():
+        if name not in theirs.entries:
+            continue
+        their_sums, their_counts = theirs.entries[name]
+        assert sums.shape == their_sums.shape, name
+        np.testing.assert_array_equal(counts, their_counts, err_msg=name)
+        err = np.abs(sums - their_sums).max() / their_sums.max()
+        assert err < 1e-3, (name, err)
