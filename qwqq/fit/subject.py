@@ -169,7 +169,7 @@ class Model:
     def n_params(self) -> int:
         if self.gguf_build is not None:
             return self.gguf_build.n_params
-        return sum(prod(s) for _, s in (self.shapes if self.mtp else without_mtp(self.shapes, self.dims.n_layer)))
+        return sum(prod(s) for _, s in self.shapes)
 
     @property
     def quantizable(self) -> bool:
@@ -192,8 +192,7 @@ class Model:
                 plan = self.prepared.plan(MIXTURES[name])
                 header, exact = len(self.prepared.header(plan)), True
             else:
-                shapes = self.shapes if self.mtp else without_mtp(self.shapes, self.dims.n_layer)
-                plan = make_plan(shapes, self.facts, MIXTURES[name])
+                plan = make_plan(self.shapes, self.facts, MIXTURES[name])
                 header, exact = estimate_header_bytes(plan.tensors, self.dims.n_vocab), False
             tensors = [WeightTensor(t.name, t.shape, t.type, t.nbytes) for t in plan.tensors]
             self._builds[name] = Build(name, tensors, header, exact, plan.n_params)
@@ -237,9 +236,10 @@ def _no_mtp(m: Model, mtp: bool) -> Model:
     """`m` to be sized without its MTP blocks; one line when it has none (as quantize --no-mtp says)."""
     if mtp or m.prepared is not None:  # a folder with weights: prepare() has left them out (or refused)
         return m
-    if m.shapes is None or len(without_mtp(m.shapes, m.dims.n_layer)) == len(m.shapes):
+    shapes = without_mtp(m.shapes or [], m.dims.n_layer)
+    if len(shapes) == len(m.shapes or []):
         raise QwqqError(f"{m.name} has no multi-token-prediction (MTP) layers to leave out: drop --no-mtp")
-    m.mtp = False
+    m.shapes, m.mtp = shapes, False  # planned from these, as quantize --no-mtp plans its tensors
     return m
 
 
