@@ -158,3 +158,64 @@ def test_a_hybrid_model_decodes_sequences_together(tmp_path):
         scheduler.stop()
         model.close()
     assert alone[0][1] > 0 and list(together) == alone and again == alone[0]
+
+
+# ---------------------------------------------------------------- the order of a batch, in process
+@pytest.mark.slow
+def test_a_batch_goes_to_llama_cpp_in_sequence_order_whatever_the_arrival_order(smollm2_gguf, monkeypatch):
+    """With a KV stream per sequence llama.cpp puts only runs of consecutive sequence ids in one ubatch
+    (split_equal), so a batch in arrival order was decoded as up to one ubatch per sequence: 8 streams at half
+    llama-server's speed. Three prompts cached in slots 0, 1 and 2 come back in the order 2, 0, 1; each
+    returns to its own slot (the longest shared prefix), and every batch llama.cpp is given lists its
+    sequences in increasing order, with the tokens each prompt gives alone."""
+    import asyncio
+
+    import llama_cpp
+
+    from qwqq.run.backends import LoadOptions, pick_backend
+    from qwqq.serve.batch import BatchScheduler
+    from qwqq.serve.engine import GenParams, Job
+    from qwqq.serve.llamacpp import LlamaCppEngine
+    from qwqq.serve.metrics import Metrics
+
+    gguf = Path(smollm2_gguf)
+    model = pick_backend("llama.cpp", gguf).load(gguf, LoadOptions(ctx=3 * 256, threads=2))
+    engine = LlamaCppEngine(model, 3, unified=False)
+    scheduler = BatchScheduler(engine, 4, Metrics())
+    batches: list[list[int]] = []
+    decode = llama_cpp.llama_decode
+
+    def recording_decode(ctx, batch):
+        batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+    scheduler.start()
+
+    async def generate(text: str) -> str:
+        job = Job(GenParams(tokens=engine.tokens(text), max_tokens=8, temperature=0, top_p=1, top_k=0, min_p=0,
+                            seed=0), asyncio.get_running_loop())
+        scheduler.submit(job)
+        pieces = []
+        while (event := await job.events.get())[0] == "text":
+            pieces.append(event[1])
+        assert event[0] == "done", event
+        return "".join(pieces)
+
+    async def cached_then_shuffled():
+        alone = [await generate(p) for p in PROMPTS]  # one at a time: the free slot with the lowest id, 0, 1, 2
+        slots_after_alone = [s.cached[:3] for s in scheduler.slots]
+        shuffled = await asyncio.gather(*(generate(PROMPTS[i]) for i in (2, 0, 1)))
+        return alone, slots_after_alone, shuffled
+
+    prompt_starts = [engine.tokens(p)[:3] for p in PROMPTS]
+    try:
+        alone, slots_after_alone, shuffled = asyncio.run(cached_then_shuffled())
+    finally:
+        scheduler.stop()
+        model.close()
+    assert slots_after_alone == prompt_starts
+    assert shuffled == [alone[2], alone[0], alone[1]]
+    together = [b for b in batches if len(set(b)) > 1]
+    assert together and all(b == sorted(b) for b in together)
+    assert max(len(set(b)) for b in together) == 3

@@ -182,7 +182,9 @@ class BatchScheduler:
                 return
             job = self.waiting.popleft()
             tokens = job.params.tokens
-            slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -len(s.cached)))
+            # The longest shared prefix; else the emptiest cache, then the lowest sequence id (the batch is
+            # decoded in fewer ubatches when the running sequence ids are consecutive: _plan).
+            slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -len(s.cached), -s.seq))
             keep = min(common_prefix(slot.cached, tokens), len(tokens) - 1)  # at least one token to evaluate
             if keep < len(slot.cached) and not self._forget(slot, keep):
                 self._forget(slot, 0)  # a recurrent state cannot be cut back: evaluate the whole prompt
@@ -237,7 +239,10 @@ class BatchScheduler:
                 chunk = s.pending[:room]
                 plan.append((s, chunk, len(chunk) == len(s.pending)))
                 room -= len(chunk)
-        return plan
+        # In increasing sequence order: with a KV stream per sequence (--no-kv-unified) llama.cpp puts only
+        # runs of consecutive sequence ids in one ubatch (llama_batch_allocr::split_equal), so a batch in
+        # arrival order would be decoded as up to one ubatch per sequence.
+        return sorted(plan, key=lambda entry: entry[0].seq)
 
     def _step(self) -> None:
         import llama_cpp
