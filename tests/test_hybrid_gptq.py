@@ -235,7 +235,7 @@ def test_transformers_backend_runs_the_folder(arch, built, monkeypatch):
             np.testing.assert_array_equal(p.detach().numpy(), stored(name), err_msg=name)
         messages = [{"role": "user", "content": "hi"}]
         text = "".join(m.stream_chat(messages, Sampling(greedy=True), max_tokens=6))
-        ids, want = m._tokens(m.render(messages)), []
+        ids, want = m.tokens(m.render(messages)), []
         with torch.no_grad():
             while len(want) < 6:
                 t = int(m.model(torch.tensor([ids + want]), use_cache=False).logits[0, -1].argmax())

@@ -125,7 +125,7 @@ def test_greedy_tokens_equal_the_dequantized_weights_in_transformers(case, gptq_
         assert m.metadata["transformers.weights"] == "gptq dequantized"
         assert m.metadata["transformers.dtype"] == "float32"
         text = "".join(m.stream_chat(MESSAGES, Sampling(greedy=True), max_tokens=N))
-        tokens = m._tokens(m.render(MESSAGES))
+        tokens = m.tokens(m.render(MESSAGES))
         want = greedy_argmax(dequantized_reference(folder, GPTQ_CASES[case][0]), tokens, N, m.eos_ids)
         assert want and m.generated == want
         assert text == m.tokenizer.decode(want, skip_special_tokens=True)
@@ -147,7 +147,7 @@ def test_unquantized_bf16_folder(tmp_path):
         # teacher-forced: transformers' bf16 logits after the prompt and each generated prefix. bf16 logits tie
         # exactly now and then (one ulp is 1/64 at |logit| ~ 3), and which of two tied tokens argmax returns
         # depends on the kernel's reduction order, so a token must be the argmax or tied with it within one ulp.
-        tokens, gen = m._tokens(m.render(MESSAGES)), m.generated
+        tokens, gen = m.tokens(m.render(MESSAGES)), m.generated
         assert len(gen) == N
         with torch.no_grad():
             rows = ref(torch.tensor([tokens + gen])).logits[0, len(tokens) - 1:-1].float()
@@ -184,7 +184,7 @@ def test_load_in_4bit_is_bitsandbytes_nf4_and_generates_as_that_model(smollm2_di
         bf16_bytes = (smollm2_dir / "model.safetensors").stat().st_size  # the source: bf16, embedding tied
         assert m.model.get_memory_footprint() < 0.45 * bf16_bytes  # linears at ~4.1 bits, embedding still bf16
         "".join(m.stream_chat(MESSAGES, Sampling(greedy=True), max_tokens=N))
-        assert m.generated == greedy_argmax(m.model, m._tokens(m.render(MESSAGES)), N, m.eos_ids)
+        assert m.generated == greedy_argmax(m.model, m.tokens(m.render(MESSAGES)), N, m.eos_ids)
     finally:
         m.close()
 
@@ -281,7 +281,7 @@ def test_stops_at_eos_and_at_the_context(model, monkeypatch):
     assert "".join(model.stream_chat(MESSAGES, Sampling(greedy=True), 4)) == ""
     assert model.finish_reason == "stop" and model.generated == []
     monkeypatch.undo()
-    n_prompt = len(model._tokens(model.render(MESSAGES)))
+    n_prompt = len(model.tokens(model.render(MESSAGES)))
     monkeypatch.setattr(model, "n_ctx", n_prompt + 3)
     "".join(model.stream_chat(MESSAGES, Sampling(greedy=True), 100))
     assert len(model.generated) == 3 and model.finish_reason == "length"

@@ -9,6 +9,7 @@ Sampling values (qwqq.run.sampling) the llama.cpp backend uses.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import platform
@@ -45,6 +46,7 @@ class MLXChatModel:
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.metadata = folder_metadata(path)
         self.finish_reason: str | None = None
+        self.n_generated = 0  # tokens of the last answer
         max_pos = int(float(self.metadata.get("max_position_embeddings", 0) or 0))
         self.n_ctx = ctx if ctx > 0 else (max_pos or 4096)
         self.template = ChatTemplate(getattr(tokenizer, "chat_template", None),
@@ -55,17 +57,20 @@ class MLXChatModel:
     def render(self, messages: list[dict]) -> str:
         return self.template.render(messages)
 
-    def _tokens(self, prompt: str) -> list[int]:
+    def tokens(self, prompt: str) -> list[int]:
         tokens = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         return with_bos(tokens, self._bos_id, bool(getattr(self.tokenizer, "add_bos_token", False)))
 
     def stream_chat(self, messages: list[dict], sampling, max_tokens: int) -> Iterator[str]:
+        return self.stream_tokens(self.tokens(self.render(messages)), sampling, max_tokens)
+
+    def stream_tokens(self, tokens: list[int], sampling, max_tokens: int) -> Iterator[str]:
+        """The answer to a tokenized prompt, as text pieces; then finish_reason and n_generated are set."""
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-        self.finish_reason = None
-        tokens = self._tokens(self.render(messages))
+        self.finish_reason, self.n_generated = None, 0
         room = prompt_room(len(tokens), self.n_ctx)
         mx.random.seed(sampling.seed if sampling.seed is not None else random.randrange(2**31))
         greedy = sampling.greedy or sampling.temperature <= 0
@@ -79,6 +84,8 @@ class MLXChatModel:
         processors = make_logits_processors(presence_penalty=penalty, presence_context_size=64) if penalty else None
         for response in stream_generate(self.model, self.tokenizer, mx.array(tokens), max_tokens=min(max_tokens, room),
                                         sampler=sampler, logits_processors=processors):
+            # mlx-lm counts the end-of-generation token it stopped at; qwqq (as llama.cpp) does not
+            self.n_generated = response.generation_tokens - (response.finish_reason == "stop")
             if response.text:
                 yield response.text
             if response.finish_reason:
@@ -86,6 +93,7 @@ class MLXChatModel:
 
     def close(self) -> None:
         self.model = self.tokenizer = None
+        gc.collect()  # the model's cycles go now, on this thread, not in a collection at exit on another one
         try:
             import mlx.core as mx
 

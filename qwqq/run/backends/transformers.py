@@ -174,7 +174,7 @@ class TransformersChatModel:
     def render(self, messages: list[dict]) -> str:
         return self.template.render(messages)
 
-    def _tokens(self, prompt: str) -> list[int]:
+    def tokens(self, prompt: str) -> list[int]:
         tokens = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         return with_bos(tokens, self._bos_id, bool(getattr(self.tokenizer, "add_bos_token", False)))
 
@@ -211,13 +211,20 @@ class TransformersChatModel:
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
+    @property
+    def n_generated(self) -> int:
+        return len(self.generated)
+
     def stream_chat(self, messages: list[dict], sampling, max_tokens: int) -> Iterator[str]:
+        return self.stream_tokens(self.tokens(self.render(messages)), sampling, max_tokens)
+
+    def stream_tokens(self, tokens: list[int], sampling, max_tokens: int) -> Iterator[str]:
+        """The answer to a tokenized prompt, as text pieces; then finish_reason and n_generated are set."""
         import torch
         from transformers import DynamicCache
 
         self.finish_reason = None
         self.generated = []
-        tokens = self._tokens(self.render(messages))
         room = prompt_room(len(tokens), self.n_ctx)
         limit = min(max_tokens, room)
         greedy = sampling.greedy or sampling.temperature <= 0
