@@ -272,10 +272,11 @@ def serve(
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (needed for a quantized KV cache)."),
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
     reasoning_format: str = typer.Option("deepseek", "--reasoning-format", help="Where the <think> block goes: deepseek (message.reasoning_content, as llama-server and DeepSeek's API), reasoning (message.reasoning, vLLM's newer name) or none (left inline in content)."),
-    parallel: int = typer.Option(4, "--parallel", "-np", help="Slots: requests decoded together in one batch (continuous batching on one llama.cpp context, as llama-server's --parallel; 4, its auto)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (by the model's format: a GGUF on llama.cpp, an MLX folder on mlx, GPTQ or unquantized folders on transformers), llama.cpp, mlx or transformers."),
+    parallel: int = typer.Option(4, "--parallel", "-np", help="Slots: requests decoded together in one batch (continuous batching on one llama.cpp context, as llama-server's --parallel; 4, its auto). MLX: mlx-lm's BatchGenerator decodes up to N together. transformers: one request at a time, the others wait."),
     kv_unified: bool = typer.Option(True, "--kv-unified/--no-kv-unified", help="One KV pool shared by the slots: each request may use the whole context, together no more (llama-server's auto). --no-kv-unified: each slot gets ctx / parallel of its own, and a request's tokens no longer depend on what else is decoded with it."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a free slot; more get 503 with Retry-After."),
-    engine: str = typer.Option("llama.cpp", "--engine", help="llama.cpp (a GGUF, qwqq's own server) or vllm (vLLM's OpenAI server: GPTQ or unquantized folders, one or more GPUs or nodes, or its CPU build)."),
+    engine: str = typer.Option("qwqq", "--engine", help="qwqq (its own server, on the --backend that runs the model) or vllm (vLLM's OpenAI server: GPTQ or unquantized folders, one or more GPUs or nodes, or its CPU build)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="vllm: the GPUs of each node, GiB each (2x24, 8x80): tensor parallel over them. Default: --profile or this machine's."),
     nodes: int = typer.Option(1, "--nodes", help="vllm: machines, pipeline parallel over them; without --node-rank, print each node's command."),
     node_rank: Optional[int] = typer.Option(None, "--node-rank", help="vllm with --nodes: start this node's part (0 serves the API, the others are headless workers)."),
@@ -285,7 +286,7 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).
 
-    Up to --parallel requests are decoded together, each step one llama.cpp batch; the others wait for a slot. A client that disconnects is cancelled and its slot freed. Needs pip install "qwqq\\[serve]".
+    Up to --parallel requests are decoded together, each step one llama.cpp batch (a GGUF) or one mlx-lm batch (an MLX folder); the others wait for a slot. transformers (GPTQ and unquantized folders) answers one request at a time. A client that disconnects is cancelled and its slot freed. Needs pip install "qwqq\\[serve]".
 
     --engine vllm starts vLLM's own server instead (GPTQ or unquantized folders; tensor parallel over --gpus, pipeline parallel over --nodes), with context, KV cache type, memory share and reasoning / tool-call parsers from fit and the model's family; see docs/serve.md.
     """
@@ -296,15 +297,15 @@ def serve(
         from qwqq.serve.vllm import VllmOptions, serve_vllm
 
         if (n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe or threads or not flash_attn or parallel != 4
-                or not kv_unified or max_queue != 64):
-            _fail("--n-gpu-layers, --n-cpu-moe, --cpu-moe, --threads, --no-flash-attn, --parallel, --no-kv-unified and --max-queue are qwqq's llama.cpp server's; vLLM places and batches the model itself", 2)
+                or not kv_unified or max_queue != 64 or backend.strip().lower() != "auto"):
+            _fail("--backend, --n-gpu-layers, --n-cpu-moe, --cpu-moe, --threads, --no-flash-attn, --parallel, --no-kv-unified and --max-queue are qwqq's own server's; vLLM places and batches the model itself", 2)
         vopts = VllmOptions(model=str(model), host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                             kv=kv.lower() if kv else None, gpus=gpus, profile=profile, nodes=nodes, node_rank=node_rank,
                             master_addr=master_addr, master_port=master_port, vllm_python=vllm_python,
                             reasoning_format=reasoning_format.lower(), debug=_state["debug"])
         raise typer.Exit(_guard(serve_vllm, vopts, say=lambda line: err.print(line, markup=False, highlight=False)) or 0)
-    if engine.lower() not in ("llama.cpp", "llamacpp"):
-        _fail(f"unknown --engine {engine!r}; choose llama.cpp or vllm", 2)
+    if engine.lower() not in ("qwqq", "llama.cpp", "llamacpp"):  # llama.cpp: its name when it served GGUF only
+        _fail(f"unknown --engine {engine!r}; choose qwqq or vllm", 2)
     if gpus or nodes != 1 or node_rank is not None or master_addr or vllm_python:
         _fail("--gpus, --nodes, --node-rank, --master-addr and --vllm-python go with --engine vllm", 2)
 
@@ -312,7 +313,7 @@ def serve(
                         kv=kv.lower() if kv else None, n_gpu_layers=n_gpu_layers, profile=profile, threads=threads,
                         n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, flash_attn=flash_attn,
                         reasoning_format=reasoning_format.lower(), parallel=parallel, kv_unified=kv_unified, max_queue=max_queue,
-                        debug=_state["debug"])
+                        backend=backend, debug=_state["debug"])
     _guard(serve_model, opts, say=lambda line: err.print(line, markup=False, highlight=False))
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from qwqq.errors import QwqqError
-from qwqq.serve.llamacpp import StopMatcher
+from qwqq.serve.engine import StopMatcher
 from qwqq.serve.metrics import Metrics
 from qwqq.serve.options import ServeOptions, api_key
 

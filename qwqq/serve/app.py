@@ -299,7 +299,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = req.prompt[0] if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str) else req.prompt
         if isinstance(prompt, list):
             tokens = list(prompt)
-            if not tokens or min(tokens) < 0 or max(tokens) >= engine.llm.n_vocab():
+            if not tokens or min(tokens) < 0 or max(tokens) >= engine.n_vocab:
                 raise APIError(400, "prompt: token ids must be in the model's vocabulary", param="prompt")
         else:
             tokens = await run_in_threadpool(engine.tokens, prompt)

@@ -24,8 +24,8 @@ import threading
 import time
 from collections import deque
 
-from qwqq.serve.engine import Job, QueueFull
-from qwqq.serve.llamacpp import LlamaCppEngine, StopMatcher, sampler_chain
+from qwqq.serve.engine import Job, QueueFull, StopMatcher
+from qwqq.serve.llamacpp import LlamaCppEngine, sampler_chain
 from qwqq.serve.metrics import Metrics
 
 

@@ -1,4 +1,5 @@
-"""Jobs: one request's generation parameters and the events it is answered with.
+"""Jobs: one request's generation parameters and the events it is answered with, and `StopMatcher`, which
+holds back text that may be the start of a stop string (every scheduler's).
 
 The scheduler (qwqq.serve.batch) decodes jobs on its own thread and talks to the event loop through
 each job's asyncio queue (call_soon_threadsafe); events are ("text", str), ("done", finish_reason,
@@ -11,6 +12,8 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+
+from qwqq.run.chat import partial_suffix
 
 
 @dataclass
@@ -48,3 +51,27 @@ class Job:
 
 class QueueFull(Exception):
     pass
+
+
+class StopMatcher:
+    """Feed text, get back what may be shown and whether a stop string was met (text from it on is dropped)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.held += text
+        hits = [at for at in (self.held.find(s) for s in self.stops) if at >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            return out, True
+        keep = max((partial_suffix(self.held, s) for s in self.stops), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out

@@ -3,43 +3,17 @@
 `LlamaCppEngine` wraps the model `qwqq.run.backends.llamacpp` loaded: it tokenizes (safe from any
 thread: llama.cpp's tokenizer only reads the vocabulary), checks a request's GBNF grammar, and swaps the
 `Llama`'s own context for one whose KV cache holds `parallel` sequences (n_seq_max; one unified pool, as
-llama-server's default, or a share of the context per sequence, as its --parallel N --no-kv-unified). `sampler_chain` builds one request's llama_sampler chain; `StopMatcher` holds
-back text that may be the start of a stop string.
+llama-server's default, or a share of the context per sequence, as its --parallel N --no-kv-unified). `sampler_chain` builds one request's llama_sampler chain.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from qwqq.run.chat import partial_suffix
 from qwqq.run.template import with_bos
 from qwqq.serve.engine import GenParams
 
 PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (llama-cpp-python's default)
-
-
-class StopMatcher:
-    """Feed text, get back what may be shown and whether a stop string was met (text from it on is dropped)."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.held += text
-        hits = [at for at in (self.held.find(s) for s in self.stops) if at >= 0]
-        if hits:
-            out, self.held = self.held[: min(hits)], ""
-            return out, True
-        keep = max((partial_suffix(self.held, s) for s in self.stops), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out
 
 
 class LlamaCppEngine:
@@ -58,6 +32,7 @@ class LlamaCppEngine:
         # pool shared by the slots, else its share; never more than the model's training length.
         self.n_ctx = min(llama_cpp.llama_n_ctx_seq(self.ctx), self.llm._model.n_ctx_train() or 1 << 30)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self.n_vocab = self.llm.n_vocab()
 
     def tokens(self, text: str) -> list[int]:
         """A rendered chat prompt or a raw completion prompt: special tokens parsed, BOS as the model wants."""

@@ -60,7 +60,12 @@ def describe(settings: dict, has_gpu_layers: bool) -> str:
 def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
     check_options(opts)
     key = api_key(opts)
-    backend = pick_backend("llama.cpp", opts.model)  # this slice serves GGUF files on llama.cpp
+    backend = pick_backend(opts.backend, opts.model)
+    if backend.name not in ENGINES:
+        raise QwqqError(f"qwqq serve runs llama.cpp, mlx and transformers models, not the {backend.name} backend's")
+    if backend.name != "llama.cpp" and experts.requested(opts.n_cpu_moe, opts.cpu_moe):
+        raise QwqqError(f"--n-cpu-moe / --cpu-moe place llama.cpp's expert tensors; they do not apply to the "
+                        f"{backend.name} backend")
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     run_opts = RunOptions(model=Path(opts.model), ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, profile=opts.profile,
                           kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug,
@@ -75,6 +80,7 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
 
     name = Path(opts.model).name
     model_id = name.removesuffix(".gguf")
+    batched = backend.name == "llama.cpp" or (backend.name == "mlx" and opts.parallel > 1)
     sock = bind(opts.host, opts.port)
     state = ServerState(opts=opts, model_id=model_id, key=key, metrics=Metrics())
     config = uvicorn.Config(create_app(state), log_level="info" if opts.debug else "warning", access_log=opts.debug,
@@ -87,17 +93,26 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
         try:
             model = backend.load(Path(opts.model), LoadOptions(threads=opts.threads, debug=opts.debug, **settings))
             loaded.append(model)
-            _ready(state, model)
+            _ready(state, model, backend.name)
         except Exception as e:  # never left answering "loading" for ever: one line, and the server stops
             state.load_error = str(e) if isinstance(e, QwqqError) else f"cannot load {name}: {type(e).__name__}: {e}"
             server.should_exit = True
             return
         moved = f", {experts_line(settings['n_cpu_moe'], model.overridden)}" if settings["n_cpu_moe"] else ""
-        per = " per slot" if opts.parallel > 1 else ""
-        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}, loaded in {time.monotonic() - start:.1f} s")
+        per = " per slot" if opts.parallel > 1 and len(state.scheduler.slots) > 1 else ""
+        serial = "; one request at a time: mlx-lm cannot batch this model's caches" if (
+            backend.name == "mlx" and len(state.scheduler.slots) < opts.parallel) else ""
+        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}{serial}, "
+            f"loaded in {time.monotonic() - start:.1f} s")
 
-    gpu = bool(settings["n_gpu_layers"]) and _gpu_offload()
-    say(f"serving {name} (llama.cpp) at {url_of(sock)}: {describe(settings, gpu)}; {slots_line(opts)}, "
+    if backend.name == "llama.cpp":
+        where = describe(settings, bool(settings["n_gpu_layers"]) and _gpu_offload())
+    else:
+        where = f"ctx {settings['ctx']}" if settings["ctx"] else "the model's own context"
+    slots = slots_line(opts) if backend.name == "llama.cpp" else (
+        f"{opts.parallel} requests decoded in one batch (mlx-lm's BatchGenerator)" if batched
+        else "one request at a time")
+    say(f"serving {name} ({backend.name}) at {url_of(sock)}: {where}; {slots}, "
         f"up to {opts.max_queue} waiting; {'API key required' if key else 'no API key'}; loading…")
     loader = threading.Thread(target=load, name="qwqq-serve-load", daemon=True)
     loader.start()
@@ -114,13 +129,37 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
         raise QwqqError(state.load_error)
 
 
-def _ready(state, model) -> None:
-    """The loaded model behind the routes: engine, sampling defaults, template variables, worker started."""
+def _llamacpp(model, opts: ServeOptions, metrics):
     from qwqq.serve.batch import BatchScheduler
     from qwqq.serve.llamacpp import LlamaCppEngine
 
-    engine = LlamaCppEngine(model, state.opts.parallel, state.opts.kv_unified)
-    scheduler = BatchScheduler(engine, state.opts.max_queue, state.metrics)
+    engine = LlamaCppEngine(model, opts.parallel, opts.kv_unified)
+    return engine, BatchScheduler(engine, opts.max_queue, metrics)
+
+
+def _mlx(model, opts: ServeOptions, metrics):
+    from qwqq.serve.mlx import MlxBatchScheduler, batchable
+    from qwqq.serve.serial import ModelEngine, SerialScheduler
+
+    if opts.parallel > 1 and batchable(model):
+        return ModelEngine(model, "mlx-lm"), MlxBatchScheduler(model, opts.parallel, opts.max_queue, metrics)
+    return ModelEngine(model, "mlx-lm"), SerialScheduler(model, opts.max_queue, metrics)
+
+
+def _transformers(model, opts: ServeOptions, metrics):
+    from qwqq.serve.serial import ModelEngine, SerialScheduler
+
+    return ModelEngine(model, "transformers"), SerialScheduler(model, opts.max_queue, metrics)
+
+
+# What serves each backend's model: (engine, scheduler) from the loaded model. llama.cpp and MLX decode
+# --parallel requests in one batch; transformers (and GPTQ folders) one at a time.
+ENGINES = {"llama.cpp": _llamacpp, "mlx": _mlx, "transformers": _transformers}
+
+
+def _ready(state, model, backend: str) -> None:
+    """The loaded model behind the routes: engine, sampling defaults, template variables, worker started."""
+    engine, scheduler = ENGINES[backend](model, state.opts, state.metrics)
     state.metrics.watch(depth=lambda: scheduler.depth, running=lambda: scheduler.running, slots=lambda: len(scheduler.slots))
     state.sampling = default_sampling(model.metadata, Path(state.opts.model).stem)
     state.template_vars = model.template.variables()

@@ -1,0 +1,215 @@
+"""MLX under `qwqq serve`: mlx-lm's BatchGenerator (continuous batching) over the model qwqq.run.backends.mlx
+loaded.
+
+The routes ask the model through qwqq.serve.serial.ModelEngine. `MlxBatchScheduler` has the scheduler interface the app uses (submit, cancel, stop, depth,
+running, slots): one thread owns the BatchGenerator; each step it inserts waiting jobs while fewer than
+--parallel run (each with its own sampler and presence / frequency penalties), removes the ones whose
+client went away, and hands every sequence's next token to its job (streamed text through mlx-lm's
+detokenizer, stop strings held back as everywhere, EOS and max_tokens). A model whose caches mlx-lm cannot
+merge into a batch (its server's test) is served one request at a time (qwqq.serve.serial).
+
+Differences from llama.cpp's slots: no prompt-prefix reuse between requests, and one random generator for
+the whole batch (a request's seed is applied when it starts alone).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections import deque
+
+from qwqq.serve.engine import Job, QueueFull, StopMatcher
+from qwqq.serve.metrics import Metrics
+
+PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (as llama.cpp's)
+
+
+def batchable(model) -> bool:
+    """Whether mlx-lm can decode this model's sequences in one batch (every cache can merge, as mlx_lm.server
+    asks)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return all(hasattr(c, "merge") for c in make_prompt_cache(model.model))
+
+
+def sampler_of(p):
+    """One request's sampler and logits processors for mlx-lm."""
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    if p.temperature <= 0:
+        sampler = make_sampler(temp=0.0)
+    else:
+        sampler = make_sampler(temp=p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+    processors = make_logits_processors(
+        presence_penalty=p.presence_penalty or None, presence_context_size=PENALTY_LAST_N,
+        frequency_penalty=p.frequency_penalty or None, frequency_context_size=PENALTY_LAST_N)
+    return sampler, processors
+
+
+class _Stream:
+    """One job's tokens as text: mlx-lm's streaming detokenizer, stop strings, usage and timing."""
+
+    def __init__(self, job: Job, detokenizer, metrics: Metrics):
+        self.job, self.detok, self.metrics = job, detokenizer, metrics
+        self.stops = StopMatcher(job.params.stop)
+        self.n, self.first = 0, None
+        self.result: tuple | None = None
+
+    def token(self, token: int, finish: str | None) -> bool:
+        """One generated token and mlx-lm's finish reason for it; True when the job is done (self.result)."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.metrics.first_token(now - self.job.arrived)
+        if finish != "stop":  # "stop": the token is an end-of-generation token, not part of the answer
+            self.n += 1
+            self.detok.add_token(token)
+        if finish is not None:
+            self.detok.finalize()
+        text, hit = self.stops.feed(self.detok.last_segment)
+        if text:
+            self.job.emit("text", text)
+        if hit:
+            return self.done("stop")
+        if finish is not None:
+            tail = self.stops.flush()
+            if tail:
+                self.job.emit("text", tail)
+            return self.done(finish)
+        return False
+
+    def done(self, finish: str) -> bool:
+        self.count()
+        self.result = ("done", finish, len(self.job.params.tokens), self.n)
+        return True
+
+    def count(self) -> None:
+        seconds = (time.monotonic() - self.first) if self.first is not None else 0.0
+        self.metrics.finished(len(self.job.params.tokens), self.n, seconds)
+
+
+class MlxBatchScheduler:
+    def __init__(self, model, parallel: int, max_queue: int, metrics: Metrics):
+        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self.slots = [None] * parallel
+        self.waiting: deque[Job] = deque()
+        self.streams: dict[int, _Stream] = {}  # by BatchGenerator uid
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="qwqq-serve-mlx", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.streams)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.streams) + len(self.waiting) >= len(self.slots) and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self.waiting)} requests wait already")
+            self.waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        if job.finished or job.cancelled.is_set():
+            return
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self.waiting.remove(job)
+            except ValueError:
+                pass
+        self.metrics.cancel()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            jobs = [*self.waiting, *(s.job for s in self.streams.values())]
+            self.waiting.clear()
+            self._cond.notify_all()
+        for job in jobs:
+            job.cancelled.set()
+            job.emit("error", "the server is shutting down")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ the decode loop (its own thread)
+    def _loop(self) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        model = self.model
+        eos = sorted(getattr(model.tokenizer, "eos_token_ids", None) or [])
+        gen = BatchGenerator(model.model, stop_tokens=[[t] for t in eos], completion_batch_size=len(self.slots),
+                             prefill_batch_size=len(self.slots))
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.streams:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    admit = []
+                    while self.waiting and len(self.streams) + len(admit) < len(self.slots):
+                        admit.append(self.waiting.popleft())
+                try:
+                    self._admit(gen, admit)
+                    self._drop_cancelled(gen)
+                    if self.streams:
+                        self._step(gen)
+                except Exception as e:  # every running job is answered with the error, the server goes on
+                    for uid, stream in list(self.streams.items()):
+                        stream.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                        stream.count()
+                    if self.streams:
+                        gen.remove(list(self.streams))
+                    self.streams.clear()
+        finally:
+            # Freed here, on this thread, with its cycles: at exit a collection on another thread destroys
+            # MLX objects under the interpreter's feet (std::terminate, exit status 134).
+            gen.close()
+            del gen
+            self.streams.clear()
+            gc.collect()
+
+    def _admit(self, gen, jobs: list[Job]) -> None:
+        import mlx.core as mx
+
+        for job in jobs:
+            p = job.params
+            try:
+                sampler, processors = sampler_of(p)
+                if not self.streams:  # alone: its seed makes it reproducible
+                    mx.random.seed(p.seed)
+                uid = gen.insert([p.tokens], max_tokens=[p.max_tokens], samplers=[sampler],
+                                 logits_processors=[processors])[0]
+            except Exception as e:  # this job alone is answered with the error
+                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                continue
+            self.streams[uid] = _Stream(job, self.model.tokenizer.detokenizer, self.metrics)
+
+    def _drop_cancelled(self, gen) -> None:
+        gone = [uid for uid, s in self.streams.items() if s.job.cancelled.is_set()]
+        if gone:
+            gen.remove(gone)
+            for uid in gone:
+                self.streams.pop(uid).count()
+
+    def _step(self, gen) -> None:
+        for r in gen.next_generated():
+            stream = self.streams.get(r.uid)
+            if stream is None:
+                continue
+            if stream.token(int(r.token), r.finish_reason):
+                del self.streams[r.uid]
+                if r.finish_reason is None:  # a stop string: mlx-lm would go on
+                    gen.remove([r.uid])
+                stream.job.emit(*stream.result)

@@ -1,0 +1,142 @@
+"""One request at a time: the scheduler for backends without a batch API here (transformers and GPTQ
+folders, and MLX models whose caches mlx-lm cannot batch), and `ModelEngine`, what the routes ask of an
+MLX or transformers model.
+
+`SerialScheduler` has the interface the app uses (submit, cancel, stop, depth, running, slots), like
+qwqq.serve.batch.BatchScheduler, over a model with `stream_tokens(tokens, sampling, max_tokens)` (text
+pieces; then `finish_reason` and `n_generated`). One thread takes the waiting jobs in turn; stop strings
+are held back and cut as in the batch scheduler, and a job whose client went away stops at its next piece.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from qwqq.run.sampling import Sampling
+from qwqq.serve.engine import Job, QueueFull, StopMatcher
+from qwqq.serve.metrics import Metrics
+
+
+class ModelEngine:
+    """What the routes ask of a model served by mlx-lm or transformers: tokens, context, vocabulary. GBNF
+    grammars are llama.cpp's, refused here (a 400)."""
+
+    def __init__(self, model, backend: str):
+        self.model, self.backend = model, backend
+        self.n_ctx = model.n_ctx
+        self.n_vocab = len(model.tokenizer)
+
+    def tokens(self, text: str) -> list[int]:
+        return self.model.tokens(text)
+
+    def grammar(self, text: str):
+        raise ValueError(f"GBNF grammars are llama.cpp's; this server runs the model on {self.backend}")
+
+
+def sampling_of(p) -> Sampling:
+    """A request's GenParams as the Sampling a backend's stream takes (temperature 0: greedy)."""
+    return Sampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                    presence_penalty=p.presence_penalty, seed=p.seed, greedy=p.temperature <= 0, source="request")
+
+
+class SerialScheduler:
+    def __init__(self, model, max_queue: int, metrics: Metrics):
+        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        self.slots = [None]  # one: what /metrics reports as qwqq_slots
+        self.waiting: deque[Job] = deque()
+        self.current: Job | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="qwqq-serve-serial", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return int(self.current is not None)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self.current is not None and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"one request decodes at a time and {len(self.waiting)} requests wait already")
+            self.waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        if job.finished or job.cancelled.is_set():
+            return
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self.waiting.remove(job)
+            except ValueError:
+                pass
+        self.metrics.cancel()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            jobs = [*self.waiting, *([self.current] if self.current is not None else [])]
+            self.waiting.clear()
+            self._cond.notify_all()
+        for job in jobs:
+            job.cancelled.set()
+            job.emit("error", "the server is shutting down")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self.waiting:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self.current = self.waiting.popleft()
+            try:
+                self._run(job)
+            except Exception as e:  # this request is answered with the error; the server goes on
+                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                with self._cond:
+                    self.current = None
+
+    def _run(self, job: Job) -> None:
+        p, stops = job.params, StopMatcher(job.params.stop)
+        first = None
+        finish = None
+        pieces = self.model.stream_tokens(p.tokens, sampling_of(p), p.max_tokens)
+        try:
+            for piece in pieces:
+                if first is None:
+                    first = time.monotonic()
+                    self.metrics.first_token(first - job.arrived)
+                if job.cancelled.is_set():
+                    break
+                text, hit = stops.feed(piece)
+                if text:
+                    job.emit("text", text)
+                if hit:
+                    finish = "stop"
+                    break
+        finally:
+            pieces.close()
+        n = self.model.n_generated
+        self.metrics.finished(len(p.tokens), n, (time.monotonic() - first) if first is not None else 0.0)
+        if job.cancelled.is_set():
+            return
+        if finish is None:
+            tail = stops.flush()
+            if tail:
+                job.emit("text", tail)
+            finish = self.model.finish_reason or "stop"
+        job.emit("done", finish, len(p.tokens), n)
