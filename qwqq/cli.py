@@ -221,6 +221,7 @@ def run(
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all). Default: fitted to the GPU's memory."),
     n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", "-ncmoe", help="llama.cpp: keep the MoE experts of the first N layers in system RAM (attention and the rest on the GPU). Default: fitted with the GPU layers."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp: keep every layer's MoE experts in system RAM."),
+    tensor_split: Optional[str] = typer.Option(None, "--tensor-split", "-ts", help="llama.cpp: spread the GPU layers over several GPUs in these proportions, one per GPU (3,1; fit writes layers per GPU). Default: fitted, else llama.cpp's split by free memory."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Fit ctx, KV cache and GPU layers to a hardware profile (rtx-4090, m4-max-64, ...; see qwqq fit --list-profiles)."),
     kv: Optional[str] = typer.Option(None, "--kv", help="KV cache type: f16, q8_0 or q4_0. Default: fitted."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (needed for a quantized KV cache)."),
@@ -242,11 +243,12 @@ def run(
 ) -> None:
     """Chat with a quantized model, streamed, with the model's own chat template."""
     from qwqq.run.chat import RunOptions, run_chat
+    from qwqq.run.split import parse as parse_split
     from qwqq.run.template import parse_switches
 
     opts = RunOptions(
         model=model, prompt=prompt, backend=backend, ctx=ctx, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe,
-        cpu_moe=cpu_moe, max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+        cpu_moe=cpu_moe, tensor_split=_guard(parse_split, tensor_split), max_tokens=max_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, presence_penalty=presence_penalty, greedy=greedy, hide_thinking=hide_thinking, system=system,
         threads=threads, profile=profile, kv=kv.lower() if kv else None, flash_attn=flash_attn,
         debug=_state["debug"], load_in_4bit=load_in_4bit,
@@ -268,6 +270,7 @@ def serve(
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all). Default: fitted to the GPU's memory."),
     n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", "-ncmoe", help="llama.cpp: keep the MoE experts of the first N layers in system RAM (attention and the rest on the GPU). Default: fitted with the GPU layers."),
     cpu_moe: bool = typer.Option(False, "--cpu-moe", "-cmoe", help="llama.cpp: keep every layer's MoE experts in system RAM."),
+    tensor_split: Optional[str] = typer.Option(None, "--tensor-split", "-ts", help="llama.cpp: spread the GPU layers over several GPUs in these proportions, one per GPU (3,1; fit writes layers per GPU). Default: fitted, else llama.cpp's split by free memory."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Fit ctx, KV cache and GPU layers to a hardware profile (see qwqq fit --list-profiles)."),
     flash_attn: bool = typer.Option(True, "--flash-attn/--no-flash-attn", help="llama.cpp flash attention (needed for a quantized KV cache)."),
     threads: int = typer.Option(0, "--threads", "-j", help="CPU threads (0: all cores)."),
@@ -290,15 +293,16 @@ def serve(
 
     --engine vllm starts vLLM's own server instead (GPTQ or unquantized folders; tensor parallel over --gpus, pipeline parallel over --nodes), with context, KV cache type, memory share and reasoning / tool-call parsers from fit and the model's family; see docs/serve.md.
     """
+    from qwqq.run.split import parse as parse_split
     from qwqq.serve import serve as serve_model
     from qwqq.serve.options import ServeOptions
 
     if engine.lower() == "vllm":  # vLLM's own server, told what fit and the model's family decide (qwqq/serve/vllm.py)
         from qwqq.serve.vllm import VllmOptions, serve_vllm
 
-        if (n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe or threads or not flash_attn or parallel != 4
+        if (n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe or tensor_split is not None or threads or not flash_attn or parallel != 4
                 or not kv_unified or max_queue != 64 or backend.strip().lower() != "auto"):
-            _fail("--backend, --n-gpu-layers, --n-cpu-moe, --cpu-moe, --threads, --no-flash-attn, --parallel, --no-kv-unified and --max-queue are qwqq's own server's; vLLM places and batches the model itself", 2)
+            _fail("--backend, --n-gpu-layers, --n-cpu-moe, --cpu-moe, --tensor-split, --threads, --no-flash-attn, --parallel, --no-kv-unified and --max-queue are qwqq's own server's; vLLM places and batches the model itself", 2)
         vopts = VllmOptions(model=str(model), host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                             kv=kv.lower() if kv else None, gpus=gpus, profile=profile, nodes=nodes, node_rank=node_rank,
                             master_addr=master_addr, master_port=master_port, vllm_python=vllm_python,
@@ -311,7 +315,7 @@ def serve(
 
     opts = ServeOptions(model=model, host=host, port=port, api_key=api_key, api_key_file=api_key_file, ctx=ctx,
                         kv=kv.lower() if kv else None, n_gpu_layers=n_gpu_layers, profile=profile, threads=threads,
-                        n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, flash_attn=flash_attn,
+                        n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, tensor_split=_guard(parse_split, tensor_split), flash_attn=flash_attn,
                         reasoning_format=reasoning_format.lower(), parallel=parallel, kv_unified=kv_unified, max_queue=max_queue,
                         backend=backend, debug=_state["debug"])
     _guard(serve_model, opts, say=lambda line: err.print(line, markup=False, highlight=False))

@@ -137,7 +137,7 @@ def test_fits_printed_lines_round_trip(command, moe_report):
                       n_cpu_moe=p["n_cpu_moe"], flash_attn=p["flash_attn"])
     got = fitted_settings(opts, "llama.cpp", Console(stderr=True))
     assert got == {"ctx": best.ctx, "kv_type": best.kv, "flash_attn": best.flash_attn, "n_gpu_layers": best.ngl_flag,
-                   "n_cpu_moe": best.cpu_moe_layers}
+                   "n_cpu_moe": best.cpu_moe_layers, "tensor_split": None}
 
 
 def test_negative_n_from_the_command_line(smollm2_gguf, tmp_path):

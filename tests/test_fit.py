@@ -446,8 +446,7 @@ def test_run_line_carries_no_flash_attn_and_gpu_layers():
                                      dict(ram=64)])
 def test_no_printed_note_says_run_cannot_do_what_it_can(machine):
     """Every option in a printed `qwqq run` / `qwqq serve` line is one they take, GGUF lines carry every choice fit
-    made, and no note claims run cannot set flash attention, a KV cache type, the context, GPU layers or experts
-    in RAM; only a tensor split may be named."""
+    made (a tensor split too), and no note claims run cannot set something."""
     opts, serve_opts = run_options(), run_options("serve")
     report = F.run_fit(None, F.machine(**machine), C.Request())
     for c in report.candidates:
@@ -461,23 +460,27 @@ def test_no_printed_note_says_run_cannot_do_what_it_can(machine):
         assert (f"--n-gpu-layers {c.ngl_flag}" in run) == (c.format == "gguf")
         assert (f"--n-cpu-moe {c.cpu_moe_layers}" in run) == bool(c.cpu_moe_layers)
         assert f"--ctx {c.ctx}" in run
-        assert set(C.unsupported_by_run(c)) <= {"a tensor split (-ts)"}
+        split = ",".join(str(g.layers) for g in c.gpus)
+        assert (f"--tensor-split {split}" in run) == (c.format == "gguf" and len(c.gpus) > 1)
     text = " ".join(rendered(report).split())
-    for claim in ("flash attention", "KV cache yet", "cannot set a q", "cannot set the context", "experts in RAM",
-                  "--n-cpu-moe) yet"):
+    for claim in ("flash attention", "KV cache yet", "cannot set", "experts in RAM", "--n-cpu-moe) yet"):
         assert claim not in text
 
 
 def test_experts_in_ram_are_in_the_run_and_serve_lines():
     report = F.run_fit("Qwen3-30B-A3B", F.machine(vram=8, ram=32), C.Request(ctx=32768))
     c = best(report)
-    assert c.cpu_moe_layers and C.unsupported_by_run(c) == []
+    assert c.cpu_moe_layers
     for key in ("run", "serve"):
         assert c.commands()[key].endswith(f"--n-gpu-layers {c.ngl_flag} --n-cpu-moe {c.cpu_moe_layers}")
     text = rendered(report)
     assert f"  {c.commands()['run']}\n" in text and "cannot set" not in text
     two = best(F.run_fit("QwQ-32B", F.machine(gpus="2x12"), C.Request(), ["Q4_K_M"]))
-    assert C.unsupported_by_run(two) == ["a tensor split (-ts)"]  # still said where it is true
+    split = [g.layers for g in two.gpus]
+    assert len(split) == 2 and all(split) and sum(split) == two.gpu_layers
+    for key in ("run", "serve"):
+        assert f"--tensor-split {split[0]},{split[1]}" in two.commands()[key]
+    assert "cannot set" not in rendered(F.run_fit("QwQ-32B", F.machine(gpus="2x12"), C.Request(), ["Q4_K_M"]))
 
 
 # ---------------------------------------------------------------- the command

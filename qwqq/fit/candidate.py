@@ -101,9 +101,11 @@ class Candidate:
         quantize = None
         if m.source != "gguf" and m.quantizable:
             quantize = f"qwqq quantize {m.ref} --type {self.build.type_name}" + ("" if m.mtp else " --no-mtp")
-        # every choice fit made, so that run and serve apply it rather than fit again (unsupported_by_run: the rest)
+        # every choice fit made, so that run and serve apply it rather than fit again
         placed = f" --ctx {self.ctx} --kv {self.kv}" + ("" if self.flash_attn else " --no-flash-attn")
         placed += f" --n-gpu-layers {self.ngl_flag}"
+        if len(self.gpus) > 1:
+            placed += " --tensor-split " + ",".join(str(g.layers) for g in self.gpus)
         if self.cpu_moe_layers:
             placed += f" --n-cpu-moe {self.cpu_moe_layers}"
         run, serve = f"qwqq run {self.gguf_path}{placed}", f"qwqq serve {self.gguf_path}{placed}"
@@ -150,15 +152,3 @@ def placement_text(c: Candidate) -> str:
     if c.cpu_moe_layers:
         return f"cpu-moe {c.cpu_moe_layers}" if c.gpu_layers == c.n_layers else f"{c.gpu_layers}/{c.n_layers}, moe"
     return f"{c.gpu_layers}/{c.n_layers}"
-
-
-def unsupported_by_run(c: Candidate) -> list[str]:
-    """What fit chose that `qwqq run` / `qwqq serve` cannot set yet. Their llama.cpp backend takes --ctx, --kv,
-    --flash-attn / --no-flash-attn, --n-gpu-layers and --n-cpu-moe (all in the printed lines); it has no
-    --tensor-split (llama.cpp then splits layers by free memory)."""
-    out = []
-    if c.format in ("mlx", "gptq"):  # not llama.cpp: run's llama.cpp options do not apply
-        return out
-    if len(c.gpus) > 1:
-        out.append("a tensor split (-ts)")
-    return out

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from qwqq.fit import hardware as hwmod
-from qwqq.fit.candidate import Candidate, placement_text, speed_text, unsupported_by_run
+from qwqq.fit.candidate import Candidate, placement_text, speed_text
 from qwqq.fit.constants import backend_constants
 from qwqq.fit.gptq import GPTQ_INSTALL, transformers_backend
 from qwqq.fit.search import Report
@@ -94,8 +94,7 @@ def _print_best(best: Candidate, console) -> None:
                       f"{4000 / best.tokens_per_s / 60:.0f} minutes[/]")
     if cmd["quantize"]:
         console.print(f"  {escape(cmd['quantize'])}")
-    missing = unsupported_by_run(best)
-    note = f"qwqq run and serve cannot set {', '.join(missing)} yet; the llama-server line can" if missing else ""
+    note = ""
     if best.format == "gptq":
         note = "" if transformers_backend() else f"needs torch and transformers: {GPTQ_INSTALL}"
     console.print(f"  {escape(cmd['run'])}" + (f"  [dim]({escape(note)})[/]" if note else ""))

@@ -18,6 +18,7 @@ from rich.console import Console
 from qwqq.errors import QwqqError
 from qwqq.fit import search as fitting
 from qwqq.run import experts
+from qwqq.run import split as gpu_split
 from qwqq.run.backends import LoadOptions, canonical_name, pick_backend
 from qwqq.run.sampling import Sampling, resolve_sampling
 
@@ -209,6 +210,7 @@ class RunOptions:
     n_gpu_layers: int | None = None  # None: fitted; -1: all
     n_cpu_moe: int | None = None  # llama.cpp: experts of the first N layers in RAM; None: fitted with the GPU layers
     cpu_moe: bool = False  # every layer's experts in RAM
+    tensor_split: list[float] | None = None  # llama.cpp: layers over several GPUs; None: fitted (qwqq.run.split)
     max_tokens: int = 2048
     seed: int | None = None
     temperature: float | None = None
@@ -301,7 +303,8 @@ def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
     n_cpu_moe = experts.requested(opts.n_cpu_moe, opts.cpu_moe)
     given = {"ctx": opts.ctx, "kv_type": opts.kv, "n_gpu_layers": opts.n_gpu_layers}
     out = {"ctx": 4096 if opts.ctx is None else opts.ctx, "kv_type": opts.kv or "f16", "flash_attn": opts.flash_attn,
-           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers, "n_cpu_moe": n_cpu_moe or 0}
+           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers, "n_cpu_moe": n_cpu_moe or 0,
+           "tensor_split": opts.tensor_split}
     if backend != "llama.cpp" or (opts.profile is None and None not in given.values()):
         return out
     hw = fitting.machine(profile=opts.profile)
@@ -321,9 +324,22 @@ def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
         out["n_gpu_layers"] = best.ngl_flag if best.gpus and best.mode != "cpu" else (0 if hw.gpus else -1)
         if n_cpu_moe is None:
             out["n_cpu_moe"] = best.cpu_moe_layers
+        if opts.tensor_split is None and len(best.gpus) > 1:
+            out["tensor_split"] = [float(g.layers) for g in best.gpus]
     if err.is_terminal or opts.debug:
         err.print(f"fitted to {hw.name}: {placement(out, bool(hw.gpus))}", style="dim", markup=False)
     return out
+
+
+def not_llama_cpp(backend: str, n_cpu_moe: int | None, cpu_moe: bool, tensor_split: list[float] | None) -> None:
+    """llama.cpp's placement options, refused in one line on another backend."""
+    if backend == "llama.cpp":
+        return
+    if experts.requested(n_cpu_moe, cpu_moe):
+        raise QwqqError(f"--n-cpu-moe / --cpu-moe place llama.cpp's expert tensors; they do not apply to the "
+                        f"{backend} backend")
+    if tensor_split is not None:
+        raise QwqqError(f"--tensor-split spreads llama.cpp's layers over GPUs; it does not apply to the {backend} backend")
 
 
 def placement(settings: dict, gpu: bool) -> str:
@@ -332,7 +348,8 @@ def placement(settings: dict, gpu: bool) -> str:
     n = settings["n_gpu_layers"]
     layers = ("all layers on the GPU" if n < 0 else f"{n} GPU layers") if gpu else "CPU only"
     moe = f", {experts.describe(settings['n_cpu_moe'])}" if settings.get("n_cpu_moe") else ""
-    return f"{ctx}, {settings['kv_type']} KV cache, {layers}{moe}"
+    split = f", {gpu_split.describe(settings['tensor_split'])}" if gpu and settings.get("tensor_split") else ""
+    return f"{ctx}, {settings['kv_type']} KV cache, {layers}{split}{moe}"
 
 
 def experts_line(n_cpu_moe: int, overridden: list[str] | None) -> str:
@@ -355,9 +372,7 @@ def run_chat(opts: RunOptions) -> None:
         raise QwqqError(f"--load-in-4bit quantizes an unquantized folder with bitsandbytes as the transformers backend "
                         f"loads it; it does not apply to --backend {opts.backend}")
     backend = pick_backend("transformers" if opts.load_in_4bit else opts.backend, opts.model)
-    if experts.requested(opts.n_cpu_moe, opts.cpu_moe) and backend.name != "llama.cpp":
-        raise QwqqError(f"--n-cpu-moe / --cpu-moe place llama.cpp's expert tensors; they do not apply to the "
-                        f"{backend.name} backend")
+    not_llama_cpp(backend.name, opts.n_cpu_moe, opts.cpu_moe, opts.tensor_split)
     settings = fitted_settings(opts, backend.name, err)
     load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug,
                                load_in_4bit=opts.load_in_4bit, **settings)

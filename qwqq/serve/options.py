@@ -30,6 +30,7 @@ class ServeOptions:
     n_gpu_layers: int | None = None
     n_cpu_moe: int | None = None  # MoE experts of the first N layers in RAM; None: fitted with the GPU layers
     cpu_moe: bool = False  # every layer's experts in RAM
+    tensor_split: list[float] | None = None  # llama.cpp: layers over several GPUs; None: fitted (qwqq.run.split)
     profile: str | None = None
     threads: int = 0
     reasoning_format: str = "deepseek"

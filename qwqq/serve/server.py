@@ -15,7 +15,7 @@ from rich.console import Console
 from qwqq.errors import QwqqError
 from qwqq.run import experts
 from qwqq.run.backends import LoadOptions, pick_backend
-from qwqq.run.chat import RunOptions, experts_line, fitted_settings, placement
+from qwqq.run.chat import RunOptions, experts_line, fitted_settings, not_llama_cpp, placement
 from qwqq.run.sampling import default_sampling
 from qwqq.serve.options import ServeOptions, api_key, check_options
 
@@ -63,13 +63,11 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
     backend = pick_backend(opts.backend, opts.model)
     if backend.name not in ENGINES:
         raise QwqqError(f"qwqq serve runs llama.cpp, mlx and transformers models, not the {backend.name} backend's")
-    if backend.name != "llama.cpp" and experts.requested(opts.n_cpu_moe, opts.cpu_moe):
-        raise QwqqError(f"--n-cpu-moe / --cpu-moe place llama.cpp's expert tensors; they do not apply to the "
-                        f"{backend.name} backend")
+    not_llama_cpp(backend.name, opts.n_cpu_moe, opts.cpu_moe, opts.tensor_split)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     run_opts = RunOptions(model=Path(opts.model), ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, profile=opts.profile,
                           kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug,
-                          n_cpu_moe=opts.n_cpu_moe, cpu_moe=opts.cpu_moe)
+                          n_cpu_moe=opts.n_cpu_moe, cpu_moe=opts.cpu_moe, tensor_split=opts.tensor_split)
     settings = fitted_settings(run_opts, backend.name, err)
     experts.check_file(opts.model, settings["n_cpu_moe"])  # a bad N: one line before anything is bound
 

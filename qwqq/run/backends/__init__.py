@@ -59,6 +59,7 @@ class LoadOptions:
     ctx: int = 4096
     n_gpu_layers: int = -1  # -1: all layers (harmless on a CPU-only build)
     n_cpu_moe: int = 0  # llama.cpp: MoE experts of the first N layers kept in system RAM (-1: every layer)
+    tensor_split: list[float] | None = None  # llama.cpp: layers over several GPUs in these proportions (qwqq.run.split)
     threads: int = 0  # 0: all usable cores
     seed: int | None = None  # None: random
     debug: bool = False  # let the backend's own logging through

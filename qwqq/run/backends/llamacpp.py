@@ -174,6 +174,7 @@ class LlamaCppBackend:
                     model_path=str(path),
                     n_ctx=options.ctx,
                     n_gpu_layers=options.n_gpu_layers,
+                    tensor_split=options.tensor_split,
                     n_threads=threads,
                     n_threads_batch=threads,
                     seed=options.seed if options.seed is not None else random.randrange(2**31),
