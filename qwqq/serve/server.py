@@ -97,7 +97,7 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
             server.should_exit = True
             return
         moved = f", {experts_line(settings['n_cpu_moe'], model.overridden)}" if settings["n_cpu_moe"] else ""
-        per = " per slot" if opts.parallel > 1 and len(state.scheduler.slots) > 1 else ""
+        per = " per slot" if backend.name == "llama.cpp" and opts.parallel > 1 else ""
         serial = "; one request at a time: mlx-lm cannot batch this model's caches" if (
             backend.name == "mlx" and len(state.scheduler.slots) < opts.parallel) else ""
         say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}{serial}, "

@@ -34,7 +34,7 @@ KV_DTYPES = {"auto": 2, "f16": 2, "bf16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2"
 GGUF_REFUSAL = ("vLLM does not load GGUF files (its GGUF support moved out of vLLM into a plugin that needs CUDA); "
                 "serve the file with llama.cpp (drop --engine vllm), or give vLLM the GPTQ or unquantized folder")
 MLX_REFUSAL = ("vLLM does not load MLX folders (Apple's format, for mlx-lm); give vLLM the GPTQ or unquantized "
-               "folder, or serve this one with mlx_lm.server")
+               "folder, or serve this one on mlx-lm (drop --engine vllm)")
 UNENCRYPTED = ("vLLM's node-to-node traffic (tensors, control messages) is not encrypted or authenticated: "
                "run the nodes on an isolated network only")
 
@@ -224,7 +224,7 @@ def plan(opts: VllmOptions, hw: Hardware | None = None) -> VllmPlan:
     hw = hw or machine(gpus=opts.gpus, profile=opts.profile)
     if hw.unified or hw.backend == "metal":
         raise UnsupportedError("vLLM runs on Linux with NVIDIA GPUs (or its CPU build), not on a Mac: serve an "
-                               "MLX folder with mlx_lm.server or a GGUF with `qwqq serve FILE.gguf`")
+                               "MLX folder or a GGUF without --engine vllm (mlx-lm or llama.cpp)")
     consts = backend_constants()
     tp, pp = max(1, len(hw.gpus)), opts.nodes
     if not hw.gpus and pp > 1:
