@@ -13,8 +13,9 @@ from rich.console import Console
 from qwqq.errors import QwqqError
 from qwqq.fit import candidate as C
 from qwqq.fit import search as F
-from qwqq.run import chat, experts
-from qwqq.run.chat import RunOptions, fitted_settings
+from qwqq.run import experts, fitted
+from qwqq.run.chat import RunOptions
+from qwqq.run.fitted import fitted_settings
 from tests.conftest import one_line_error, run_qwqq
 
 
@@ -90,8 +91,8 @@ def moe_report():
 
 def _fitted(monkeypatch, moe_report, **given) -> dict:
     hw, report, _ = moe_report
-    monkeypatch.setattr(chat.fitting, "machine", lambda profile=None: hw)
-    monkeypatch.setattr(chat.fitting, "run_fit", lambda *a, **k: report)
+    monkeypatch.setattr(fitted.fitting, "machine", lambda profile=None: hw)
+    monkeypatch.setattr(fitted.fitting, "run_fit", lambda *a, **k: report)
     return fitted_settings(RunOptions(model="Qwen3-30B-A3B-Q4_K_M.gguf", **given), "llama.cpp",
                            Console(stderr=True, force_terminal=False))
 
@@ -114,7 +115,7 @@ def test_start_up_lines_say_where_the_experts_are():
     assert describe(s, True) == "ctx 32768, q8_0 KV cache, 49 GPU layers, experts of the first 30 layers in RAM"
     assert describe({**s, "n_cpu_moe": experts.ALL}, False).endswith("CPU only, experts of every layer in RAM")
     assert "experts" not in describe({**s, "n_cpu_moe": 0}, True)
-    assert chat.experts_line(1, ["a", "b", "c"]) == ("experts of the first 1 layer in RAM "
+    assert fitted.experts_line(1, ["a", "b", "c"]) == ("experts of the first 1 layer in RAM "
                                                      "(llama.cpp moved 3 expert tensors)")
 
 

@@ -82,6 +82,16 @@ def test_mlx_requests_decoded_together_give_mlx_lm_s_tokens(mlx_folder, tmp_path
     finally:
         s.stop()
 
+    # --parallel 1: one request at a time through mlx_lm.stream_generate (as for a model mlx-lm cannot batch)
+    s = start_server(mlx_folder, tmp_path / "server-1.log", "--parallel", "1")
+    try:
+        assert "one request at a time" in s.log.read_text()
+        assert _greedy(s, name, PROMPTS[0]) == alone[0]
+        assert s.metric("qwqq_slots") == 1
+        _stops_cleanly(s)
+    finally:
+        s.stop()
+
 
 @pytest.mark.slow
 def test_transformers_answers_one_request_at_a_time_with_run_s_tokens(tmp_path):
@@ -119,5 +129,7 @@ def test_llama_cpp_placement_is_refused_on_other_backends(tmp_path):
                  timeout=120)
     assert p.returncode == 2 and "do not apply to the transformers backend" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    p = run_qwqq("run", folder, "--backend", "transformers", "--kv", "q8_0", "-p", "hi", cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "--kv sets llama.cpp's KV cache type" in p.stderr
     p = run_qwqq("serve", folder, "--engine", "vllm", "--backend", "mlx", cwd=tmp_path, timeout=120)
     assert p.returncode == 2 and "--backend" in p.stderr

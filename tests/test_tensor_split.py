@@ -12,8 +12,9 @@ from rich.console import Console
 from qwqq.fit import search as F
 from qwqq.errors import QwqqError
 from qwqq.fit import candidate as C
-from qwqq.run import chat, split
-from qwqq.run.chat import RunOptions, fitted_settings
+from qwqq.run import fitted, split
+from qwqq.run.chat import RunOptions
+from qwqq.run.fitted import fitted_settings
 from tests.conftest import run_qwqq
 
 
@@ -41,11 +42,11 @@ def test_fits_split_round_trips_through_run_and_serve(command, two_gpus, monkeyp
                       tensor_split=split.parse(p["tensor_split"]))
     assert fitted_settings(opts, "llama.cpp", Console(stderr=True))["tensor_split"] == [float(n) for n in layers]
     # given nothing, run and serve fit the same split themselves
-    monkeypatch.setattr(chat.fitting, "machine", lambda profile=None: hw)
-    monkeypatch.setattr(chat.fitting, "run_fit", lambda *a, **k: report)
+    monkeypatch.setattr(fitted.fitting, "machine", lambda profile=None: hw)
+    monkeypatch.setattr(fitted.fitting, "run_fit", lambda *a, **k: report)
     got = fitted_settings(RunOptions(model=Path(p["model"])), "llama.cpp", Console(stderr=True, force_terminal=False))
     assert got["tensor_split"] == [float(n) for n in layers] and got["n_gpu_layers"] == best.ngl_flag
-    assert f"split {layers[0]}/{layers[1]} over 2 GPUs" in chat.placement(got, True)
+    assert f"split {layers[0]}/{layers[1]} over 2 GPUs" in fitted.placement(got, True)
 
 
 def test_parse():

@@ -16,10 +16,9 @@ from typing import Callable, Iterable, Iterator
 from rich.console import Console
 
 from qwqq.errors import QwqqError
-from qwqq.fit import search as fitting
 from qwqq.run import experts
-from qwqq.run import split as gpu_split
 from qwqq.run.backends import LoadOptions, canonical_name, pick_backend
+from qwqq.run.fitted import experts_line, fitted_settings, not_llama_cpp
 from qwqq.run.sampling import Sampling, resolve_sampling
 
 
@@ -296,67 +295,6 @@ def interactive(session: ChatSession, err: Console) -> None:
             err.print(f"error: {e}", style="red", markup=False)
 
 
-def fitted_settings(opts: RunOptions, backend: str, err: Console) -> dict:
-    """ctx, KV type, GPU layers, experts in RAM and flash attention for the load: what the user gave, the rest
-    from `qwqq fit` for this file on the named profile (or on this machine). Experts follow fit only where
-    the GPU layers do (fit chose the two together)."""
-    n_cpu_moe = experts.requested(opts.n_cpu_moe, opts.cpu_moe)
-    given = {"ctx": opts.ctx, "kv_type": opts.kv, "n_gpu_layers": opts.n_gpu_layers}
-    out = {"ctx": 4096 if opts.ctx is None else opts.ctx, "kv_type": opts.kv or "f16", "flash_attn": opts.flash_attn,
-           "n_gpu_layers": -1 if opts.n_gpu_layers is None else opts.n_gpu_layers, "n_cpu_moe": n_cpu_moe or 0,
-           "tensor_split": opts.tensor_split}
-    if backend != "llama.cpp" or (opts.profile is None and None not in given.values()):
-        return out
-    hw = fitting.machine(profile=opts.profile)
-    req = fitting.Request(ctx=opts.ctx or None, kv=opts.kv or "auto", min_ctx=min(opts.ctx or 2048, 2048),
-                          flash_attn=opts.flash_attn)
-    report = fitting.run_fit(str(opts.model), hw, req)
-    best = next((c for c in report.candidates if c.fits), None)
-    if best is None:
-        err.print(f"warning: this model does not fit {hw.name} with the requested settings; "
-                  "see `qwqq fit` for what would", style="yellow", markup=False)
-        return out
-    if opts.ctx is None:
-        out["ctx"] = best.ctx
-    if opts.kv is None:
-        out["kv_type"] = best.kv
-    if opts.n_gpu_layers is None:
-        out["n_gpu_layers"] = best.ngl_flag if best.gpus and best.mode != "cpu" else (0 if hw.gpus else -1)
-        if n_cpu_moe is None:
-            out["n_cpu_moe"] = best.cpu_moe_layers
-        if opts.tensor_split is None and len(best.gpus) > 1:
-            out["tensor_split"] = [float(g.layers) for g in best.gpus]
-    if err.is_terminal or opts.debug:
-        err.print(f"fitted to {hw.name}: {placement(out, bool(hw.gpus))}", style="dim", markup=False)
-    return out
-
-
-def not_llama_cpp(backend: str, n_cpu_moe: int | None, cpu_moe: bool, tensor_split: list[float] | None) -> None:
-    """llama.cpp's placement options, refused in one line on another backend."""
-    if backend == "llama.cpp":
-        return
-    if experts.requested(n_cpu_moe, cpu_moe):
-        raise QwqqError(f"--n-cpu-moe / --cpu-moe place llama.cpp's expert tensors; they do not apply to the "
-                        f"{backend} backend")
-    if tensor_split is not None:
-        raise QwqqError(f"--tensor-split spreads llama.cpp's layers over GPUs; it does not apply to the {backend} backend")
-
-
-def placement(settings: dict, gpu: bool) -> str:
-    """ctx, KV cache, GPU layers and experts in words (fit's notice, serve's start-up line)."""
-    ctx = "the model's own context" if settings["ctx"] == 0 else f"ctx {settings['ctx']}"
-    n = settings["n_gpu_layers"]
-    layers = ("all layers on the GPU" if n < 0 else f"{n} GPU layers") if gpu else "CPU only"
-    moe = f", {experts.describe(settings['n_cpu_moe'])}" if settings.get("n_cpu_moe") else ""
-    split = f", {gpu_split.describe(settings['tensor_split'])}" if gpu and settings.get("tensor_split") else ""
-    return f"{ctx}, {settings['kv_type']} KV cache, {layers}{split}{moe}"
-
-
-def experts_line(n_cpu_moe: int, overridden: list[str] | None) -> str:
-    said = f" (llama.cpp moved {len(overridden)} expert tensors)" if overridden is not None else ""
-    return f"{experts.describe(n_cpu_moe)}{said}"
-
-
 def run_chat(opts: RunOptions) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if opts.max_tokens < 1:
@@ -372,7 +310,7 @@ def run_chat(opts: RunOptions) -> None:
         raise QwqqError(f"--load-in-4bit quantizes an unquantized folder with bitsandbytes as the transformers backend "
                         f"loads it; it does not apply to --backend {opts.backend}")
     backend = pick_backend("transformers" if opts.load_in_4bit else opts.backend, opts.model)
-    not_llama_cpp(backend.name, opts.n_cpu_moe, opts.cpu_moe, opts.tensor_split)
+    not_llama_cpp(backend.name, opts)
     settings = fitted_settings(opts, backend.name, err)
     load_options = LoadOptions(threads=opts.threads, seed=opts.seed, debug=opts.debug,
                                load_in_4bit=opts.load_in_4bit, **settings)

@@ -15,7 +15,8 @@ from rich.console import Console
 from qwqq.errors import QwqqError
 from qwqq.run import experts
 from qwqq.run.backends import LoadOptions, pick_backend
-from qwqq.run.chat import RunOptions, experts_line, fitted_settings, not_llama_cpp, placement
+from qwqq.run.chat import RunOptions
+from qwqq.run.fitted import experts_line, fitted_settings, not_llama_cpp, placement
 from qwqq.run.sampling import default_sampling
 from qwqq.serve.options import ServeOptions, api_key, check_options
 
@@ -63,7 +64,7 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
     backend = pick_backend(opts.backend, opts.model)
     if backend.name not in ENGINES:
         raise QwqqError(f"qwqq serve runs llama.cpp, mlx and transformers models, not the {backend.name} backend's")
-    not_llama_cpp(backend.name, opts.n_cpu_moe, opts.cpu_moe, opts.tensor_split)
+    not_llama_cpp(backend.name, opts)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     run_opts = RunOptions(model=Path(opts.model), ctx=opts.ctx, n_gpu_layers=opts.n_gpu_layers, profile=opts.profile,
                           kv=opts.kv, threads=opts.threads, flash_attn=opts.flash_attn, debug=opts.debug,
