@@ -20,11 +20,9 @@ completion_tokens), ("error", message).
 from __future__ import annotations
 
 import codecs
-import threading
 import time
-from collections import deque
 
-from qwqq.serve.engine import Job, QueueFull, StopMatcher
+from qwqq.serve.engine import Job, Scheduler, StopMatcher
 from qwqq.serve.llamacpp import LlamaCppEngine, sampler_chain
 from qwqq.serve.metrics import Metrics
 
@@ -90,66 +88,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class BatchScheduler:
+class BatchScheduler(Scheduler):
     """The scheduler the app uses (submit, cancel, stop, depth, running) over `parallel` slots."""
 
     def __init__(self, engine: LlamaCppEngine, max_queue: int, metrics: Metrics):
         import llama_cpp
 
-        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        super().__init__(max_queue, metrics, "qwqq-serve-decode")
+        self.engine = engine
         self.slots = [Slot(i) for i in range(engine.parallel)]
         self.active: list[Slot] = []  # in the order they were admitted (prompt chunks go first come, first served)
-        self.waiting: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
         self._turn = 0  # where the next step's generating slots start, when they do not all fit one batch
         self._batch = llama_cpp.llama_batch_init(engine.n_batch, 0, 1)
-        self._thread = threading.Thread(target=self._loop, name="qwqq-serve-decode", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def running(self) -> int:
-        return len(self.active)
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
-            if len(self.active) + len(self.waiting) >= len(self.slots) and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self.waiting)} requests wait already")
-            self.waiting.append(job)
-            self._cond.notify()
-
-    def cancel(self, job: Job) -> None:
-        """The client went away: drop the job if it waits; if it decodes, its slot is freed before the next step."""
-        if job.finished or job.cancelled.is_set():
-            return
-        job.cancelled.set()
-        with self._cond:
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                pass
-        self.metrics.cancel()
+    def _running_jobs(self) -> list[Job]:
+        return [s.job for s in self.active]
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel whatever waits or runs and end the loop."""
-        with self._cond:
-            self._stopping = True
-            jobs = [*self.waiting, *(s.job for s in self.active)]
-            self.waiting.clear()
-            self._cond.notify_all()
-        for job in jobs:
-            job.cancelled.set()
-            job.emit("error", "the server is shutting down")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().stop(timeout)
         if not self._thread.is_alive() and self._batch is not None:
             import llama_cpp
 

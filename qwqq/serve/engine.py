@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from qwqq.run.chat import partial_suffix
@@ -51,6 +52,73 @@ class Job:
 
 class QueueFull(Exception):
     pass
+
+
+class Scheduler:
+    """What every scheduler shares (llama.cpp's batch, mlx-lm's batch, one at a time): the waiting queue and
+    its limit, cancellation, shutdown and the decode thread. A scheduler sets `slots` and gives
+    `_running_jobs()` (the jobs being decoded) and `_loop()` (its thread's body)."""
+
+    slots: list
+
+    def __init__(self, max_queue: int, metrics, thread_name: str):
+        self.max_queue, self.metrics = max_queue, metrics
+        self.waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
+
+    def _running_jobs(self) -> list[Job]:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running_jobs())
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self.running + len(self.waiting) >= len(self.slots) and len(self.waiting) >= self.max_queue:
+                busy = "the one slot is busy" if len(self.slots) == 1 else f"all {len(self.slots)} slots are busy"
+                raise QueueFull(f"{busy} and {len(self.waiting)} requests wait already")
+            self.waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits; if it decodes, it leaves before the next step."""
+        if job.finished or job.cancelled.is_set():
+            return
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self.waiting.remove(job)
+            except ValueError:
+                pass
+        self.metrics.cancel()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel whatever waits or runs and end the loop."""
+        with self._cond:
+            self._stopping = True
+            jobs = [*self.waiting, *self._running_jobs()]
+            self.waiting.clear()
+            self._cond.notify_all()
+        for job in jobs:
+            job.cancelled.set()
+            job.emit("error", "the server is shutting down")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
 
 class StopMatcher:

@@ -15,11 +15,9 @@ the whole batch (a request's seed is applied when it starts alone).
 from __future__ import annotations
 
 import gc
-import threading
 import time
-from collections import deque
 
-from qwqq.serve.engine import Job, QueueFull, StopMatcher
+from qwqq.serve.engine import Job, Scheduler, StopMatcher
 from qwqq.serve.metrics import Metrics
 
 PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (as llama.cpp's)
@@ -89,58 +87,15 @@ class _Stream:
         self.metrics.finished(len(self.job.params.tokens), self.n, seconds)
 
 
-class MlxBatchScheduler:
+class MlxBatchScheduler(Scheduler):
     def __init__(self, model, parallel: int, max_queue: int, metrics: Metrics):
-        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        super().__init__(max_queue, metrics, "qwqq-serve-mlx")
+        self.model = model
         self.slots = [None] * parallel
-        self.waiting: deque[Job] = deque()
         self.streams: dict[int, _Stream] = {}  # by BatchGenerator uid
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="qwqq-serve-mlx", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def running(self) -> int:
-        return len(self.streams)
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
-            if len(self.streams) + len(self.waiting) >= len(self.slots) and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self.waiting)} requests wait already")
-            self.waiting.append(job)
-            self._cond.notify()
-
-    def cancel(self, job: Job) -> None:
-        if job.finished or job.cancelled.is_set():
-            return
-        job.cancelled.set()
-        with self._cond:
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                pass
-        self.metrics.cancel()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            jobs = [*self.waiting, *(s.job for s in self.streams.values())]
-            self.waiting.clear()
-            self._cond.notify_all()
-        for job in jobs:
-            job.cancelled.set()
-            job.emit("error", "the server is shutting down")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def _running_jobs(self) -> list[Job]:
+        return [s.job for s in list(self.streams.values())]
 
     # ------------------------------------------------------------ the decode loop (its own thread)
     def _loop(self) -> None:

@@ -10,12 +10,10 @@ are held back and cut as in the batch scheduler, and a job whose client went awa
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 
 from qwqq.run.sampling import Sampling
-from qwqq.serve.engine import Job, QueueFull, StopMatcher
+from qwqq.serve.engine import Job, Scheduler, StopMatcher
 from qwqq.serve.metrics import Metrics
 
 
@@ -41,58 +39,16 @@ def sampling_of(p) -> Sampling:
                     presence_penalty=p.presence_penalty, seed=p.seed, greedy=p.temperature <= 0, source="request")
 
 
-class SerialScheduler:
+class SerialScheduler(Scheduler):
     def __init__(self, model, max_queue: int, metrics: Metrics):
-        self.model, self.max_queue, self.metrics = model, max_queue, metrics
+        super().__init__(max_queue, metrics, "qwqq-serve-serial")
+        self.model = model
         self.slots = [None]  # one: what /metrics reports as qwqq_slots
-        self.waiting: deque[Job] = deque()
         self.current: Job | None = None
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="qwqq-serve-serial", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def running(self) -> int:
-        return int(self.current is not None)
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if self._stopping:
-                raise QueueFull("the server is shutting down")
-            if self.current is not None and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"one request decodes at a time and {len(self.waiting)} requests wait already")
-            self.waiting.append(job)
-            self._cond.notify()
-
-    def cancel(self, job: Job) -> None:
-        if job.finished or job.cancelled.is_set():
-            return
-        job.cancelled.set()
-        with self._cond:
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                pass
-        self.metrics.cancel()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            jobs = [*self.waiting, *([self.current] if self.current is not None else [])]
-            self.waiting.clear()
-            self._cond.notify_all()
-        for job in jobs:
-            job.cancelled.set()
-            job.emit("error", "the server is shutting down")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def _running_jobs(self) -> list[Job]:
+        current = self.current
+        return [current] if current is not None else []
 
     def _loop(self) -> None:
         while True:
