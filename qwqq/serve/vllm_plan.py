@@ -194,9 +194,12 @@ def parsers(model: Model, reasoning_format: str, served: str = "") -> tuple[str 
 # --------------------------------------------------------------------------- memory
 def kv_bytes_per_token(model: Model, kv_dtype: str, tp: int, pp: int) -> float:
     """One token's KV cache on one GPU: the layers with a KV cache, K and V widths, split over the pipeline
-    stages and over tensor-parallel ranks up to the number of KV heads (vLLM replicates them beyond)."""
+    stages and over tensor-parallel ranks up to the number of KV heads (vLLM replicates them beyond). MLA
+    (DeepSeek): vLLM's MLA backends cache the latent and the rope key only, kv_lora_rank + rope elements, on
+    every rank."""
     d = model.dims
-    return d.kv_layers * (d.n_embd_k + d.n_embd_v) * KV_DTYPES[kv_dtype] / pp / max(1, min(tp, d.n_head_kv))
+    width = d.n_embd_k if d.mla else d.n_embd_k + d.n_embd_v
+    return d.kv_layers * width * KV_DTYPES[kv_dtype] / pp / max(1, min(tp, d.n_head_kv))
 
 
 def check_options(opts: VllmOptions) -> None:
