@@ -219,3 +219,45 @@ def test_a_batch_goes_to_llama_cpp_in_sequence_order_whatever_the_arrival_order(
     together = [b for b in batches if len(set(b)) > 1]
     assert together and all(b == sorted(b) for b in together)
     assert max(len(set(b)) for b in together) == 3
+
+
+@pytest.mark.slow
+def test_a_full_shared_pool_ends_the_biggest_request_and_the_other_finishes(smollm2_gguf):
+    """One unified KV pool, two slots, two requests that each need nearly all of it: when a step finds no
+    room (llama_decode returns 1) and no idle slot holds cells to drop, the request holding the most cells
+    ends with an error naming the full context, and the other one runs to its max_tokens."""
+    import asyncio
+
+    from qwqq.run.backends import LoadOptions, pick_backend
+    from qwqq.serve.batch import BatchScheduler
+    from qwqq.serve.engine import GenParams, Job
+    from qwqq.serve.llamacpp import LlamaCppEngine
+    from qwqq.serve.metrics import Metrics
+
+    gguf = Path(smollm2_gguf)
+    model = pick_backend("llama.cpp", gguf).load(gguf, LoadOptions(ctx=256, threads=2))
+    engine = LlamaCppEngine(model, 2, unified=True)
+    scheduler = BatchScheduler(engine, 4, Metrics())
+    scheduler.start()
+
+    async def generate(text: str) -> tuple:
+        tokens = engine.tokens(text)
+        job = Job(GenParams(tokens=tokens, max_tokens=engine.n_ctx - len(tokens) - 1, temperature=0, top_p=1,
+                            top_k=0, min_p=0, seed=0), asyncio.get_running_loop())
+        scheduler.submit(job)
+        while (event := await job.events.get())[0] == "text":
+            pass
+        return event, job.params.max_tokens
+
+    async def both():
+        return await asyncio.gather(generate(PROMPTS[0]), generate(PROMPTS[1]))
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        scheduler.stop()
+        model.close()
+    errors = [e for e, _ in results if e[0] == "error"]
+    done = [(e, n) for e, n in results if e[0] == "done"]
+    assert len(errors) == 1 and "the context is full" in errors[0][1], results
+    assert len(done) == 1 and done[0][0][1] == "length" and done[0][0][3] == done[0][1], results

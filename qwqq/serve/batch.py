@@ -104,13 +104,14 @@ class BatchScheduler(Scheduler):
     def _running_jobs(self) -> list[Job]:
         return [s.job for s in self.active]
 
-    def stop(self, timeout: float = 10.0) -> None:
-        super().stop(timeout)
-        if not self._thread.is_alive() and self._batch is not None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        stopped = super().stop(timeout)
+        if stopped and self._batch is not None:
             import llama_cpp
 
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        return stopped
 
     # ------------------------------------------------------------ the decode loop (its own thread)
     def _loop(self) -> None:

@@ -107,8 +107,9 @@ class Scheduler:
                 pass
         self.metrics.cancel()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel whatever waits or runs and end the loop."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Cancel whatever waits or runs and end the loop; False if the loop is still inside a step after
+        `timeout` (then the model must not be freed under it)."""
         with self._cond:
             self._stopping = True
             jobs = [*self.waiting, *self._running_jobs()]
@@ -119,6 +120,7 @@ class Scheduler:
             job.emit("error", "the server is shutting down")
         if self._thread.is_alive():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 class StopMatcher:

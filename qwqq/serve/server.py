@@ -119,10 +119,10 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
         server.run(sockets=[sock])
     finally:
         loader.join()
-        if state.scheduler is not None:
-            state.scheduler.stop()
-        for model in loaded:
-            model.close()
+        stopped = state.scheduler.stop() if state.scheduler is not None else True
+        if stopped:  # else a step is still running on the model: the process exits without freeing it
+            for model in loaded:
+                model.close()
         sock.close()
     if state.load_error:
         raise QwqqError(state.load_error)
