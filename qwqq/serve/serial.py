@@ -59,14 +59,16 @@ class SerialScheduler(Scheduler):
                     return
                 job = self.current = self.waiting.popleft()
             try:
-                self._run(job)
+                last = self._run(job)
             except Exception as e:  # this request is answered with the error; the server goes on
-                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-            finally:
-                with self._cond:
-                    self.current = None
+                last = ("error", f"generation failed: {type(e).__name__}: {e}")
+            with self._cond:
+                self.current = None  # free before the answer is: a client that sees it done finds no one running
+            if last is not None:
+                job.emit(*last)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> tuple | None:
+        """Stream the job's text; its last event (None for a job whose client went away)."""
         p, stops = job.params, StopMatcher(job.params.stop)
         first = None
         finish = None
@@ -89,10 +91,10 @@ class SerialScheduler(Scheduler):
         n = self.model.n_generated
         self.metrics.finished(len(p.tokens), n, (time.monotonic() - first) if first is not None else 0.0)
         if job.cancelled.is_set():
-            return
+            return None
         if finish is None:
             tail = stops.flush()
             if tail:
                 job.emit("text", tail)
             finish = self.model.finish_reason or "stop"
-        job.emit("done", finish, len(p.tokens), n)
+        return ("done", finish, len(p.tokens), n)
