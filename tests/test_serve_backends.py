@@ -117,6 +117,10 @@ def test_transformers_answers_one_request_at_a_time_with_run_s_tokens(tmp_path):
         assert got == want
         assert s.metric("qwqq_slots") == 1
         assert s.metric("qwqq_requests_running") == 0 and s.metric("qwqq_queue_depth") == 0
+        import openai
+
+        with pytest.raises(openai.BadRequestError, match="presence_penalty is not applied by this server's backend"):
+            s.client(key=None).completions.create(model=name, prompt="x", max_tokens=2, presence_penalty=1.0)
         _stops_cleanly(s)
     finally:
         s.stop()
@@ -133,3 +137,34 @@ def test_llama_cpp_placement_is_refused_on_other_backends(tmp_path):
     assert p.returncode == 2 and "--kv sets llama.cpp's KV cache type" in p.stderr
     p = run_qwqq("serve", folder, "--engine", "vllm", "--backend", "mlx", cwd=tmp_path, timeout=120)
     assert p.returncode == 2 and "--backend" in p.stderr
+
+
+def test_a_batch_loop_that_cannot_start_answers_every_request(monkeypatch):
+    """mlx-lm's generator failing to start (or to recover) must not leave requests waiting for a loop that is
+    gone: the queued one gets the error, and a later one is refused at once with the reason."""
+    import asyncio
+
+    from qwqq.serve.engine import GenParams, Job, QueueFull
+    from qwqq.serve.metrics import Metrics
+    from qwqq.serve.mlx import MlxBatchScheduler
+
+    def broken(self):
+        raise RuntimeError("no Metal device")
+
+    monkeypatch.setattr(MlxBatchScheduler, "_generator", broken)
+
+    async def go():
+        scheduler = MlxBatchScheduler(model=None, parallel=2, max_queue=4, metrics=Metrics())
+        job = Job(GenParams(tokens=[1, 2], max_tokens=4, temperature=0, top_p=1, top_k=0, min_p=0, seed=0),
+                  asyncio.get_running_loop())
+        scheduler.submit(job)
+        scheduler.start()
+        event = await asyncio.wait_for(job.events.get(), 10)
+        later = Job(GenParams(tokens=[1], max_tokens=1, temperature=0, top_p=1, top_k=0, min_p=0, seed=0),
+                    asyncio.get_running_loop())
+        with pytest.raises(QueueFull, match="mlx-lm stopped: RuntimeError: no Metal device"):
+            scheduler.submit(later)
+        assert scheduler.stop()
+        return event
+
+    assert asyncio.run(go()) == ("error", "mlx-lm stopped: RuntimeError: no Metal device")

@@ -36,6 +36,7 @@ from qwqq.serve.tools import Form, form_of, schemas
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 RETRY_AFTER = "2"  # seconds, with a 503 (queue full, still loading)
+PENALTIES = ("presence_penalty", "frequency_penalty")  # the request fields only some backends apply
 
 
 @dataclass
@@ -169,6 +170,10 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"max_tokens {max_tokens} is more than the context has room for: {room} tokens after "
                            f"the {len(tokens)}-token prompt (context {n_ctx})", param="max_tokens",
                            code="context_length_exceeded")
+        for name in PENALTIES:  # asked for, and not applied by this backend: say so rather than ignore it
+            if getattr(req, name, None) and name not in state.engine.penalties:
+                raise APIError(400, f"{name} is not applied by this server's backend ({state.engine.backend})",
+                               param=name)
         d = state.sampling
         pick = lambda given, default: default if given is None else given  # noqa: E731
         return GenParams(tokens=tokens, max_tokens=max_tokens or room, temperature=pick(req.temperature, d.temperature),

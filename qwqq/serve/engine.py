@@ -1,7 +1,7 @@
 """Jobs: one request's generation parameters and the events it is answered with, and `StopMatcher`, which
 holds back text that may be the start of a stop string (every scheduler's).
 
-The scheduler (qwqq.serve.batch) decodes jobs on its own thread and talks to the event loop through
+A scheduler (`Scheduler`: qwqq.serve.batch, .mlx, .serial) decodes jobs on its own thread and talks to the event loop through
 each job's asyncio queue (call_soon_threadsafe); events are ("text", str), ("done", finish_reason,
 prompt_tokens, completion_tokens) and ("error", message). A full queue raises QueueFull (a 503).
 """
@@ -66,6 +66,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self.failure: str | None = None  # why the loop gave up, for the requests that come after
         self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
 
     def _running_jobs(self) -> list[Job]:
@@ -88,7 +89,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise QueueFull(self.failure or "the server is shutting down")
             if self.running + len(self.waiting) >= len(self.slots) and len(self.waiting) >= self.max_queue:
                 busy = "the one slot is busy" if len(self.slots) == 1 else f"all {len(self.slots)} slots are busy"
                 raise QueueFull(f"{busy} and {len(self.waiting)} requests wait already")
@@ -106,6 +107,16 @@ class Scheduler:
             except ValueError:
                 pass
         self.metrics.cancel()
+
+    def give_up(self, why: str) -> None:
+        """From the loop, when it cannot go on: every queued and running request is answered with `why`, and
+        so is every later one (a 503), rather than left waiting for a loop that is gone."""
+        with self._cond:
+            self._stopping, self.failure = True, why
+            jobs = [*self.waiting, *self._running_jobs()]
+            self.waiting.clear()
+        for job in jobs:
+            job.emit("error", why)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Cancel whatever waits or runs and end the loop; False if the loop is still inside a step after

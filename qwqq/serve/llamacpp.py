@@ -33,6 +33,7 @@ class LlamaCppEngine:
         self.n_ctx = min(llama_cpp.llama_n_ctx_seq(self.ctx), self.llm._model.n_ctx_train() or 1 << 30)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_vocab = self.llm.n_vocab()
+        self.backend, self.penalties = "llama.cpp", ("presence_penalty", "frequency_penalty")
 
     def tokens(self, text: str) -> list[int]:
         """A rendered chat prompt or a raw completion prompt: special tokens parsed, BOS as the model wants."""

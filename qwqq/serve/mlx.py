@@ -93,44 +93,56 @@ class MlxBatchScheduler(Scheduler):
         self.model = model
         self.slots = [None] * parallel
         self.streams: dict[int, _Stream] = {}  # by BatchGenerator uid
+        self._admitting: list[Job] = []  # taken from the queue, not yet in the generator
 
     def _running_jobs(self) -> list[Job]:
-        return [s.job for s in list(self.streams.values())]
+        return [*self._admitting, *(s.job for s in list(self.streams.values()))]
 
     # ------------------------------------------------------------ the decode loop (its own thread)
-    def _loop(self) -> None:
+    def _generator(self):
         from mlx_lm.generate import BatchGenerator
 
-        model = self.model
-        eos = sorted(getattr(model.tokenizer, "eos_token_ids", None) or [])
-        gen = BatchGenerator(model.model, stop_tokens=[[t] for t in eos], completion_batch_size=len(self.slots),
-                             prefill_batch_size=len(self.slots))
+        eos = sorted(getattr(self.model.tokenizer, "eos_token_ids", None) or [])
+        return BatchGenerator(self.model.model, stop_tokens=[[t] for t in eos],
+                              completion_batch_size=len(self.slots), prefill_batch_size=len(self.slots))
+
+    def _loop(self) -> None:
+        gen = None
         try:
+            gen = self._generator()
             while True:
                 with self._cond:
                     while not self._stopping and not self.waiting and not self.streams:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admit = []
-                    while self.waiting and len(self.streams) + len(admit) < len(self.slots):
-                        admit.append(self.waiting.popleft())
+                    while self.waiting and len(self.streams) + len(self._admitting) < len(self.slots):
+                        self._admitting.append(self.waiting.popleft())
                 try:
-                    self._admit(gen, admit)
+                    self._admit(gen, self._admitting)
                     self._drop_cancelled(gen)
                     if self.streams:
                         self._step(gen)
                 except Exception as e:  # every running job is answered with the error, the server goes on
-                    for uid, stream in list(self.streams.items()):
+                    for stream in list(self.streams.values()):
                         stream.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
                         stream.count()
-                    if self.streams:
-                        gen.remove(list(self.streams))
+                    try:
+                        if self.streams:
+                            gen.remove(list(self.streams))
+                    except Exception:  # a generator left broken by the failure: a fresh one
+                        gen.close()
+                        gen = self._generator()
                     self.streams.clear()
+                finally:
+                    self._admitting.clear()
+        except Exception as e:  # mlx-lm could not start or recover: nothing would decode what is queued
+            self.give_up(f"mlx-lm stopped: {type(e).__name__}: {e}")
         finally:
             # Freed here, on this thread, with its cycles: at exit a collection on another thread destroys
             # MLX objects under the interpreter's feet (std::terminate, exit status 134).
-            gen.close()
+            if gen is not None:
+                gen.close()
             del gen
             self.streams.clear()
             gc.collect()

@@ -34,7 +34,7 @@ class ServeOptions:
     profile: str | None = None
     threads: int = 0
     reasoning_format: str = "deepseek"
-    backend: str = "auto"  # auto: by the model's format (GGUF: llama.cpp, MLX: mlx, GPTQ / safetensors: transformers)
+    backend: str = "auto"  # auto: by the model's format (GGUF: llama.cpp, MLX: mlx, GPTQ: transformers)
     parallel: int = 4  # slots: sequences decoded together in one batch (llama-server's --parallel; its auto is 4)
     kv_unified: bool = True  # one KV pool shared by the slots (each may use all of ctx); False: ctx / parallel each
     max_queue: int = 64  # requests waiting for a free slot; more get 503 + Retry-After

@@ -21,8 +21,8 @@ class ModelEngine:
     """What the routes ask of a model served by mlx-lm or transformers: tokens, context, vocabulary. GBNF
     grammars are llama.cpp's, refused here (a 400)."""
 
-    def __init__(self, model, backend: str):
-        self.model, self.backend = model, backend
+    def __init__(self, model, backend: str, penalties: tuple[str, ...] = ()):
+        self.model, self.backend, self.penalties = model, backend, penalties  # penalties: the ones it applies
         self.n_ctx = model.n_ctx
         self.n_vocab = len(model.tokenizer)
 
@@ -36,7 +36,7 @@ class ModelEngine:
 def sampling_of(p) -> Sampling:
     """A request's GenParams as the Sampling a backend's stream takes (temperature 0: greedy)."""
     return Sampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                    presence_penalty=p.presence_penalty, seed=p.seed, greedy=p.temperature <= 0, source="request")
+                    presence_penalty=p.presence_penalty, seed=p.seed, source="request")
 
 
 class SerialScheduler(Scheduler):
@@ -70,6 +70,8 @@ class SerialScheduler(Scheduler):
     def _run(self, job: Job) -> tuple | None:
         """Stream the job's text; its last event (None for a job whose client went away)."""
         p, stops = job.params, StopMatcher(job.params.stop)
+        if job.cancelled.is_set():  # its client went away while it waited
+            return None
         first = None
         finish = None
         pieces = self.model.stream_tokens(p.tokens, sampling_of(p), p.max_tokens)

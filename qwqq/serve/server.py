@@ -101,7 +101,10 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
         per = " per slot" if backend.name == "llama.cpp" and opts.parallel > 1 else ""
         serial = "; one request at a time: mlx-lm cannot batch this model's caches" if (
             backend.name == "mlx" and len(state.scheduler.slots) < opts.parallel) else ""
-        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}{serial}, "
+        unapplied = state.sampling.presence_penalty and "presence_penalty" not in state.engine.penalties
+        unapplied = f"; its presence_penalty {state.sampling.presence_penalty:g} is not applied by {backend.name}" \
+            if unapplied else ""
+        say(f"ready: {model_id}, context {state.engine.n_ctx} tokens{per}{moved}{serial}{unapplied}, "
             f"loaded in {time.monotonic() - start:.1f} s")
 
     if backend.name == "llama.cpp":
@@ -141,8 +144,9 @@ def _mlx(model, opts: ServeOptions, metrics):
     from qwqq.serve.serial import ModelEngine, SerialScheduler
 
     if opts.parallel > 1 and batchable(model):
-        return ModelEngine(model, "mlx-lm"), MlxBatchScheduler(model, opts.parallel, opts.max_queue, metrics)
-    return ModelEngine(model, "mlx-lm"), SerialScheduler(model, opts.max_queue, metrics)
+        engine = ModelEngine(model, "mlx-lm", ("presence_penalty", "frequency_penalty"))
+        return engine, MlxBatchScheduler(model, opts.parallel, opts.max_queue, metrics)
+    return ModelEngine(model, "mlx-lm", ("presence_penalty",)), SerialScheduler(model, opts.max_queue, metrics)
 
 
 def _transformers(model, opts: ServeOptions, metrics):

@@ -80,7 +80,8 @@ class MLXChatModel:
             min_p=0.0 if greedy else sampling.min_p,
             top_k=0 if greedy else sampling.top_k,
         )
-        penalty = 0.0 if greedy else sampling.presence_penalty  # over the last 64 tokens, as llama.cpp's
+        # over the last 64 tokens, as llama.cpp's; like it, at temperature 0 too (only --greedy turns it off)
+        penalty = 0.0 if sampling.greedy else sampling.presence_penalty
         processors = make_logits_processors(presence_penalty=penalty, presence_context_size=64) if penalty else None
         for response in stream_generate(self.model, self.tokenizer, mx.array(tokens), max_tokens=min(max_tokens, room),
                                         sampler=sampler, logits_processors=processors):
