@@ -109,7 +109,7 @@ def test_run_and_serve_apply_fits_experts_in_ram(monkeypatch, moe_report):
 
 
 def test_start_up_lines_say_where_the_experts_are():
-    from qwqq.serve.server import describe
+    describe = fitted.placement  # serve's start-up line
 
     s = {"ctx": 32768, "kv_type": "q8_0", "n_gpu_layers": 49, "n_cpu_moe": 30}
     assert describe(s, True) == "ctx 32768, q8_0 KV cache, 49 GPU layers, experts of the first 30 layers in RAM"

@@ -20,52 +20,34 @@ completion_tokens), ("error", message).
 from __future__ import annotations
 
 import codecs
-import time
 
-from qwqq.serve.engine import Job, Scheduler, StopMatcher
+from qwqq.serve.engine import Answer, Job, Scheduler
 from qwqq.serve.llamacpp import LlamaCppEngine, sampler_chain
 from qwqq.serve.metrics import Metrics
 
 
-class Output:
-    """What one job's tokens become: text (UTF-8 across tokens, stop strings held back), EOS, max_tokens,
-    usage and timing."""
+class Output(Answer):
+    """What one job's llama.cpp tokens become: text (UTF-8 across tokens), EOS, max_tokens, and the rest as
+    every answer (engine.Answer)."""
 
     def __init__(self, job: Job, engine: LlamaCppEngine, metrics: Metrics):
-        self.job, self.engine, self.metrics = job, engine, metrics
+        super().__init__(job, metrics)
+        self.engine = engine
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = StopMatcher(job.params.stop)
-        self.n, self.first, self.last = 0, None, None
 
     def token(self, token: int) -> bool:
         """One sampled token; True when the job is done (its "done" event in self.result, for the caller to
         send once the slot is free)."""
-        self.last = time.monotonic()
-        if self.first is None:
-            self.first = self.last
-            self.metrics.first_token(self.first - self.job.arrived)
+        self.arrived()
         if self.engine.is_eog(token):
             return self.done("stop")
         self.n += 1
-        text, hit = self.stops.feed(self.utf8.decode(self.engine.piece(token)))
-        if text:
-            self.job.emit("text", text)
-        if hit:
+        if self.show(self.utf8.decode(self.engine.piece(token))):
             return self.done("stop", flush=False)
         return self.done("length") if self.n >= self.job.params.max_tokens else False
 
-    def done(self, finish: str, flush: bool = True) -> bool:
-        if flush:
-            tail = self.stops.flush() + self.utf8.decode(b"", final=True)
-            if tail:
-                self.job.emit("text", tail)
-        self.count()
-        self.result = ("done", finish, len(self.job.params.tokens), self.n)
-        return True
-
-    def count(self) -> None:
-        seconds = (self.last - self.first) if self.first is not None else 0.0
-        self.metrics.finished(len(self.job.params.tokens), self.n, seconds)
+    def done(self, finish: str, flush: bool = True, tail: str = "") -> bool:
+        return super().done(finish, flush, self.utf8.decode(b"", final=True) if flush else "")
 
 
 class Slot:

@@ -1,5 +1,6 @@
-"""Jobs: one request's generation parameters and the events it is answered with, and `StopMatcher`, which
-holds back text that may be the start of a stop string (every scheduler's).
+"""Jobs: one request's generation parameters and the events it is answered with; `Scheduler`, the queue every
+scheduler shares; `StopMatcher`, which holds back text that may be the start of a stop string, and `Answer`,
+a job's answer as its tokens come (text, stop strings, usage, timing), every scheduler's.
 
 A scheduler (`Scheduler`: qwqq.serve.batch, .mlx, .serial) decodes jobs on its own thread and talks to the event loop through
 each job's asyncio queue (call_soon_threadsafe); events are ("text", str), ("done", finish_reason,
@@ -156,3 +157,43 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
+
+
+class Answer:
+    """One job's answer as its tokens come, whatever generates them: the time of the first one, the text
+    through the stop strings, the count and timing for /metrics, and the "done" event (`result`), which the
+    scheduler sends once the job has left its slot."""
+
+    def __init__(self, job: Job, metrics):
+        self.job, self.metrics = job, metrics
+        self.stops = StopMatcher(job.params.stop)
+        self.n, self.first, self.last = 0, None, None  # tokens generated; times of the first and the last
+        self.result: tuple | None = None
+
+    def arrived(self) -> None:
+        """A token (or a piece of text) came."""
+        self.last = time.monotonic()
+        if self.first is None:
+            self.first = self.last
+            self.metrics.first_token(self.first - self.job.arrived)
+
+    def show(self, text: str) -> bool:
+        """Text for the client, stop strings held back; True when one was met (the text from it on dropped)."""
+        shown, hit = self.stops.feed(text)
+        if shown:
+            self.job.emit("text", shown)
+        return hit
+
+    def done(self, finish: str, flush: bool = True, tail: str = "") -> bool:
+        """The answer ends with `finish`: held-back text (and `tail`) sent unless a stop string ended it."""
+        if flush:
+            rest = self.stops.flush() + tail
+            if rest:
+                self.job.emit("text", rest)
+        self.count()
+        self.result = ("done", finish, len(self.job.params.tokens), self.n)
+        return True
+
+    def count(self) -> None:
+        seconds = (self.last - self.first) if self.first is not None else 0.0
+        self.metrics.finished(len(self.job.params.tokens), self.n, seconds)

@@ -15,9 +15,8 @@ the whole batch (a request's seed is applied when it starts alone).
 from __future__ import annotations
 
 import gc
-import time
 
-from qwqq.serve.engine import Job, Scheduler, StopMatcher
+from qwqq.serve.engine import Answer, Job, Scheduler
 from qwqq.serve.metrics import Metrics
 
 PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (as llama.cpp's)
@@ -45,46 +44,24 @@ def sampler_of(p):
     return sampler, processors
 
 
-class _Stream:
-    """One job's tokens as text: mlx-lm's streaming detokenizer, stop strings, usage and timing."""
+class _Stream(Answer):
+    """One job's mlx-lm tokens as text (mlx-lm's streaming detokenizer), and the rest as every answer."""
 
     def __init__(self, job: Job, detokenizer, metrics: Metrics):
-        self.job, self.detok, self.metrics = job, detokenizer, metrics
-        self.stops = StopMatcher(job.params.stop)
-        self.n, self.first = 0, None
-        self.result: tuple | None = None
+        super().__init__(job, metrics)
+        self.detok = detokenizer
 
     def token(self, token: int, finish: str | None) -> bool:
         """One generated token and mlx-lm's finish reason for it; True when the job is done (self.result)."""
-        now = time.monotonic()
-        if self.first is None:
-            self.first = now
-            self.metrics.first_token(now - self.job.arrived)
+        self.arrived()
         if finish != "stop":  # "stop": the token is an end-of-generation token, not part of the answer
             self.n += 1
             self.detok.add_token(token)
         if finish is not None:
             self.detok.finalize()
-        text, hit = self.stops.feed(self.detok.last_segment)
-        if text:
-            self.job.emit("text", text)
-        if hit:
-            return self.done("stop")
-        if finish is not None:
-            tail = self.stops.flush()
-            if tail:
-                self.job.emit("text", tail)
-            return self.done(finish)
-        return False
-
-    def done(self, finish: str) -> bool:
-        self.count()
-        self.result = ("done", finish, len(self.job.params.tokens), self.n)
-        return True
-
-    def count(self) -> None:
-        seconds = (time.monotonic() - self.first) if self.first is not None else 0.0
-        self.metrics.finished(len(self.job.params.tokens), self.n, seconds)
+        if self.show(self.detok.last_segment):
+            return self.done("stop", flush=False)
+        return self.done(finish) if finish is not None else False
 
 
 class MlxBatchScheduler(Scheduler):

@@ -10,10 +10,8 @@ are held back and cut as in the batch scheduler, and a job whose client went awa
 
 from __future__ import annotations
 
-import time
-
 from qwqq.run.sampling import Sampling
-from qwqq.serve.engine import Job, Scheduler, StopMatcher
+from qwqq.serve.engine import Answer, Job, Scheduler
 from qwqq.serve.metrics import Metrics
 
 
@@ -69,34 +67,23 @@ class SerialScheduler(Scheduler):
 
     def _run(self, job: Job) -> tuple | None:
         """Stream the job's text; its last event (None for a job whose client went away)."""
-        p, stops = job.params, StopMatcher(job.params.stop)
         if job.cancelled.is_set():  # its client went away while it waited
             return None
-        first = None
-        finish = None
+        p, answer, stopped = job.params, Answer(job, self.metrics), False
         pieces = self.model.stream_tokens(p.tokens, sampling_of(p), p.max_tokens)
         try:
             for piece in pieces:
-                if first is None:
-                    first = time.monotonic()
-                    self.metrics.first_token(first - job.arrived)
+                answer.arrived()
                 if job.cancelled.is_set():
                     break
-                text, hit = stops.feed(piece)
-                if text:
-                    job.emit("text", text)
-                if hit:
-                    finish = "stop"
+                if answer.show(piece):
+                    stopped = True
                     break
         finally:
             pieces.close()
-        n = self.model.n_generated
-        self.metrics.finished(len(p.tokens), n, (time.monotonic() - first) if first is not None else 0.0)
+        answer.n = self.model.n_generated
         if job.cancelled.is_set():
+            answer.count()
             return None
-        if finish is None:
-            tail = stops.flush()
-            if tail:
-                job.emit("text", tail)
-            finish = self.model.finish_reason or "stop"
-        return ("done", finish, len(p.tokens), n)
+        answer.done("stop" if stopped else (self.model.finish_reason or "stop"), flush=not stopped)
+        return answer.result

@@ -54,10 +54,6 @@ def slots_line(opts: ServeOptions) -> str:
     return f"{opts.parallel} slots decoded in one batch, {share}"
 
 
-def describe(settings: dict, has_gpu_layers: bool) -> str:
-    return placement(settings, has_gpu_layers)
-
-
 def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
     check_options(opts)
     key = api_key(opts)
@@ -108,7 +104,7 @@ def run_server(opts: ServeOptions, say: Callable[[str], None]) -> None:
             f"loaded in {time.monotonic() - start:.1f} s")
 
     if backend.name == "llama.cpp":
-        where = describe(settings, bool(settings["n_gpu_layers"]) and _gpu_offload())
+        where = placement(settings, bool(settings["n_gpu_layers"]) and _gpu_offload())
     else:
         where = f"ctx {settings['ctx']}" if settings["ctx"] else "the model's own context"
     slots = slots_line(opts) if backend.name == "llama.cpp" else (
