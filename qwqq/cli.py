@@ -260,7 +260,7 @@ def run(
 # ---------------------------------------------------------------- serve
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="A .gguf file (served with llama.cpp); with --engine vllm a GPTQ or unquantized folder, or a hub id."),
+    model: Path = typer.Argument(..., help="A .gguf file (llama.cpp), an MLX folder (mlx-lm) or a GPTQ folder (transformers; an unquantized one with --backend transformers); with --engine vllm a GPTQ or unquantized folder, or a hub id."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Default: this machine only; 0.0.0.0 for every interface."),
     port: int = typer.Option(8000, "--port", help="TCP port (0: any free one, said on start-up)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Clients must send Authorization: Bearer KEY (/health stays public)."),

@@ -104,8 +104,9 @@ class Candidate:
         # every choice fit made, so that run and serve apply it rather than fit again
         placed = f" --ctx {self.ctx} --kv {self.kv}" + ("" if self.flash_attn else " --no-flash-attn")
         placed += f" --n-gpu-layers {self.ngl_flag}"
-        if len(self.gpus) > 1:
-            placed += " --tensor-split " + ",".join(str(g.layers) for g in self.gpus)
+        split = ",".join(str(g.layers) for g in self.gpus) if len(self.gpus) > 1 else ""  # layers per GPU
+        if split:
+            placed += f" --tensor-split {split}"
         if self.cpu_moe_layers:
             placed += f" --n-cpu-moe {self.cpu_moe_layers}"
         run, serve = f"qwqq run {self.gguf_path}{placed}", f"qwqq serve {self.gguf_path}{placed}"
@@ -115,8 +116,8 @@ class Candidate:
             llama += f" -ctk {self.kv} -ctv {self.kv}"
         if self.cpu_moe_layers:
             llama += f" --n-cpu-moe {self.cpu_moe_layers}"
-        if len(self.gpus) > 1:
-            llama += " -ts " + ",".join(str(g.layers) for g in self.gpus)
+        if split:
+            llama += f" -ts {split}"
         return {"quantize": quantize, "run": run, "serve": serve, "llama_cpp": llama}
 
     def to_json(self) -> dict:

@@ -11,6 +11,7 @@ from qwqq.archs import BY_MODEL_TYPE, FAMILIES, Arch, name_key, sampling_table
 
 FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty")
 SHORT = {"temperature": "temp"}  # the status line's name of a field
+PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (llama-cpp-python's last_n_tokens_size)
 EXTRAS = ("presence_penalty",)  # beyond what every backend applies; a backend lists those it does (sampling_extras)
 
 

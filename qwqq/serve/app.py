@@ -45,8 +45,8 @@ class ServerState:
     model_id: str
     key: str | None
     metrics: Metrics
-    engine: object | None = None  # a LlamaCppEngine once loaded
-    scheduler: object | None = None  # a BatchScheduler once loaded
+    engine: object | None = None  # once loaded: a LlamaCppEngine, or a serial.ModelEngine (MLX, transformers)
+    scheduler: object | None = None  # once loaded: an engine.Scheduler (llama.cpp's batch, mlx-lm's, one at a time)
     sampling: Sampling = field(default_factory=Sampling)  # the model's or its family's defaults
     template_vars: set = field(default_factory=set)
     load_error: str | None = None

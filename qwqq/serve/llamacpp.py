@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 
+from qwqq.run.sampling import PENALTY_LAST_N
 from qwqq.run.template import with_bos
 from qwqq.serve.engine import GenParams
 
-PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (llama-cpp-python's default)
 
 
 class LlamaCppEngine:

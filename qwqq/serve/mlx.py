@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import gc
 
+from qwqq.run.sampling import PENALTY_LAST_N
 from qwqq.serve.engine import Answer, Job, Scheduler
 from qwqq.serve.metrics import Metrics
 
-PENALTY_LAST_N = 64  # tokens the presence / frequency penalties look back over (as llama.cpp's)
 
 
 def batchable(model) -> bool:

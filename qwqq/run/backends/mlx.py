@@ -20,6 +20,7 @@ from typing import Iterator
 
 from qwqq.run.backends import LoadOptions
 from qwqq.run.folder import folder_metadata
+from qwqq.run.sampling import PENALTY_LAST_N
 from qwqq.run.template import ChatTemplate, prompt_room, with_bos
 from qwqq.errors import QwqqError
 
@@ -80,9 +81,9 @@ class MLXChatModel:
             min_p=0.0 if greedy else sampling.min_p,
             top_k=0 if greedy else sampling.top_k,
         )
-        # over the last 64 tokens, as llama.cpp's; like it, at temperature 0 too (only --greedy turns it off)
+        # over the last PENALTY_LAST_N tokens, as llama.cpp's; like it, at temperature 0 too (only --greedy turns it off)
         penalty = 0.0 if sampling.greedy else sampling.presence_penalty
-        processors = make_logits_processors(presence_penalty=penalty, presence_context_size=64) if penalty else None
+        processors = make_logits_processors(presence_penalty=penalty, presence_context_size=PENALTY_LAST_N) if penalty else None
         for response in stream_generate(self.model, self.tokenizer, mx.array(tokens), max_tokens=min(max_tokens, room),
                                         sampler=sampler, logits_processors=processors):
             # mlx-lm counts the end-of-generation token it stopped at; qwqq (as llama.cpp) does not
